@@ -1,0 +1,87 @@
+//! The one place that names the YAML crate, so that it can be swapped without
+//! touching the rest of Kiln.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Error, Result};
+
+/// Parses every document of a multi-document YAML stream; `origin` (a file
+/// name, a template) goes into the error.
+pub fn from_str_multi<T: DeserializeOwned>(text: &str, origin: &str) -> Result<Vec<T>> {
+    serde_saphyr::from_multiple(text).map_err(|e| Error::InvalidYaml {
+        origin: origin.to_string(),
+        message: first_line(&e.to_string()),
+    })
+}
+
+/// Parses a single YAML document.
+pub fn from_str<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
+    serde_saphyr::from_str(text).map_err(|e| Error::InvalidYaml {
+        origin: origin.to_string(),
+        message: first_line(&e.to_string()),
+    })
+}
+
+/// Writes a value as one YAML document.
+pub fn to_string<T: Serialize>(value: &T) -> Result<String> {
+    serde_saphyr::to_string(value).map_err(|e| Error::YamlOutput {
+        message: e.to_string(),
+    })
+}
+
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or_default().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    #[test]
+    fn round_trip_keeps_key_order_and_types() {
+        let text = "kind: ConfigMap\napiVersion: v1\nmetadata:\n  name: a\ndata:\n  z: \"1\"\n  a: \"2\"\nreplicas: 3\nratio: 0.5\nflag: true\nnothing: null\n";
+        let value: Value = from_str(text, "test").unwrap();
+        let keys: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "kind",
+                "apiVersion",
+                "metadata",
+                "data",
+                "replicas",
+                "ratio",
+                "flag",
+                "nothing"
+            ]
+        );
+        assert_eq!(value["replicas"], json!(3));
+        assert_eq!(value["data"]["z"], json!("1"));
+        let again: Value = from_str(&to_string(&value).unwrap(), "again").unwrap();
+        assert_eq!(again, value);
+    }
+
+    #[test]
+    fn multi_document_streams_split() {
+        let docs: Vec<Value> = from_str_multi("a: 1\n---\nb: 2\n", "stream").unwrap();
+        assert_eq!(docs, [json!({"a": 1}), json!({"b": 2})]);
+    }
+
+    #[test]
+    fn invalid_yaml_names_its_origin() {
+        let err = from_str::<Value>("a: [1, 2\n", "fixtures/bad.yaml").unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.starts_with("invalid YAML in fixtures/bad.yaml: "),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
+    }
+}

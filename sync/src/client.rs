@@ -1,0 +1,37 @@
+//! Connecting to a cluster as kubectl does: an explicit kubeconfig and
+//! context, else `KUBECONFIG` or `~/.kube/config`, else the in-cluster service
+//! account.
+
+use std::path::Path;
+
+use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+
+use crate::{Error, Result};
+
+/// The field manager Kiln applies with.
+pub const FIELD_MANAGER: &str = "kiln";
+
+/// Builds a client for `kubeconfig` (or the usual places) and `context` (or
+/// the current one).
+pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<kube::Client> {
+    let options = KubeConfigOptions {
+        context: context.map(str::to_string),
+        ..KubeConfigOptions::default()
+    };
+    let config = match kubeconfig {
+        Some(path) => {
+            let file =
+                Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig { source })?;
+            Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|source| Error::Kubeconfig { source })?
+        }
+        None if context.is_some() => Config::from_kubeconfig(&options)
+            .await
+            .map_err(|source| Error::Kubeconfig { source })?,
+        None => Config::infer()
+            .await
+            .map_err(|source| Error::NoConfig { source })?,
+    };
+    kube::Client::try_from(config).map_err(|source| Error::Client { source })
+}
