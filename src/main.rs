@@ -1,5 +1,7 @@
 //! The `kiln` command line.
 
+mod commands;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,9 +10,38 @@ use clap::Parser;
 /// and optionally apply them with Server-Side Apply.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+/// What a command found, as its exit code says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done, nothing to report: exit 0.
+    Clean,
+    /// Differences or drift found (with `--exit-code`): exit 1.
+    Differences,
+}
 
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .without_time()
+        .init();
+    match cli.command.run() {
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Differences) => ExitCode::from(1),
+        Err(error) => {
+            // One line: the outermost context first, each cause after it.
+            let message: Vec<String> = error.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", message.join(": "));
+            ExitCode::from(2)
+        }
+    }
 }

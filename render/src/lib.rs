@@ -2,9 +2,19 @@
 //!
 //! This crate never talks to a cluster; `kiln-sync` builds on it.
 
+pub mod api;
+pub mod config;
+pub mod graph;
+pub mod manifest;
+pub mod render;
+pub mod source;
+pub mod template;
+pub mod tree;
 pub mod yaml;
 
-/// What went wrong while rendering.
+use std::fmt::Display;
+
+/// What went wrong while loading or rendering.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A YAML document could not be parsed.
@@ -13,6 +23,68 @@ pub enum Error {
     /// A value could not be written as YAML.
     #[error("failed to write YAML: {message}")]
     YamlOutput { message: String },
+    /// The configuration is wrong: `origin` names the file and object.
+    #[error("{origin}: {message}")]
+    Config { origin: String, message: String },
+    /// A source could not be read.
+    #[error("source {source_name}: {message}")]
+    Source {
+        source_name: String,
+        message: String,
+    },
+    /// A template failed to compile or render, or rendered something that is
+    /// not one Kubernetes object.
+    #[error("{message}")]
+    Template { message: String },
+    /// The rendered tree could not be written.
+    #[error("{message}")]
+    Output { message: String },
+    /// Several independent problems, one per line.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<Error>),
+}
+
+impl Error {
+    /// A configuration error at `origin` (a file, a file and an object).
+    pub fn config(origin: impl Display, message: impl Into<String>) -> Self {
+        Error::Config {
+            origin: origin.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// A source error.
+    pub fn source(name: impl Display, message: impl Into<String>) -> Self {
+        Error::Source {
+            source_name: name.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// `Ok` when `errors` is empty; else the error, or all of them.
+    pub fn all(mut errors: Vec<Error>) -> Result<()> {
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(Error::Many(
+                errors
+                    .into_iter()
+                    .flat_map(|e| match e {
+                        Error::Many(inner) => inner,
+                        other => vec![other],
+                    })
+                    .collect(),
+            )),
+        }
+    }
+
+    /// Every single problem this error stands for.
+    pub fn problems(&self) -> Vec<&Error> {
+        match self {
+            Error::Many(inner) => inner.iter().flat_map(Error::problems).collect(),
+            other => vec![other],
+        }
+    }
 }
 
 /// The result type of this crate.

@@ -85,3 +85,71 @@ mod tests {
         assert!(!message.contains('\n'), "{message}");
     }
 }
+
+#[cfg(test)]
+mod quoting {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// Strings that YAML 1.1 readers (kubectl, ArgoCD, Flux: go-yaml) would
+    /// take for another type must come out quoted.
+    #[test]
+    fn ambiguous_strings_stay_strings_for_yaml_1_1_readers() {
+        let tricky = [
+            "on",
+            "off",
+            "yes",
+            "no",
+            "y",
+            "n",
+            "true",
+            "True",
+            "null",
+            "~",
+            "1",
+            "0755",
+            "1e3",
+            "0x1F",
+            "1_000",
+            "12:30",
+            ".5",
+            "-",
+            "a: b",
+            "#x",
+            "",
+            " lead",
+            "trail ",
+            "@at",
+            "*star",
+            "!bang",
+            "%p",
+            "2024-01-01",
+            "multi\nline\n",
+            "tab\there",
+            "é☃",
+        ];
+        let value = Value::Object(
+            tricky
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("k{i}"), json!(s)))
+                .collect(),
+        );
+        let text = to_string(&value).unwrap();
+        let back: Value = from_str(&text, "quoting").unwrap();
+        assert_eq!(back, value, "{text}");
+        for (i, s) in tricky.iter().enumerate() {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("k{i}:")))
+                .unwrap();
+            let scalar = line.split_once(": ").map_or("", |(_, v)| v);
+            if ["on", "off", "yes", "no", "y", "n", "1_000", "12:30", "0x1F"].contains(s) {
+                assert!(
+                    scalar.starts_with('"') || scalar.starts_with('\''),
+                    "{s:?} is written unquoted: {line}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! The configuration kinds, `kiln.dev/v1alpha1`: one Rust type per kind,
+//! read from YAML files by the CLI and from the cluster by the controller. The
+//! CRDs in `crds/` are generated from these types (`kiln crds`).
+
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group and version of every Kiln kind.
+pub const API_VERSION: &str = "kiln.dev/v1alpha1";
+
+/// Where rows come from: a SQL query or a file, and which column identifies a row.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "Source",
+    namespaced,
+    doc = "A datasource whose rows Kiln renders",
+    printcolumn = r#"{"name":"Key","type":"string","jsonPath":".spec.key"}"#,
+    printcolumn = r#"{"name":"Interval","type":"string","jsonPath":".spec.interval"}"#
+)]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.urlFrom)").message("exactly one of url and urlFrom must be set"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Connection URL; the scheme picks the driver: `sqlite:`, `postgres:` or
+    /// `postgresql:`, `mysql:` or `mariadb:`, `file:` (CSV, JSON or YAML by
+    /// extension). Relative paths resolve against the configuration file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Where to read the URL from instead, so that passwords stay out of the
+    /// configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_from: Option<UrlFrom>,
+    /// The SQL query (SQL drivers only; a file source reads the whole file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The column that identifies a row; duplicate and NULL keys are errors.
+    #[x_kube(validation = Rule::new("self != ''").message("key must name a column"))]
+    pub key: String,
+    /// Optional column: a row renders only when it is truthy (true, 1, yes,
+    /// on, case-insensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<String>,
+    /// How often the sync loop polls the source, e.g. `30s`, `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// How long a query may take, e.g. `30s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// SQLite only: a SQL file that creates the database when the file does
+    /// not exist yet (demos, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_file: Option<String>,
+}
+
+/// Indirect sources of a Source's URL.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.env) != has(self.secretKeyRef)").message("exactly one of env and secretKeyRef must be set"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UrlFrom {
+    /// An environment variable of the process running Kiln.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// A key of a Secret in the Source's namespace (controller only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    pub name: String,
+    /// The key inside the Secret's data.
+    pub key: String,
+}
+
+/// A set of templates rendered once per active row of a source.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "Blueprint",
+    namespaced,
+    doc = "Templates rendered once per active row of a Source",
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.source"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlueprintSpec {
+    /// The name of the Source whose rows this blueprint renders.
+    pub source: String,
+    /// Default namespace of namespaced objects that set none (a template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The objects rendered for each row; ids are unique.
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["id".into()]))]
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = Rule::new("size(self) > 0").message("a blueprint needs at least one resource"))]
+    pub resources: Vec<ResourceSpec>,
+}
+
+/// One object of a blueprint: its template, dependencies and policies.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.template) != has(self.templateFile)").message("exactly one of template and templateFile must be set"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceSpec {
+    /// Unique within the blueprint; names the file `<id>.yaml`.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("id must be a DNS label: lowercase letters, digits and '-'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub id: String,
+    /// An inline minijinja template that renders one object, or nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// A template file, relative to the configuration file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_file: Option<String>,
+    /// Ids of resources of the same blueprint that must be applied first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub depends_on: Vec<String>,
+    /// `WhenNeeded` (default) creates and updates; `Once` only creates.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub creation_policy: CreationPolicy,
+    /// `Delete` (default) prunes the object when it is no longer rendered;
+    /// `Retain` leaves it and marks it orphaned.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub deletion_policy: DeletionPolicy,
+    /// `Stuck` (default) reports fields owned by other managers; `Force` takes them.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub conflict_policy: ConflictPolicy,
+    /// `apply` (Server-Side Apply, default), `merge` (JSON merge patch) or `replace` (PUT).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub patch_strategy: PatchStrategy,
+    /// Dependents wait until this object is healthy.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub wait_for_ready: bool,
+    /// How long to wait for readiness, e.g. `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// JSON pointers left out of drift detection, e.g. `/spec/replicas`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore_fields: Vec<String>,
+    /// Declares the object cluster-scoped when its kind is neither built in
+    /// nor defined by a CRD rendered in the same run.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cluster_scoped: bool,
+}
+
+/// When an object is written.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CreationPolicy {
+    /// Create when missing, update when changed.
+    #[default]
+    WhenNeeded,
+    /// Create when missing, never update.
+    Once,
+}
+
+/// What happens to an object that is no longer rendered.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeletionPolicy {
+    /// Delete it from the cluster.
+    #[default]
+    Delete,
+    /// Keep it, without Kiln's labels, marked orphaned.
+    Retain,
+}
+
+/// What happens when another field manager owns a field Kiln sets.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConflictPolicy {
+    /// Report the conflict and fail the resource.
+    #[default]
+    Stuck,
+    /// Take the fields over.
+    Force,
+}
+
+/// How an object is written.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PatchStrategy {
+    /// Server-Side Apply with field manager `kiln`.
+    #[default]
+    Apply,
+    /// JSON merge patch.
+    Merge,
+    /// Replace the whole object (PUT).
+    Replace,
+}
+
+/// Which blueprints render where.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "kiln.dev",
+    version = "v1alpha1",
+    kind = "Pipeline",
+    namespaced,
+    doc = "Which blueprints render to which Git branch and directory"
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// The blueprints this pipeline renders; all of them when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blueprints: Vec<String>,
+    /// Where rendered trees are committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<GitTarget>,
+    /// Refuses renders that would remove too many instances at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_guard: Option<DeletionGuard>,
+}
+
+/// A branch and directory of a Git repository.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GitTarget {
+    /// The repository: a local path, or a URL to push to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The branch (default: the repository's current branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The directory inside the repository (default: its root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// The mass deletion guard.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeletionGuard {
+    /// The largest share of instances one render may remove, in percent.
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 100").message("maxPercent must be between 0 and 100"))]
+    pub max_percent: u32,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+/// The CRDs of every kind, in a fixed order.
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    vec![Source::crd(), Blueprint::crd(), Pipeline::crd()]
+}
+
+/// The CRDs as one multi-document YAML stream, as `kiln crds` prints it and
+/// `crds/kiln.dev.yaml` holds it.
+pub fn crds_yaml() -> crate::Result<String> {
+    let mut out = String::new();
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&crate::yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,420 @@
+//! The render: every active row of each blueprint's source through its
+//! templates, on every core, into canonical objects.
+
+use std::collections::{BTreeMap, HashMap};
+
+use minijinja::Value as Context;
+use minijinja::context;
+use serde_json::{Map, Value};
+
+use crate::api::BlueprintSpec;
+use crate::config::{Config, Named};
+use crate::graph::{self, Graph};
+use crate::manifest::{self, Identity, Scopes, Stamp};
+use crate::source::Row;
+use crate::template::{Failure, Templates, dns_label};
+use crate::{Error, Result, yaml};
+
+/// One blueprint, compiled: its templates and dependency graph.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The blueprint's name.
+    pub name: String,
+    /// Its spec.
+    pub spec: BlueprintSpec,
+    templates: Templates,
+    /// Template name of each resource, by index.
+    template_names: Vec<String>,
+    /// Dependency order and depths.
+    pub graph: Graph,
+}
+
+const NAMESPACE_TEMPLATE: &str = "(namespace)";
+
+/// Compiles every blueprint (or the `selected` ones); reports all problems.
+pub fn compile(config: &Config, selected: &[String]) -> Result<Vec<Compiled>> {
+    let mut compiled = Vec::new();
+    let mut errors = Vec::new();
+    for blueprint in config.blueprints.values() {
+        if !selected.is_empty() && !selected.contains(&blueprint.name) {
+            continue;
+        }
+        match compile_one(blueprint) {
+            Ok(c) => compiled.push(c),
+            Err(e) => errors.extend(e),
+        }
+    }
+    Error::all(errors)?;
+    Ok(compiled)
+}
+
+fn compile_one(blueprint: &Named<BlueprintSpec>) -> Result<Compiled, Vec<Error>> {
+    let name = &blueprint.name;
+    let at = |message: String| {
+        Error::config(
+            blueprint.file.display(),
+            format!("Blueprint {name}: {message}"),
+        )
+    };
+    let mut errors = Vec::new();
+    let mut sources = Vec::new();
+    let mut template_names = Vec::new();
+    if let Some(namespace) = &blueprint.spec.namespace {
+        sources.push((NAMESPACE_TEMPLATE.to_string(), namespace.clone()));
+    }
+    for resource in &blueprint.spec.resources {
+        let (template_name, text) = match (&resource.template, &resource.template_file) {
+            (_, Some(file)) => match std::fs::read_to_string(blueprint.resolve(file)) {
+                Ok(text) => (file.clone(), text),
+                Err(e) => {
+                    errors.push(at(format!(
+                        "resource {}: cannot read templateFile {}: {e}",
+                        resource.id,
+                        blueprint.resolve(file).display()
+                    )));
+                    continue;
+                }
+            },
+            (Some(text), None) => (format!("{name}/{} (inline)", resource.id), text.clone()),
+            (None, None) => continue,
+        };
+        template_names.push(template_name.clone());
+        sources.push((template_name, text));
+    }
+    let graph = graph::build(&blueprint.spec.resources)
+        .map_err(|e| e.into_iter().map(&at).collect::<Vec<_>>());
+    let templates = Templates::compile(sources).map_err(|failures| {
+        failures
+            .into_iter()
+            .map(|(template, failure)| {
+                at(format!("template {template} does not compile: {failure}"))
+            })
+            .collect::<Vec<_>>()
+    });
+    match (graph, templates) {
+        (Ok(graph), Ok(templates)) if errors.is_empty() => Ok(Compiled {
+            name: name.clone(),
+            spec: blueprint.spec.clone(),
+            templates,
+            template_names,
+            graph,
+        }),
+        (graph, templates) => {
+            errors.extend(graph.err().unwrap_or_default());
+            errors.extend(templates.err().unwrap_or_default());
+            Err(errors)
+        }
+    }
+}
+
+/// A rendered object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    /// The resource id that rendered it.
+    pub resource: String,
+    /// What identifies it in a cluster.
+    pub identity: Identity,
+    /// The canonical object.
+    pub value: Value,
+}
+
+/// One row of one blueprint, rendered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// The blueprint.
+    pub blueprint: String,
+    /// The row key.
+    pub key: String,
+    /// The key made a DNS label: the instance directory.
+    pub name: String,
+    /// Objects in dependency order; resources that rendered nothing are absent.
+    pub objects: Vec<Object>,
+}
+
+/// Everything one render produced.
+#[derive(Debug, Clone, Default)]
+pub struct Rendered {
+    /// Blueprints rendered, sorted, including those with no instance.
+    pub blueprints: Vec<String>,
+    /// Instances sorted by blueprint, then name.
+    pub instances: Vec<Instance>,
+}
+
+struct Raw {
+    key: String,
+    name: String,
+    namespace: Option<String>,
+    objects: Vec<(usize, Map<String, Value>)>,
+}
+
+/// Renders every active row; `stop_at_first` makes the first error (in
+/// blueprint and row order) the only one, else all are returned.
+pub fn render(
+    blueprints: &[Compiled],
+    config: &Config,
+    rows: &BTreeMap<String, Vec<Row>>,
+    stop_at_first: bool,
+) -> Result<Rendered> {
+    let mut raw: Vec<(usize, Raw)> = Vec::new();
+    let mut errors = Vec::new();
+    for (b, blueprint) in blueprints.iter().enumerate() {
+        let source = &blueprint.spec.source;
+        let active: Vec<&Row> = rows
+            .get(source)
+            .map(|r| r.iter().filter(|r| r.active).collect())
+            .unwrap_or_default();
+        let results = parallel_map(&active, |row| render_row(blueprint, config, row));
+        for result in results {
+            match result {
+                Ok(instance) => raw.push((b, instance)),
+                Err(e) if stop_at_first => return Err(e),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+
+    let mut scopes = Scopes::default();
+    for (_, instance) in &raw {
+        for (_, object) in &instance.objects {
+            scopes.learn(&Value::Object(object.clone()));
+        }
+    }
+
+    let mut instances = Vec::with_capacity(raw.len());
+    let mut names: HashMap<(usize, String), String> = HashMap::new();
+    let mut owners: HashMap<Identity, String> = HashMap::new();
+    for (b, instance) in raw {
+        let blueprint = &blueprints[b];
+        if let Some(other) = names.insert((b, instance.name.clone()), instance.key.clone()) {
+            errors.push(Error::Template {
+                message: format!(
+                    "blueprint {}: rows {other} and {} both map to instance {}; keys must stay distinct as DNS labels",
+                    blueprint.name, instance.key, instance.name
+                ),
+            });
+            continue;
+        }
+        let mut objects = Vec::with_capacity(instance.objects.len());
+        for (r, mut object) in instance.objects {
+            let resource = &blueprint.spec.resources[r];
+            let identity = manifest::stamp(
+                &mut object,
+                &Stamp {
+                    blueprint: &blueprint.name,
+                    instance: &instance.name,
+                    resource: &resource.id,
+                    wave: blueprint.graph.depth[r],
+                    namespace: instance.namespace.as_deref(),
+                    cluster_scoped: resource.cluster_scoped,
+                },
+                &scopes,
+            );
+            let owner = format!(
+                "blueprint {}, row {}, resource {}",
+                blueprint.name, instance.key, resource.id
+            );
+            if let Some(first) = owners.insert(identity.clone(), owner.clone()) {
+                errors.push(Error::Template {
+                    message: format!("{identity} is rendered twice: by {first} and by {owner}"),
+                });
+            }
+            objects.push(Object {
+                resource: resource.id.clone(),
+                identity,
+                value: Value::Object(object),
+            });
+        }
+        instances.push(Instance {
+            blueprint: blueprint.name.clone(),
+            key: instance.key,
+            name: instance.name,
+            objects,
+        });
+    }
+    if stop_at_first && !errors.is_empty() {
+        return Err(errors.remove(0));
+    }
+    Error::all(errors)?;
+    instances.sort_by(|a, b| (&a.blueprint, &a.name).cmp(&(&b.blueprint, &b.name)));
+    let mut names: Vec<String> = blueprints.iter().map(|b| b.name.clone()).collect();
+    names.sort();
+    Ok(Rendered {
+        blueprints: names,
+        instances,
+    })
+}
+
+fn render_row(blueprint: &Compiled, config: &Config, row: &Row) -> Result<Raw> {
+    let fail = |resource: &str, template: &str, failure: Failure| {
+        let location = failure
+            .location
+            .clone()
+            .unwrap_or_else(|| template.to_string());
+        Error::Template {
+            message: format!(
+                "failed to render blueprint {}, resource {resource}, row {}: {} ({location})",
+                blueprint.name, row.key, failure.message
+            ),
+        }
+    };
+    let source = config
+        .sources
+        .get(&blueprint.spec.source)
+        .map(|s| s.name.as_str())
+        .unwrap_or_default();
+    let row_value = Context::from(minijinja::value::Serde(&row.values));
+    let namespace = match blueprint.spec.namespace {
+        Some(_) => {
+            let ctx = context! { row => row_value.clone(), key => &row.key, blueprint => &blueprint.name, source => source };
+            let text = blueprint
+                .templates
+                .render(NAMESPACE_TEMPLATE, &ctx)
+                .map_err(|f| fail("(namespace)", "spec.namespace", f))?;
+            Some(text.trim().to_string()).filter(|n| !n.is_empty())
+        }
+        None => None,
+    };
+    let ctx = context! {
+        row => row_value,
+        key => &row.key,
+        blueprint => &blueprint.name,
+        source => source,
+        namespace => &namespace,
+    };
+    let mut objects = Vec::new();
+    for &r in &blueprint.graph.order {
+        let resource = &blueprint.spec.resources[r];
+        let template = &blueprint.template_names[r];
+        let text = blueprint
+            .templates
+            .render(template, &ctx)
+            .map_err(|f| fail(&resource.id, template, f))?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let object = parse_object(&text).map_err(|message| {
+            fail(
+                &resource.id,
+                template,
+                Failure {
+                    message,
+                    location: Some(template.clone()),
+                },
+            )
+        })?;
+        objects.push((r, object));
+    }
+    Ok(Raw {
+        key: row.key.clone(),
+        name: dns_label(&row.key),
+        namespace,
+        objects,
+    })
+}
+
+/// Parses a template's output as exactly one Kubernetes object.
+fn parse_object(text: &str) -> std::result::Result<Map<String, Value>, String> {
+    let mut documents: Vec<Value> =
+        yaml::from_str_multi(text, "the output").map_err(|e| e.to_string())?;
+    documents.retain(|d| !d.is_null());
+    let object = match documents.len() {
+        1 => documents.remove(0),
+        n => {
+            return Err(format!(
+                "rendered {n} YAML documents; a resource renders exactly one object or nothing"
+            ));
+        }
+    };
+    let Value::Object(object) = object else {
+        return Err(format!(
+            "rendered {}, not a mapping with apiVersion, kind and metadata.name",
+            kind_of(&object)
+        ));
+    };
+    for field in ["apiVersion", "kind"] {
+        if object
+            .get(field)
+            .is_none_or(|v| v.as_str().is_none_or(str::is_empty))
+        {
+            return Err(format!("the rendered object has no {field}"));
+        }
+    }
+    let name = object
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str);
+    if name.is_none_or(str::is_empty) {
+        return Err("the rendered object has no metadata.name".into());
+    }
+    Ok(object)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Maps `f` over `items` on every core, keeping the order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(items.len().max(1));
+    if threads <= 1 || items.len() < 64 {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| {
+                let f = &f;
+                scope.spawn(move || part.iter().map(f).collect::<Vec<R>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+/// Reads the sources the `blueprints` need, concurrently, each once; at most
+/// `limit` rows each.
+pub async fn read_sources(
+    blueprints: &[Compiled],
+    config: &Config,
+    limit: Option<usize>,
+) -> Result<BTreeMap<String, Vec<Row>>> {
+    let names: std::collections::BTreeSet<&str> =
+        blueprints.iter().map(|b| b.spec.source.as_str()).collect();
+    let reads = names
+        .into_iter()
+        .filter_map(|name| config.sources.get(name))
+        .map(|source| async move {
+            crate::source::read(source, limit)
+                .await
+                .map(|rows| (source.name.clone(), rows))
+        });
+    let results = futures_util::future::join_all(reads).await;
+    let mut rows = BTreeMap::new();
+    let mut errors = Vec::new();
+    for result in results {
+        match result {
+            Ok((name, r)) => {
+                rows.insert(name, r);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    Error::all(errors)?;
+    Ok(rows)
+}

@@ -1,0 +1,240 @@
+//! The rendered tree: `kustomization.yaml` files and one YAML file per object,
+//! as DESIGN.md lays it out, written to a directory or compared with one.
+//!
+//! ```text
+//! kustomization.yaml                         lists the blueprint directories
+//! <blueprint>/kustomization.yaml             lists the instance directories
+//! <blueprint>/<instance>/kustomization.yaml  lists the files in dependency order
+//! <blueprint>/<instance>/<resource-id>.yaml
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::render::Rendered;
+use crate::{Error, Result, yaml};
+
+/// The name of every kustomization file.
+pub const KUSTOMIZATION: &str = "kustomization.yaml";
+
+/// Files by path relative to the tree's root (`/`-separated), sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tree {
+    /// File contents by path.
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+/// Builds the tree of a render.
+pub fn build(rendered: &Rendered) -> Result<Tree> {
+    let mut files = BTreeMap::new();
+    let mut by_blueprint: BTreeMap<&str, Vec<&str>> = rendered
+        .blueprints
+        .iter()
+        .map(|b| (b.as_str(), Vec::new()))
+        .collect();
+    for instance in &rendered.instances {
+        by_blueprint
+            .entry(&instance.blueprint)
+            .or_default()
+            .push(&instance.name);
+        let dir = format!("{}/{}", instance.blueprint, instance.name);
+        let mut listed = Vec::with_capacity(instance.objects.len());
+        for object in &instance.objects {
+            let file = format!("{}.yaml", object.resource);
+            files.insert(
+                format!("{dir}/{file}"),
+                yaml::to_string(&object.value)?.into_bytes(),
+            );
+            listed.push(file);
+        }
+        files.insert(format!("{dir}/{KUSTOMIZATION}"), kustomization(&listed)?);
+    }
+    for (blueprint, instances) in &by_blueprint {
+        let mut instances = instances.clone();
+        instances.sort_unstable();
+        files.insert(
+            format!("{blueprint}/{KUSTOMIZATION}"),
+            kustomization(&instances)?,
+        );
+    }
+    let blueprints: Vec<&str> = by_blueprint.keys().copied().collect();
+    files.insert(KUSTOMIZATION.to_string(), kustomization(&blueprints)?);
+    Ok(Tree { files })
+}
+
+fn kustomization<T: Serialize>(resources: &[T]) -> Result<Vec<u8>> {
+    let value = json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources,
+    });
+    Ok(yaml::to_string(&value)?.into_bytes())
+}
+
+/// What changed between two trees, by instance directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Instances (`blueprint/instance`) that are new.
+    pub added: Vec<String>,
+    /// Instances whose files changed.
+    pub changed: Vec<String>,
+    /// Instances that are gone.
+    pub removed: Vec<String>,
+    /// How many instances are the same.
+    pub unchanged: usize,
+    /// Objects in the new tree.
+    pub objects: usize,
+}
+
+impl Summary {
+    /// Compares `old` (empty for a first render) with `new`.
+    pub fn between(old: &Tree, new: &Tree) -> Self {
+        let old_instances = instances(old);
+        let new_instances = instances(new);
+        let mut summary = Summary {
+            objects: new
+                .files
+                .keys()
+                .filter(|p| p.matches('/').count() == 2 && !p.ends_with(KUSTOMIZATION))
+                .count(),
+            ..Summary::default()
+        };
+        for (name, files) in &new_instances {
+            match old_instances.get(name) {
+                None => summary.added.push(name.clone()),
+                Some(old_files) if old_files != files => summary.changed.push(name.clone()),
+                Some(_) => summary.unchanged += 1,
+            }
+        }
+        summary.removed = old_instances
+            .keys()
+            .filter(|n| !new_instances.contains_key(*n))
+            .cloned()
+            .collect();
+        summary
+    }
+
+    /// Whether anything changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+
+    /// One line for people: `3 added, 1 changed, 0 removed, 46 unchanged; 412 objects`.
+    pub fn line(&self) -> String {
+        format!(
+            "{} added, {} changed, {} removed, {} unchanged; {} objects",
+            self.added.len(),
+            self.changed.len(),
+            self.removed.len(),
+            self.unchanged,
+            self.objects
+        )
+    }
+}
+
+/// Instance directories and their files.
+fn instances(tree: &Tree) -> BTreeMap<String, BTreeMap<&str, &[u8]>> {
+    let mut out: BTreeMap<String, BTreeMap<&str, &[u8]>> = BTreeMap::new();
+    for (path, content) in &tree.files {
+        let mut parts = path.splitn(3, '/');
+        if let (Some(b), Some(i), Some(file)) = (parts.next(), parts.next(), parts.next()) {
+            out.entry(format!("{b}/{i}"))
+                .or_default()
+                .insert(file, content);
+        }
+    }
+    out
+}
+
+/// Reads what an earlier render wrote to `dir`: the blueprint directories its
+/// root kustomization lists, and every file in them. A directory with no
+/// kustomization is an empty tree.
+pub fn read_dir(dir: &Path) -> Result<Tree> {
+    let mut tree = Tree::default();
+    let root = dir.join(KUSTOMIZATION);
+    let Ok(text) = std::fs::read(&root) else {
+        return Ok(tree);
+    };
+    let listed: Value =
+        yaml::from_str(&String::from_utf8_lossy(&text), &root.display().to_string())?;
+    for blueprint in listed["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        if !is_plain_name(blueprint) {
+            continue;
+        }
+        walk(&dir.join(blueprint), blueprint, &mut tree)?;
+    }
+    tree.files.insert(KUSTOMIZATION.to_string(), text);
+    Ok(tree)
+}
+
+fn walk(dir: &Path, prefix: &str, tree: &mut Tree) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let relative = format!("{prefix}/{name}");
+        if path.is_dir() {
+            walk(&path, &relative, tree)?;
+        } else {
+            let content = std::fs::read(&path).map_err(|e| io(&path, "read", e))?;
+            tree.files.insert(relative, content);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `new` to `dir`: files whose content changed, and removes what `old`
+/// (read from the same directory) had that `new` does not, with directories
+/// left empty.
+pub fn write_dir(dir: &Path, old: &Tree, new: &Tree) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, "create", e))?;
+    for (path, content) in &new.files {
+        if old.files.get(path) == Some(content) {
+            continue;
+        }
+        let target = dir.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, "create", e))?;
+        }
+        std::fs::write(&target, content).map_err(|e| io(&target, "write", e))?;
+    }
+    let mut emptied = BTreeSet::new();
+    for path in old.files.keys().filter(|p| !new.files.contains_key(*p)) {
+        let target = dir.join(path);
+        match std::fs::remove_file(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&target, "remove", e)),
+        }
+        let mut parent = Path::new(path).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            emptied.insert(p.to_path_buf());
+            parent = p.parent();
+        }
+    }
+    // Deepest first, so that a blueprint directory empties after its instances.
+    for relative in emptied.iter().rev() {
+        let _ = std::fs::remove_dir(dir.join(relative));
+    }
+    Ok(())
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && name != "." && name != ".."
+}
+
+fn io(path: &Path, what: &str, e: std::io::Error) -> Error {
+    Error::Output {
+        message: format!("cannot {what} {}: {e}", path.display()),
+    }
+}
