@@ -1,5 +1,6 @@
 //! Loading the configuration: `-f FILE_OR_DIR`, repeatable, multi-document
-//! YAML, directories read in sorted order (not recursively, as `kubectl -f`).
+//! YAML, directories' `*.yaml` and `*.yml` files read in sorted order (not
+//! recursively, as `kubectl -f`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -258,8 +259,9 @@ impl Config {
     }
 }
 
-/// The YAML files named by `paths`: files as given, directories' `*.yaml`,
-/// `*.yml` and `*.json` files in sorted order.
+/// The files named by `paths`: files as given (YAML or JSON), and the
+/// `*.yaml` and `*.yml` files of directories in sorted order. JSON files in a
+/// directory are left alone: they are as often a file source's rows.
 fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in paths {
@@ -277,7 +279,7 @@ fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             .filter(|p| {
                 p.extension()
                     .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+                    .is_some_and(|e| matches!(e, "yaml" | "yml"))
             })
             .collect();
         found.sort();

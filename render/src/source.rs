@@ -6,8 +6,9 @@
 //! (`12.50`); timestamps with a time zone become RFC 3339 strings in UTC
 //! (`2024-05-01T12:00:00Z`), without one `2024-05-01T12:00:00`; dates
 //! `2024-05-01`; times `12:00:00`; UUIDs their hyphenated form. CSV cells are
-//! strings. MariaDB stores JSON columns as text, so they arrive as strings
-//! there (`from_json` in a template turns them into values).
+//! strings. SQLite and MariaDB store JSON as text, so JSON columns arrive as
+//! strings there (`from_json` in a template turns them into values); from
+//! PostgreSQL (`json`, `jsonb`) and MySQL (`JSON`) they arrive as values.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -427,11 +428,6 @@ fn sqlite_row(row: &sqlx::sqlite::SqliteRow) -> Result<Map<String, Value>, Strin
                 }
                 "INTEGER" => Value::from(row.try_get::<i64, _>(i).map_err(get)?),
                 "REAL" => Value::from(row.try_get::<f64, _>(i).map_err(get)?),
-                "TEXT" if declared == "JSON" => {
-                    let text: String = row.try_get(i).map_err(get)?;
-                    serde_json::from_str(&text)
-                        .map_err(|e| format!("column {name}: invalid JSON: {e}"))?
-                }
                 "TEXT" => Value::String(row.try_get(i).map_err(get)?),
                 "BLOB" => Value::String(
                     String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(i).map_err(get)?)

@@ -1,0 +1,122 @@
+//! The generated CRDs are accepted by a real API server, and their schema and
+//! CEL rules turn bad objects away before the controller ever sees them.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kiln_render::api::{Blueprint, Source};
+use kiln_sync::client::{FIELD_MANAGER, connect};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in kiln_render::api::crds() {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+        for _ in 0..300 {
+            let live = crds.get(&name).await.unwrap();
+            let established = live
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn rejection<K>(api: &Api<K>, object: serde_json::Value) -> String
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(object).unwrap();
+    match api.create(&PostParams::default(), &object).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            status.message
+        }
+        other => panic!("expected the API server to reject the object, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn crds_install_and_their_rules_reject_bad_objects() {
+    let cluster = kiln_testenv::cluster();
+    let client = connect(Some(&cluster.kubeconfig), None).await.unwrap();
+    install_crds(&client).await;
+    let ns = kiln_testenv::unique_name("crds");
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+
+    let sources: Api<Source> = Api::namespaced(client.clone(), &ns);
+    let good = json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "Source", "metadata": {"name": "tenants"},
+        "spec": {"urlFrom": {"secretKeyRef": {"name": "db", "key": "url"}}, "query": "SELECT 1", "key": "id"},
+    });
+    sources
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(good).unwrap(),
+        )
+        .await
+        .unwrap();
+    let both = json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "Source", "metadata": {"name": "both"},
+        "spec": {"url": "sqlite://x.db", "urlFrom": {"env": "X"}, "key": "id"},
+    });
+    let message = rejection(&sources, both).await;
+    assert!(
+        message.contains("exactly one of url and urlFrom must be set"),
+        "{message}"
+    );
+
+    let blueprints: Api<Blueprint> = Api::namespaced(client, &ns);
+    let resource = |id: &str| json!({"id": id, "template": "x"});
+    let duplicate = json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "Blueprint", "metadata": {"name": "dup"},
+        "spec": {"source": "tenants", "resources": [resource("app"), resource("app")]},
+    });
+    let message = rejection(&blueprints, duplicate).await;
+    assert!(message.contains("Duplicate value"), "{message}");
+
+    let bad_id = json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "Blueprint", "metadata": {"name": "bad-id"},
+        "spec": {"source": "tenants", "resources": [resource("App_1")]},
+    });
+    let message = rejection(&blueprints, bad_id).await;
+    assert!(message.contains("id must be a DNS label"), "{message}");
+
+    let bad_policy = json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "Blueprint", "metadata": {"name": "bad-policy"},
+        "spec": {"source": "tenants", "resources": [{"id": "app", "template": "x", "deletionPolicy": "Sometimes"}]},
+    });
+    // The typed client cannot even build this object; send it untyped.
+    let dynamic: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        blueprints.clone().into_client(),
+        &ns,
+        &kube::api::ApiResource::erase::<Blueprint>(&()),
+    );
+    let message = rejection(&dynamic, bad_policy).await;
+    assert!(
+        message.contains("deletionPolicy") && message.contains("Unsupported value"),
+        "{message}"
+    );
+}

@@ -1,0 +1,480 @@
+//! `kiln render` and `kiln validate` end to end, as a user runs them: the
+//! demo, determinism, stale files, and every kind of bad input, which must
+//! exit 2 with one line that names the culprit and write nothing.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Writes `files` (path, content) under a new temporary directory.
+fn project(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, content) in files {
+        let path = dir.path().join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    dir
+}
+
+/// Every file under `dir`, by relative path.
+fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let relative = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(relative, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if dir.exists() {
+        walk(dir, dir, &mut out);
+    }
+    out
+}
+
+fn demo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo")
+}
+
+const SOURCE: &str = r#"
+apiVersion: kiln.dev/v1alpha1
+kind: Source
+metadata: {name: tenants}
+spec:
+  url: file:tenants.json
+  key: id
+  active: active
+"#;
+
+const TENANTS: &str = r#"[
+  {"id": "acme", "plan": "pro", "replicas": 2, "active": true, "note": null},
+  {"id": "globex", "plan": "free", "replicas": 1, "active": "yes", "note": "vip"},
+  {"id": "initech", "plan": "free", "replicas": 1, "active": false, "note": null}
+]"#;
+
+fn blueprint(resources: &str) -> String {
+    format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: web}}\nspec:\n  source: tenants\n  namespace: \"tenant-{{{{ key }}}}\"\n  resources:\n{resources}"
+    )
+}
+
+const CONFIG_MAP: &str = "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: cfg}\n      data: {plan: \"{{ row.plan }}\"}\n";
+
+/// Renders a project that must fail: exit 2, one line naming `expected`,
+/// and nothing written to the output directory.
+fn assert_refused(files: &[(&str, &str)], expected: &[&str]) {
+    let dir = project(files);
+    let out = dir.path().join("out");
+    let output = kiln(&[
+        "render",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert_eq!(message.trim_end().lines().count(), 1, "one line: {message}");
+    for part in expected {
+        assert!(message.contains(part), "{part:?} not in {message:?}");
+    }
+    assert!(
+        read_tree(&out).is_empty(),
+        "nothing may be written on error"
+    );
+}
+
+#[test]
+fn demo_renders_deterministically_and_removes_stale_files() {
+    let first = tempfile::tempdir().unwrap();
+    let second = tempfile::tempdir().unwrap();
+    for out in [&first, &second] {
+        let output = kiln(&[
+            "render",
+            "-f",
+            demo().to_str().unwrap(),
+            "--out",
+            out.path().to_str().unwrap(),
+        ]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    }
+    let tree = read_tree(first.path());
+    assert_eq!(
+        tree,
+        read_tree(second.path()),
+        "two renders, identical bytes"
+    );
+    assert!(tree.contains_key("kustomization.yaml"));
+    assert!(tree.contains_key("web/kustomization.yaml"));
+    assert!(tree.contains_key("web/acme/app.yaml"));
+    assert!(
+        tree.contains_key("web/acme/ingress.yaml"),
+        "pro tenants get an ingress"
+    );
+    assert!(tree.contains_key("web/initech/app.yaml"));
+    assert!(
+        !tree.contains_key("web/initech/ingress.yaml"),
+        "free tenants do not"
+    );
+    assert!(
+        !tree.keys().any(|k| k.starts_with("web/tyrell/")),
+        "inactive tenants are not rendered"
+    );
+
+    // A file an earlier render wrote that is no longer rendered goes away;
+    // files outside Kiln's directories stay.
+    let stale = first.path().join("web/acme/old.yaml");
+    std::fs::write(&stale, "x").unwrap();
+    std::fs::create_dir_all(first.path().join("web/gone")).unwrap();
+    std::fs::write(first.path().join("web/gone/app.yaml"), "x").unwrap();
+    std::fs::write(first.path().join("README.md"), "mine").unwrap();
+    let output = kiln(&[
+        "render",
+        "-f",
+        demo().to_str().unwrap(),
+        "--out",
+        first.path().to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["removed"], serde_json::json!(["web/gone"]));
+    assert_eq!(summary["changed"], serde_json::json!(["web/acme"]));
+    assert!(!stale.exists());
+    assert!(!first.path().join("web/gone").exists());
+    assert!(first.path().join("README.md").exists());
+}
+
+#[test]
+fn values_keep_their_types_and_inactive_rows_are_skipped() {
+    let resources = "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: cfg}\n      data:\n        replicas: \"{{ row.replicas }}\"\n      binaryData: {}\n      immutable: {{ row.note is none }}\n      note: {{ row.note }}\n";
+    let dir = project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        ("bp.yaml", &blueprint(resources)),
+    ]);
+    let out = dir.path().join("out");
+    let output = kiln(&[
+        "render",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let tree = read_tree(&out);
+    let acme = String::from_utf8(tree["web/acme/config.yaml"].clone()).unwrap();
+    assert!(acme.contains("immutable: true\n"), "{acme}");
+    assert!(
+        acme.contains("note: null\n"),
+        "NULL renders as null: {acme}"
+    );
+    assert!(acme.contains("namespace: tenant-acme\n"), "{acme}");
+    assert!(
+        tree.contains_key("web/globex/config.yaml"),
+        "active: yes counts"
+    );
+    assert!(
+        !tree.keys().any(|k| k.contains("initech")),
+        "active: false does not"
+    );
+}
+
+#[test]
+fn broken_template_is_refused() {
+    let bad = "  - id: config\n    template: \"{% if %}\"\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(bad)),
+        ],
+        &[
+            "bp.yaml",
+            "Blueprint web",
+            "web/config (inline)",
+            "does not compile",
+        ],
+    );
+}
+
+#[test]
+fn missing_column_names_blueprint_resource_row_and_line() {
+    let bad = "  - id: config\n    templateFile: t/config.yaml.j2\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(bad)),
+            (
+                "t/config.yaml.j2",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  a: \"{{ row.region }}\"\n",
+            ),
+        ],
+        &[
+            "blueprint web",
+            "resource config",
+            "row acme",
+            "undefined variable row.region",
+            "t/config.yaml.j2:5",
+        ],
+    );
+}
+
+#[test]
+fn duplicate_key_is_refused() {
+    let tenants = r#"[{"id": "acme", "plan": "pro", "active": true}, {"id": "acme", "plan": "free", "active": true}]"#;
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", tenants),
+            ("bp.yaml", &blueprint(CONFIG_MAP)),
+        ],
+        &["source tenants", "duplicate key acme"],
+    );
+}
+
+#[test]
+fn null_key_is_refused() {
+    let tenants = r#"[{"id": null, "plan": "pro", "active": true}]"#;
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", tenants),
+            ("bp.yaml", &blueprint(CONFIG_MAP)),
+        ],
+        &["source tenants", "NULL key"],
+    );
+}
+
+#[test]
+fn dependency_cycle_is_refused() {
+    let bad = "  - id: a\n    dependsOn: [b]\n    template: x\n  - id: b\n    dependsOn: [a]\n    template: x\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(bad)),
+        ],
+        &[
+            "bp.yaml",
+            "Blueprint web",
+            "dependency cycle between resources a, b",
+        ],
+    );
+}
+
+#[test]
+fn invalid_configuration_yaml_is_refused() {
+    assert_refused(
+        &[(
+            "source.yaml",
+            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {name: [\n",
+        )],
+        &["invalid YAML in", "source.yaml"],
+    );
+}
+
+#[test]
+fn template_output_that_is_not_one_object_is_refused() {
+    let bad = "  - id: config\n    template: \"- a\\n- b\\n\"\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(bad)),
+        ],
+        &[
+            "blueprint web",
+            "resource config",
+            "row acme",
+            "not a mapping",
+        ],
+    );
+    let two = "  - id: config\n    template: \"apiVersion: v1\\nkind: ConfigMap\\nmetadata: {name: a}\\n---\\napiVersion: v1\\nkind: ConfigMap\\nmetadata: {name: b}\\n\"\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(two)),
+        ],
+        &["resource config", "rendered 2 YAML documents"],
+    );
+    let nameless =
+        "  - id: config\n    template: \"apiVersion: v1\\nkind: ConfigMap\\nmetadata: {}\\n\"\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(nameless)),
+        ],
+        &["resource config", "no metadata.name"],
+    );
+}
+
+#[test]
+fn unreachable_database_is_refused_without_printing_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let source = format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: tenants}}\nspec:\n  url: postgres://kiln:hunter2@127.0.0.1:{port}/app\n  query: SELECT 1 AS id\n  key: id\n"
+    );
+    let dir = project(&[
+        ("source.yaml", &source),
+        ("bp.yaml", &blueprint(CONFIG_MAP)),
+    ]);
+    let output = kiln(&["render", "-f", dir.path().to_str().unwrap()]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains("source tenants: cannot connect"),
+        "{message}"
+    );
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+#[test]
+fn unknown_kind_field_and_dangling_reference_are_refused() {
+    assert_refused(
+        &[(
+            "a.yaml",
+            "apiVersion: kiln.dev/v1alpha1\nkind: Sauce\nmetadata: {name: x}\nspec: {}\n",
+        )],
+        &["a.yaml", "document 1", "unknown kind Sauce"],
+    );
+    let typo = "  - id: config\n    templte: x\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(typo)),
+        ],
+        &[
+            "bp.yaml",
+            "Blueprint web",
+            "spec.resources[0]",
+            "unknown field `templte`",
+        ],
+    );
+    let dangling = blueprint(CONFIG_MAP).replace("source: tenants", "source: customers");
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &dangling),
+        ],
+        &[
+            "bp.yaml",
+            "Blueprint web",
+            "spec.source: no Source named customers",
+        ],
+    );
+}
+
+#[test]
+fn the_same_object_from_two_rows_is_refused() {
+    let clash = "  - id: ns\n    template: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {name: shared}\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(clash)),
+        ],
+        &[
+            "Namespace shared is rendered twice",
+            "row acme, resource ns",
+            "row globex, resource ns",
+        ],
+    );
+}
+
+#[test]
+fn keys_that_collide_as_dns_labels_are_refused() {
+    let tenants = r#"[{"id": "Acme", "plan": "pro", "active": true}, {"id": "acme", "plan": "free", "active": true}]"#;
+    let per_key = "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: \"c-{{ key }}\"}\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", tenants),
+            ("bp.yaml", &blueprint(per_key)),
+        ],
+        &["rows Acme and acme both map to instance acme"],
+    );
+}
+
+#[test]
+fn validate_reports_every_problem() {
+    let bad = "  - id: a\n    dependsOn: [missing]\n    template: x\n  - id: b\n    template: \"{{ row.nope }}\"\n";
+    let dir = project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        ("bp.yaml", &blueprint(bad)),
+        (
+            "other.yaml",
+            &blueprint("  - id: c\n    template: \"{% for %}\"\n")
+                .replace("name: web", "name: other"),
+        ),
+    ]);
+    let output = kiln(&["validate", "-f", dir.path().to_str().unwrap()]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains("resource a depends on missing"),
+        "{message}"
+    );
+    assert!(
+        message.contains("Blueprint other: template other/c (inline) does not compile"),
+        "{message}"
+    );
+
+    let dir = project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        (
+            "bp.yaml",
+            &blueprint("  - id: b\n    template: \"{{ row.nope }}\"\n"),
+        ),
+    ]);
+    let output = kiln(&[
+        "validate",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--sample",
+        "2",
+    ]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains("row acme") && message.contains("row globex"),
+        "every sampled row: {message}"
+    );
+
+    let output = kiln(&["validate", "-f", demo().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
