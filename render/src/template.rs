@@ -189,10 +189,12 @@ fn b64decode(text: String) -> Result<String, minijinja::Error> {
         .map_err(|_| invalid("b64decode: the decoded bytes are not UTF-8".into()))
 }
 
-/// A YAML double-quoted scalar (JSON string syntax is valid YAML).
+/// A YAML double-quoted scalar (JSON string syntax is valid YAML); none
+/// quotes as the empty string, as Helm's `quote` does with nil.
 fn quote(value: Value) -> Result<String, minijinja::Error> {
     let text = match value.as_str() {
         Some(s) => s.to_string(),
+        None if value.is_none() || value.is_undefined() => String::new(),
         None => value.to_string(),
     };
     serde_json::to_string(&text).map_err(|e| invalid(format!("quote: {e}")))

@@ -1,0 +1,33 @@
+//! Snapshot tests over fixture directories: each `tests/inputs/<case>/kiln.yaml`
+//! is rendered and the whole tree is compared with its committed snapshot.
+//! Review changes with `cargo insta review` (or `INSTA_UPDATE=always`).
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
+
+use kiln_render::config::Config;
+use kiln_render::{render, tree};
+
+fn render_tree(config: &std::path::Path) -> String {
+    let config = Config::load(&[config.to_path_buf()]).unwrap();
+    let blueprints = render::compile(&config, &[]).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let rows = runtime
+        .block_on(render::read_sources(&blueprints, &config, None))
+        .unwrap();
+    let rendered = render::render(&blueprints, &config, &rows, true).unwrap();
+    let tree = tree::build(&rendered).unwrap();
+    tree.files
+        .iter()
+        .map(|(path, content)| format!("=== {path}\n{}", String::from_utf8_lossy(content)))
+        .collect()
+}
+
+#[test]
+fn rendered_trees() {
+    insta::glob!("inputs/*/kiln.yaml", |path| {
+        insta::assert_snapshot!(render_tree(path));
+    });
+}
