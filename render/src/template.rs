@@ -264,6 +264,7 @@ mod tests {
             render("{{ 'say \"hi\"' | quote }}", ctx.clone()).unwrap(),
             r#""say \"hi\"""#
         );
+        assert_eq!(render("{{ none | quote }}", ctx.clone()).unwrap(), r#""""#);
         assert_eq!(
             render("{{ row.tags | to_yaml }}", ctx.clone()).unwrap(),
             "- a\n- b"
