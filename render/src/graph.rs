@@ -2,8 +2,7 @@
 //! for missing ids and cycles, giving a deterministic topological order and
 //! each resource's depth (its sync wave).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 
 use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -13,7 +12,7 @@ use crate::api::ResourceSpec;
 /// Order and depth of a blueprint's resources, by index into its list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Graph {
-    /// Resource indices in dependency order, ties broken by id.
+    /// Resource indices in dependency order: by depth, then by id.
     pub order: Vec<usize>,
     /// Each resource's depth: 0 without dependencies, else one more than the
     /// deepest resource it depends on.
@@ -58,30 +57,27 @@ pub fn build(resources: &[ResourceSpec]) -> Result<Graph, Vec<String>> {
         return Err(errors);
     }
 
-    // Kahn's algorithm, always taking the ready resource with the smallest id.
+    // Kahn's algorithm gives each resource its depth (longest path from a
+    // resource without dependencies); ordering by (depth, id) is then
+    // topological, groups resources by sync wave and breaks ties by id.
     let mut waiting: Vec<usize> = nodes
         .iter()
         .map(|n| graph.neighbors_directed(*n, petgraph::Incoming).count())
         .collect();
-    let mut ready: BinaryHeap<Reverse<(&str, usize)>> = waiting
-        .iter()
-        .enumerate()
-        .filter(|(_, w)| **w == 0)
-        .map(|(i, _)| Reverse((resources[i].id.as_str(), i)))
-        .collect();
-    let mut order = Vec::with_capacity(resources.len());
+    let mut ready: Vec<usize> = (0..resources.len()).filter(|i| waiting[*i] == 0).collect();
     let mut depth = vec![0; resources.len()];
-    while let Some(Reverse((_, i))) = ready.pop() {
-        order.push(i);
+    while let Some(i) = ready.pop() {
         for next in graph.neighbors_directed(nodes[i], petgraph::Outgoing) {
             let j = graph[next];
             depth[j] = depth[j].max(depth[i] + 1);
             waiting[j] -= 1;
             if waiting[j] == 0 {
-                ready.push(Reverse((resources[j].id.as_str(), j)));
+                ready.push(j);
             }
         }
     }
+    let mut order: Vec<usize> = (0..resources.len()).collect();
+    order.sort_by_key(|i| (depth[*i], resources[*i].id.as_str()));
     Ok(Graph { order, depth })
 }
 
