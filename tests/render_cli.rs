@@ -163,6 +163,7 @@ fn demo_renders_deterministically_and_removes_stale_files() {
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(summary["removed"], serde_json::json!(["web/gone"]));
     assert_eq!(summary["changed"], serde_json::json!(["web/acme"]));
+    assert_eq!(summary["written"], 0, "unchanged files are not rewritten");
     assert!(!stale.exists());
     assert!(!first.path().join("web/gone").exists());
     assert!(first.path().join("README.md").exists());
@@ -381,6 +382,15 @@ fn unknown_kind_field_and_dangling_reference_are_refused() {
             "spec.resources[0]",
             "unknown field `templte`",
         ],
+    );
+    let long_name = blueprint(CONFIG_MAP).replace("name: web", "name: Web_App");
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &long_name),
+        ],
+        &["bp.yaml", "Blueprint Web_App", "must be a DNS label"],
     );
     let dangling = blueprint(CONFIG_MAP).replace("source: tenants", "source: customers");
     assert_refused(

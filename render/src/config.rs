@@ -192,6 +192,12 @@ impl Config {
                     format!("Blueprint {}: {message}", blueprint.name),
                 )
             };
+            if !crate::template::is_dns_label(&blueprint.name) {
+                errors.push(at(format!(
+                    "metadata.name {:?} must be a DNS label (lowercase letters, digits and '-', at most 63): it names a directory and a label value",
+                    blueprint.name
+                )));
+            }
             if !self.sources.contains_key(&blueprint.spec.source) {
                 errors.push(at(format!(
                     "spec.source: no Source named {}",
