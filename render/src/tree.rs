@@ -87,34 +87,53 @@ pub struct Summary {
     pub unchanged: usize,
     /// Objects in the new tree.
     pub objects: usize,
+    /// Files (objects and kustomizations) that are new or changed.
+    pub written: usize,
 }
 
 impl Summary {
     /// Compares `old` (empty for a first render) with `new`.
     pub fn between(old: &Tree, new: &Tree) -> Self {
-        let old_instances = instances(old);
-        let new_instances = instances(new);
-        let mut summary = Summary {
-            objects: new
-                .files
-                .keys()
-                .filter(|p| p.matches('/').count() == 2 && !p.ends_with(KUSTOMIZATION))
-                .count(),
-            ..Summary::default()
-        };
-        for (name, files) in &new_instances {
-            match old_instances.get(name) {
+        let mut summary = Summary::of_instances(&instances(old), &instances(new));
+        summary.objects = new
+            .files
+            .keys()
+            .filter(|p| p.matches('/').count() == 2 && !p.ends_with(KUSTOMIZATION))
+            .count();
+        summary.written = new
+            .files
+            .iter()
+            .filter(|(path, content)| old.files.get(*path) != Some(*content))
+            .count();
+        summary
+    }
+
+    /// Compares two sets of instances (`blueprint/instance`), each with
+    /// something that changes when its files do; objects and files written
+    /// are left to the caller.
+    pub fn of_instances<T: PartialEq>(
+        old: &BTreeMap<String, T>,
+        new: &BTreeMap<String, T>,
+    ) -> Self {
+        let mut summary = Summary::default();
+        for (name, content) in new {
+            match old.get(name) {
                 None => summary.added.push(name.clone()),
-                Some(old_files) if old_files != files => summary.changed.push(name.clone()),
+                Some(before) if before != content => summary.changed.push(name.clone()),
                 Some(_) => summary.unchanged += 1,
             }
         }
-        summary.removed = old_instances
+        summary.removed = old
             .keys()
-            .filter(|n| !new_instances.contains_key(*n))
+            .filter(|n| !new.contains_key(*n))
             .cloned()
             .collect();
         summary
+    }
+
+    /// The instances that existed before, for the mass deletion guard.
+    pub fn before(&self) -> usize {
+        self.changed.len() + self.removed.len() + self.unchanged
     }
 
     /// Whether anything changed.
@@ -122,15 +141,17 @@ impl Summary {
         self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
     }
 
-    /// One line for people: `3 added, 1 changed, 0 removed, 46 unchanged; 412 objects`.
+    /// One line for people:
+    /// `instances: 3 added, 1 changed, 0 removed, 46 unchanged; 412 objects, 9 files written`.
     pub fn line(&self) -> String {
         format!(
-            "{} added, {} changed, {} removed, {} unchanged; {} objects",
+            "instances: {} added, {} changed, {} removed, {} unchanged; {} objects, {} files written",
             self.added.len(),
             self.changed.len(),
             self.removed.len(),
             self.unchanged,
-            self.objects
+            self.objects,
+            self.written
         )
     }
 }
