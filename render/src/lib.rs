@@ -4,9 +4,13 @@
 
 pub mod api;
 pub mod config;
+pub mod diff;
 pub mod graph;
+pub mod history;
 pub mod manifest;
+pub mod publish;
 pub mod render;
+pub mod repo;
 pub mod source;
 pub mod template;
 pub mod tree;
@@ -39,6 +43,13 @@ pub enum Error {
     /// The rendered tree could not be written.
     #[error("{message}")]
     Output { message: String },
+    /// The Git repository could not be read or written.
+    #[error("{message}")]
+    Git { message: String },
+    /// A guard refused the render: too many deletions, plaintext secrets,
+    /// drift, a pin.
+    #[error("{message}")]
+    Refused { message: String },
     /// Several independent problems, one per line.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Many(Vec<Error>),

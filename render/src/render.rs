@@ -27,6 +27,9 @@ pub struct Compiled {
     template_names: Vec<String>,
     /// Dependency order and depths.
     pub graph: Graph,
+    /// SHA-256 of the spec and every template's text: what a render commit
+    /// records as the configuration it came from.
+    pub digest: String,
 }
 
 const NAMESPACE_TEMPLATE: &str = "(namespace)";
@@ -81,6 +84,18 @@ fn compile_one(blueprint: &Named<BlueprintSpec>) -> Result<Compiled, Vec<Error>>
         template_names.push(template_name.clone());
         sources.push((template_name, text));
     }
+    let digest = {
+        use sha2::Digest as _;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(serde_json::to_vec(&blueprint.spec).unwrap_or_default());
+        for (name, text) in &sources {
+            hasher.update([0]);
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update(text.as_bytes());
+        }
+        crate::template::hex(&hasher.finalize())
+    };
     let graph = graph::build(&blueprint.spec.resources)
         .map_err(|e| e.into_iter().map(&at).collect::<Vec<_>>());
     let templates = Templates::compile(sources).map_err(|failures| {
@@ -93,6 +108,7 @@ fn compile_one(blueprint: &Named<BlueprintSpec>) -> Result<Compiled, Vec<Error>>
     });
     match (graph, templates) {
         (Ok(graph), Ok(templates)) if errors.is_empty() => Ok(Compiled {
+            digest,
             name: name.clone(),
             spec: blueprint.spec.clone(),
             templates,

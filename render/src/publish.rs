@@ -1,0 +1,495 @@
+//! A render committed to a branch: the guards that refuse it (pin, drift,
+//! mass deletion, plaintext Secrets), the commit message with its trailers,
+//! and the compare-and-swap that moves the branch.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use git2::Oid;
+use serde::Serialize;
+use sha2::Digest as _;
+
+use crate::history::{self, Action, Record};
+use crate::render::{Compiled, Rendered};
+use crate::repo::{self, Item, Node, Repo, git};
+use crate::source::Row;
+use crate::template::hex;
+use crate::tree::{Summary, Tree};
+use crate::{Error, Result};
+
+/// The default `deletionGuard.maxPercent`.
+pub const DEFAULT_MAX_DELETE_PERCENT: u32 = 20;
+
+/// How many times a render retries when another moved the branch first.
+const ATTEMPTS: usize = 5;
+
+/// Where and how to commit.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The branch (None: HEAD's).
+    pub branch: Option<String>,
+    /// The render directory, `""` for the root.
+    pub path: String,
+    /// A first line to use instead of the generated one.
+    pub message: Option<String>,
+    /// `Name <email>` of the author.
+    pub author: Option<String>,
+    /// Replace changes Kiln did not make.
+    pub overwrite_drift: bool,
+    /// Let a render remove more than `max_delete_percent` of the instances.
+    pub allow_mass_delete: bool,
+    /// `deletionGuard.maxPercent`.
+    pub max_delete_percent: u32,
+}
+
+/// What the render is made of, recorded in trailers.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// `sha256:` digest of the blueprints and templates.
+    pub config: String,
+    /// `sha256:` digest of each source's rows.
+    pub sources: BTreeMap<String, String>,
+}
+
+impl Inputs {
+    /// Digests the compiled blueprints and the rows read.
+    pub fn digest(blueprints: &[Compiled], rows: &BTreeMap<String, Vec<Row>>) -> Inputs {
+        let mut config = sha2::Sha256::new();
+        for blueprint in blueprints {
+            config.update(blueprint.name.as_bytes());
+            config.update([0]);
+            config.update(blueprint.digest.as_bytes());
+        }
+        let sources = rows
+            .iter()
+            .map(|(name, rows)| {
+                let mut hasher = sha2::Sha256::new();
+                for row in rows {
+                    hasher.update(serde_json::to_vec(&row.values).unwrap_or_default());
+                    hasher.update(b"\n");
+                }
+                (name.clone(), format!("sha256:{}", hex(&hasher.finalize())))
+            })
+            .collect();
+        Inputs {
+            config: format!("sha256:{}", hex(&config.finalize())),
+            sources,
+        }
+    }
+}
+
+/// What a render did to the branch.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    /// The branch's full ref name.
+    pub branch: String,
+    /// The new commit, or None when nothing changed.
+    pub commit: Option<String>,
+    /// The rendered tree's id (the same for the same render in any repository).
+    pub tree: String,
+    /// Instances added, changed, removed.
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// Objects written to the object database.
+    pub objects_written: usize,
+}
+
+/// Refuses a render that would remove too many instances, or all of them.
+pub fn check_deletions(summary: &Summary, max_percent: u32) -> Result<()> {
+    let before = summary.before();
+    let removed = summary.removed.len();
+    if before == 0 || removed == 0 {
+        return Ok(());
+    }
+    let names = |limit: usize| {
+        let mut text = summary
+            .removed
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if removed > limit {
+            let _ = write!(text, " and {} more", removed - limit);
+        }
+        text
+    };
+    if removed == before {
+        return Err(Error::Refused {
+            message: format!(
+                "refusing to remove all {before} instances ({}): did a source return no rows? pass --allow-mass-delete if this is intended",
+                names(5)
+            ),
+        });
+    }
+    if removed as u64 * 100 > u64::from(max_percent) * before as u64 {
+        return Err(Error::Refused {
+            message: format!(
+                "refusing to remove {removed} of {before} instances ({}%, more than deletionGuard.maxPercent {max_percent}%): {}; pass --allow-mass-delete if this is intended",
+                removed * 100 / before,
+                names(5)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses Secrets whose values would be committed in plain text.
+pub fn check_secrets(rendered: &Rendered) -> Result<()> {
+    let plain: Vec<String> = rendered
+        .instances
+        .iter()
+        .flat_map(|i| i.objects.iter().map(move |o| (i, o)))
+        .filter(|(_, o)| {
+            crate::diff::is_secret(&o.value)
+                && ["data", "stringData"]
+                    .iter()
+                    .any(|f| o.value[f].as_object().is_some_and(|m| !m.is_empty()))
+        })
+        .map(|(i, o)| {
+            format!(
+                "{}/{}/{}.yaml (row {})",
+                i.blueprint, i.name, o.resource, i.key
+            )
+        })
+        .collect();
+    if plain.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Refused {
+        message: format!(
+            "refusing to commit {} Secret(s) with data in plain text: {}{}; render a SealedSecret or ExternalSecret instead, or pass --allow-plaintext-secrets",
+            plain.len(),
+            plain.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+            if plain.len() > 3 {
+                format!(" and {} more", plain.len() - 3)
+            } else {
+                String::new()
+            }
+        ),
+    })
+}
+
+/// Refuses to move a pinned branch.
+pub fn check_pin(repo: &Repo, refname: &str, path: &str, pin: Option<&Record>) -> Result<()> {
+    let Some(pin) = pin else { return Ok(()) };
+    let to = match &pin.action {
+        Action::Rollback { to } => to.as_str(),
+        _ => "?",
+    };
+    let branch = refname.trim_start_matches("refs/heads/");
+    let path_flag = if path.is_empty() {
+        String::new()
+    } else {
+        format!(" --path {path}")
+    };
+    Err(Error::Refused {
+        message: format!(
+            "{branch} is pinned to {} by rollback commit {}; run `kiln resume --git {} --branch {branch}{path_flag}` to render again",
+            &to[..to.len().min(12)],
+            &pin.commit[..12],
+            repo.location.display()
+        ),
+    })
+}
+
+/// Commits the rendered `tree` under `options.path` of the branch, unless it
+/// is unchanged. Guards run against the branch as it is when the commit is
+/// made; a render that loses a race re-checks and retries.
+pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> Result<Published> {
+    let refname = repo.branch_ref(options.branch.as_deref())?;
+    let node = Node::build(tree)?;
+    let odb = repo.git.odb().map_err(git)?;
+    let (author, committer) = repo.signatures(options.author.as_deref())?;
+    let mut objects_written = 0;
+    for _ in 0..ATTEMPTS {
+        let tip = repo.tip(&refname)?;
+        let path = options.path.as_str();
+        check_pin(
+            repo,
+            &refname,
+            path,
+            history::pin(tip.as_ref(), path)?.as_ref(),
+        )?;
+        if !options.overwrite_drift
+            && let Some(drift) = history::drift(repo, tip.as_ref(), path)?
+        {
+            return Err(Error::Refused {
+                message: format!(
+                    "repo drift under {}/ on {}: {}; see `kiln drift`, or pass --overwrite-drift to replace it",
+                    history::path_label(path),
+                    refname.trim_start_matches("refs/heads/"),
+                    drift.line()
+                ),
+            });
+        }
+        let dir = repo.tree_at(tip.as_ref(), path)?;
+        let old = repo::owned(&repo.git, dir.as_ref())?;
+        let new = Item::Rendered(&node).entries()?;
+        let mut summary = Summary::of_instances(&repo::instances(&old)?, &repo::instances(&new)?);
+        summary.objects = tree
+            .files
+            .keys()
+            .filter(|p| p.matches('/').count() == 2 && !p.ends_with(crate::tree::KUSTOMIZATION))
+            .count();
+        if !options.allow_mass_delete {
+            check_deletions(&summary, options.max_delete_percent)?;
+        }
+        objects_written += node.write(&odb)?;
+        let replace: Vec<String> = old.keys().cloned().collect();
+        let entries: Vec<(String, Oid, bool)> = node
+            .entries()
+            .iter()
+            .map(|(name, n)| (name.clone(), n.id, n.is_tree()))
+            .collect();
+        let root = repo.graft(tip.as_ref(), path, &replace, &entries)?;
+        let unchanged = match &tip {
+            Some(c) => c.tree_id() == root,
+            None => false,
+        };
+        if unchanged && history::last(tip.as_ref(), path)?.is_some() {
+            return Ok(Published {
+                branch: refname,
+                commit: None,
+                tree: node.id.to_string(),
+                summary,
+                objects_written,
+            });
+        }
+        summary.written = repo::compare(&old, &new)?
+            .iter()
+            .filter(|c| c.new.is_some())
+            .count();
+        let message = message(&summary, inputs, options, node.id);
+        let commit = repo.commit(root, tip.as_ref(), &message, &author, &committer)?;
+        let log = format!("kiln render: {}", summary.line());
+        if repo.advance(&refname, tip.as_ref().map(|c| c.id()), commit, &log)? {
+            return Ok(Published {
+                branch: refname,
+                commit: Some(commit.to_string()),
+                tree: node.id.to_string(),
+                summary,
+                objects_written,
+            });
+        }
+        tracing::info!(branch = %refname, "the branch moved during the render; retrying");
+    }
+    Err(Error::Git {
+        message: format!(
+            "{refname} kept moving while Kiln committed ({ATTEMPTS} attempts); try again"
+        ),
+    })
+}
+
+/// The render commit's message: a subject, per-blueprint lines, trailers.
+fn message(summary: &Summary, inputs: &Inputs, options: &Options, tree: Oid) -> String {
+    let mut per: BTreeMap<&str, [Vec<&str>; 3]> = BTreeMap::new();
+    for (i, list) in [&summary.added, &summary.changed, &summary.removed]
+        .into_iter()
+        .enumerate()
+    {
+        for name in list {
+            let (blueprint, instance) = name.split_once('/').unwrap_or((name, ""));
+            per.entry(blueprint).or_default()[i].push(instance);
+        }
+    }
+    let subject = options.message.clone().unwrap_or_else(|| {
+        let counts: Vec<String> = per
+            .iter()
+            .map(|(b, [a, c, r])| format!("{b} +{} ~{} -{}", a.len(), c.len(), r.len()))
+            .collect();
+        if counts.is_empty() {
+            "kiln: render (no instance changed)".to_string()
+        } else {
+            format!("kiln: render {}", counts.join(", "))
+        }
+    });
+    let mut text = format!("{subject}\n\n");
+    for (blueprint, lists) in &per {
+        let _ = writeln!(
+            text,
+            "{blueprint}: {} added, {} changed, {} removed",
+            lists[0].len(),
+            lists[1].len(),
+            lists[2].len()
+        );
+        for (label, names) in ["added", "changed", "removed"].iter().zip(lists) {
+            if names.is_empty() {
+                continue;
+            }
+            let mut shown = names
+                .iter()
+                .take(20)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if names.len() > 20 {
+                let _ = write!(shown, " and {} more", names.len() - 20);
+            }
+            let _ = writeln!(text, "  {label}: {shown}");
+        }
+    }
+    let _ = writeln!(
+        text,
+        "{} instances unchanged; {} objects\n",
+        summary.unchanged, summary.objects
+    );
+    let mut id = sha2::Sha256::new();
+    id.update(inputs.config.as_bytes());
+    for (name, digest) in &inputs.sources {
+        id.update(name.as_bytes());
+        id.update(digest.as_bytes());
+    }
+    id.update(tree.as_bytes());
+    let _ = writeln!(text, "{}: {}", history::RENDER, &hex(&id.finalize())[..16]);
+    let _ = writeln!(
+        text,
+        "{}: {}",
+        history::PATH,
+        history::path_label(&options.path)
+    );
+    let _ = writeln!(text, "{}: {tree}", history::TREE);
+    let _ = writeln!(text, "{}: {}", history::CONFIG, inputs.config);
+    for (name, digest) in &inputs.sources {
+        let _ = writeln!(text, "{}: {name} {digest}", history::SOURCE);
+    }
+    text
+}
+
+/// Restores the render directory of `rev` (a Kiln render or rollback commit
+/// for the same directory) with a new commit that pins the branch there.
+pub fn rollback(repo: &Repo, options: &Options, rev: &str) -> Result<Published> {
+    let refname = repo.branch_ref(options.branch.as_deref())?;
+    let path = options.path.as_str();
+    let (author, committer) = repo.signatures(options.author.as_deref())?;
+    let target = repo
+        .git
+        .revparse_single(rev)
+        .and_then(|o| o.peel_to_commit())
+        .map_err(|e| Error::Git {
+            message: format!("--to {rev}: {}", e.message()),
+        })?;
+    let restored = match history::record(&target, path) {
+        Some(r) if !matches!(r.action, Action::Resume) => r,
+        _ => {
+            return Err(Error::Refused {
+                message: format!(
+                    "--to {rev}: commit {} is not a Kiln render or rollback of {}/; see `kiln history`",
+                    target.id(),
+                    history::path_label(path)
+                ),
+            });
+        }
+    };
+    let tree = restored.tree_id()?;
+    let stored = Item::Stored {
+        repo: &repo.git,
+        id: tree,
+        tree: true,
+    };
+    let entries: Vec<(String, Oid, bool)> = stored
+        .entries()?
+        .into_iter()
+        .map(|(name, item)| (name, item.id(), item.is_tree()))
+        .collect();
+    for _ in 0..ATTEMPTS {
+        let tip = repo.tip(&refname)?;
+        let dir = repo.tree_at(tip.as_ref(), path)?;
+        let old = repo::owned(&repo.git, dir.as_ref())?;
+        let summary = Summary::of_instances(
+            &repo::instances(&old)?,
+            &repo::instances(&stored.entries()?)?,
+        );
+        let replace: Vec<String> = old.keys().cloned().collect();
+        let root = repo.graft(tip.as_ref(), path, &replace, &entries)?;
+        let subject = options.message.clone().unwrap_or_else(|| {
+            format!(
+                "kiln: roll back {}/ to {}",
+                history::path_label(path),
+                &restored.commit[..12]
+            )
+        });
+        let message = format!(
+            "{subject}\n\nRestores the tree of \"{}\" and pins the branch there until `kiln resume`.\n{} added, {} changed, {} removed\n\n{}: {}\n{}: {}\n{}: {tree}\n",
+            restored.subject,
+            summary.added.len(),
+            summary.changed.len(),
+            summary.removed.len(),
+            history::ROLLBACK,
+            restored.commit,
+            history::PATH,
+            history::path_label(path),
+            history::TREE,
+        );
+        let commit = repo.commit(root, tip.as_ref(), &message, &author, &committer)?;
+        if repo.advance(
+            &refname,
+            tip.as_ref().map(|c| c.id()),
+            commit,
+            &format!("kiln rollback to {}", restored.commit),
+        )? {
+            return Ok(Published {
+                branch: refname,
+                commit: Some(commit.to_string()),
+                tree: tree.to_string(),
+                summary,
+                objects_written: 0,
+            });
+        }
+    }
+    Err(Error::Git {
+        message: format!(
+            "{refname} kept moving during the rollback ({ATTEMPTS} attempts); try again"
+        ),
+    })
+}
+
+/// Ends a rollback's pin with a commit that changes no file.
+pub fn resume(repo: &Repo, options: &Options) -> Result<Published> {
+    let refname = repo.branch_ref(options.branch.as_deref())?;
+    let path = options.path.as_str();
+    let (author, committer) = repo.signatures(options.author.as_deref())?;
+    for _ in 0..ATTEMPTS {
+        let tip = repo.tip(&refname)?;
+        let Some(pin) = history::pin(tip.as_ref(), path)? else {
+            return Err(Error::Refused {
+                message: format!(
+                    "{} is not pinned for {}/: nothing to resume",
+                    refname.trim_start_matches("refs/heads/"),
+                    history::path_label(path)
+                ),
+            });
+        };
+        let Some(parent) = tip.as_ref() else { break };
+        let message = format!(
+            "kiln: resume rendering {}/\n\nEnds the pin of rollback {}.\n\n{}: {}\n{}: {}\n{}: {}\n",
+            history::path_label(path),
+            &pin.commit[..12],
+            history::RESUME,
+            pin.commit,
+            history::PATH,
+            history::path_label(path),
+            history::TREE,
+            pin.tree,
+        );
+        let commit = repo.commit(
+            parent.tree_id(),
+            Some(parent),
+            &message,
+            &author,
+            &committer,
+        )?;
+        if repo.advance(&refname, Some(parent.id()), commit, "kiln resume")? {
+            return Ok(Published {
+                branch: refname,
+                commit: Some(commit.to_string()),
+                tree: pin.tree,
+                summary: Summary::default(),
+                objects_written: 0,
+            });
+        }
+    }
+    Err(Error::Git {
+        message: format!("{refname} kept moving during the resume; try again"),
+    })
+}
