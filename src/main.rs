@@ -30,8 +30,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error")),
         )
+        // sqlx warns about slow statements with their full text, which for a
+        // seed file is pages of SQL; its errors still show.
         .without_time()
         .init();
     match cli.command.run() {

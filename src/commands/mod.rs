@@ -1,7 +1,13 @@
 //! One module per subcommand.
 
 mod crds;
+mod diff;
+mod drift;
+mod history;
 mod render;
+mod resume;
+mod rollback;
+mod target;
 mod validate;
 
 use std::path::PathBuf;
@@ -11,8 +17,19 @@ use crate::Outcome;
 /// The subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Render every active row into manifests: to a directory (--out) or stdout.
+    /// Render every active row into manifests: a commit on a Git branch
+    /// (--git), a directory (--out) or stdout.
     Render(render::Args),
+    /// Render in memory and show what would change on the branch.
+    Diff(diff::Args),
+    /// Show changes under the render directory that Kiln did not make.
+    Drift(drift::Args),
+    /// List Kiln's commits on a branch.
+    History(history::Args),
+    /// Restore an earlier render with a new commit and pin the branch there.
+    Rollback(rollback::Args),
+    /// End a rollback's pin.
+    Resume(resume::Args),
     /// Check a configuration: load it, compile every template, check the
     /// dependency graphs, render sample rows; report every error found.
     Validate(validate::Args),
@@ -25,6 +42,11 @@ impl Command {
     pub fn run(self) -> anyhow::Result<Outcome> {
         match self {
             Command::Render(args) => render::run(&args),
+            Command::Diff(args) => diff::run(&args),
+            Command::Drift(args) => drift::run(&args),
+            Command::History(args) => history::run(&args),
+            Command::Rollback(args) => rollback::run(&args),
+            Command::Resume(args) => resume::run(&args),
             Command::Validate(args) => validate::run(&args),
             Command::Crds(args) => crds::run(&args),
         }
@@ -42,9 +64,12 @@ pub struct ConfigArgs {
         required = true
     )]
     pub files: Vec<PathBuf>,
-    /// Render only these blueprints (repeatable); default: all.
+    /// Render only these blueprints (repeatable); default: the Pipeline's, else all.
     #[arg(long = "blueprint", value_name = "NAME")]
     pub blueprints: Vec<String>,
+    /// The Pipeline to follow when the configuration has several.
+    #[arg(long, value_name = "NAME")]
+    pub pipeline: Option<String>,
 }
 
 /// Output formats of commands that print a report.

@@ -1,12 +1,18 @@
-//! `kiln render`: rows in, a tree of manifests out.
+//! `kiln render`: rows in, a tree of manifests out: to stdout, a directory,
+//! or a commit on a Git branch.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use kiln_render::config::Config;
-use kiln_render::{render, tree};
+use kiln_render::api::PipelineSpec;
+use kiln_render::config::{Config, Named};
+use kiln_render::publish::{self, DEFAULT_MAX_DELETE_PERCENT, Inputs};
+use kiln_render::render;
+use kiln_render::render::Rendered;
+use kiln_render::tree::{self, Tree};
 
+use super::target::{self, GitArgs};
 use super::{ConfigArgs, Format, runtime};
 use crate::Outcome;
 
@@ -16,37 +22,158 @@ pub struct Args {
     #[command(flatten)]
     config: ConfigArgs,
     /// Write the tree to this directory, replacing what an earlier render
-    /// wrote there; without it, the objects go to stdout as one YAML stream.
-    #[arg(long, value_name = "DIR")]
+    /// wrote there; without it (or --git), the objects go to stdout as one
+    /// YAML stream.
+    #[arg(long, value_name = "DIR", conflicts_with = "repo")]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    git: GitArgs,
+    /// The commit message's first line (default: a summary of the change).
+    #[arg(long, short = 'm', value_name = "M", requires = "repo")]
+    message: Option<String>,
+    /// The commit's author, "Name <email>" (default: GIT_AUTHOR_NAME and
+    /// GIT_AUTHOR_EMAIL, else the repository's user.name and user.email).
+    #[arg(long, value_name = "AUTHOR", requires = "repo")]
+    author: Option<String>,
+    /// Push the branch after committing (fast-forward only).
+    #[arg(long, requires = "repo")]
+    push: bool,
+    /// The remote to push to: a name or a URL.
+    #[arg(long, value_name = "R", default_value = "origin", requires = "push")]
+    remote: String,
+    /// Replace changes under the render directory that Kiln did not make.
+    #[arg(long, requires = "repo")]
+    overwrite_drift: bool,
+    /// Let one render remove more instances than deletionGuard.maxPercent
+    /// allows, or all of them.
+    #[arg(long)]
+    allow_mass_delete: bool,
+    /// Commit Secrets that carry data in plain text.
+    #[arg(long, requires = "repo")]
+    allow_plaintext_secrets: bool,
     /// The summary: text on stderr, or JSON on stdout.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
 }
 
-pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let config = Config::load(&args.config.files)?;
-    check_selection(&config, &args.config.blueprints)?;
-    let blueprints = render::compile(&config, &args.config.blueprints)?;
+/// A configuration rendered in memory.
+pub struct Rendering {
+    /// The configuration.
+    pub config: Config,
+    /// Every object.
+    pub rendered: Rendered,
+    /// The files.
+    pub tree: Tree,
+    /// Digests for trailers.
+    pub inputs: Inputs,
+}
+
+impl Rendering {
+    /// The Pipeline the configuration selects, if any.
+    pub fn pipeline(&self, args: &ConfigArgs) -> anyhow::Result<Option<&Named<PipelineSpec>>> {
+        target::pipeline(&self.config, args.pipeline.as_deref())
+    }
+}
+
+/// Loads, compiles, reads every source and renders.
+pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
+    let config = Config::load(&args.files)?;
+    check_selection(&config, &args.blueprints)?;
+    let mut selected = args.blueprints.clone();
+    if selected.is_empty()
+        && let Some(pipeline) = target::pipeline(&config, args.pipeline.as_deref())?
+    {
+        selected = pipeline.spec.blueprints.clone();
+    }
+    let blueprints = render::compile(&config, &selected)?;
     let rows = runtime()?.block_on(render::read_sources(&blueprints, &config, None))?;
     let rendered = render::render(&blueprints, &config, &rows, true)?;
-    let new = tree::build(&rendered)?;
+    let tree = tree::build(&rendered)?;
+    let inputs = Inputs::digest(&blueprints, &rows);
+    Ok(Rendering {
+        config,
+        rendered,
+        tree,
+        inputs,
+    })
+}
 
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    let rendering = render_all(&args.config)?;
+    let pipeline = rendering.pipeline(&args.config)?;
+    let git_target = args.git.repo.is_some()
+        || (args.out.is_none() && pipeline.is_some_and(|p| p.spec.git.is_some()));
+    if git_target {
+        return commit(args, &rendering, pipeline);
+    }
     let Some(out) = &args.out else {
         let mut stdout = std::io::stdout().lock();
-        for object in rendered.instances.iter().flat_map(|i| &i.objects) {
+        for object in rendering.rendered.instances.iter().flat_map(|i| &i.objects) {
             stdout.write_all(b"---\n")?;
             stdout.write_all(kiln_render::yaml::to_string(&object.value)?.as_bytes())?;
         }
         return Ok(Outcome::Clean);
     };
     let old = tree::read_dir(out)?;
-    let summary = tree::Summary::between(&old, &new);
-    tree::write_dir(out, &old, &new)
+    let summary = tree::Summary::between(&old, &rendering.tree);
+    if !args.allow_mass_delete {
+        let max = pipeline
+            .and_then(|p| p.spec.deletion_guard.as_ref())
+            .map_or(DEFAULT_MAX_DELETE_PERCENT, |g| g.max_percent);
+        publish::check_deletions(&summary, max)?;
+    }
+    tree::write_dir(out, &old, &rendering.tree)
         .with_context(|| format!("failed to write {}", out.display()))?;
     match args.format {
         Format::Text => eprintln!("rendered {}: {}", out.display(), summary.line()),
         Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+    }
+    Ok(Outcome::Clean)
+}
+
+fn commit(
+    args: &Args,
+    rendering: &Rendering,
+    pipeline: Option<&Named<PipelineSpec>>,
+) -> anyhow::Result<Outcome> {
+    let mut target = target::resolve(&args.git, pipeline)?;
+    let options = &mut target.options;
+    options.message = args.message.clone();
+    options.author = args.author.clone();
+    options.overwrite_drift = args.overwrite_drift;
+    options.allow_mass_delete = args.allow_mass_delete;
+    if !args.allow_plaintext_secrets {
+        publish::check_secrets(&rendering.rendered)?;
+    }
+    let repo = &target.repo;
+    let refname = repo.branch_ref(options.branch.as_deref())?;
+    let checked_out = repo.checked_out(&refname);
+    if checked_out {
+        repo.check_clean(&options.path)?;
+    }
+    let published = publish::publish(repo, &rendering.tree, &rendering.inputs, options)?;
+    if checked_out && published.commit.is_some() {
+        repo.update_work_tree(&options.path)?;
+    }
+    if args.push {
+        repo.push(&args.remote, &published.branch)?;
+    }
+    let branch = published.branch.trim_start_matches("refs/heads/");
+    match args.format {
+        Format::Text => match &published.commit {
+            Some(commit) => eprintln!(
+                "committed {} to {branch}{}: {}",
+                &commit[..12],
+                if args.push {
+                    format!(" and pushed to {}", args.remote)
+                } else {
+                    String::new()
+                },
+                published.summary.line()
+            ),
+            None => eprintln!("{branch} is up to date: nothing to commit"),
+        },
+        Format::Json => println!("{}", serde_json::to_string_pretty(&published)?),
     }
     Ok(Outcome::Clean)
 }

@@ -1,0 +1,28 @@
+//! `kiln resume`: end a rollback's pin so renders move the branch again.
+
+use kiln_render::publish;
+
+use super::target::{self, GitArgs};
+use crate::Outcome;
+
+/// Arguments of `kiln resume`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    git: GitArgs,
+    /// The commit's author, "Name <email>".
+    #[arg(long, value_name = "AUTHOR")]
+    author: Option<String>,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    let mut target = target::resolve(&args.git, None)?;
+    target.options.author = args.author.clone();
+    let published = publish::resume(&target.repo, &target.options)?;
+    eprintln!(
+        "resumed {} with commit {}: the next render moves it again",
+        published.branch.trim_start_matches("refs/heads/"),
+        published.commit.as_deref().unwrap_or_default()
+    );
+    Ok(Outcome::Clean)
+}

@@ -1,0 +1,41 @@
+//! `kiln rollback`: restore an earlier render and pin the branch there.
+
+use kiln_render::publish;
+
+use super::target::{self, GitArgs};
+use crate::Outcome;
+
+/// Arguments of `kiln rollback`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    git: GitArgs,
+    /// The Kiln render or rollback commit to restore.
+    #[arg(long, value_name = "REV")]
+    to: String,
+    /// The commit's author, "Name <email>".
+    #[arg(long, value_name = "AUTHOR")]
+    author: Option<String>,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    let mut target = target::resolve(&args.git, None)?;
+    target.options.author = args.author.clone();
+    let repo = &target.repo;
+    let refname = repo.branch_ref(target.options.branch.as_deref())?;
+    let checked_out = repo.checked_out(&refname);
+    if checked_out {
+        repo.check_clean(&target.options.path)?;
+    }
+    let published = publish::rollback(repo, &target.options, &args.to)?;
+    if checked_out {
+        repo.update_work_tree(&target.options.path)?;
+    }
+    let branch = published.branch.trim_start_matches("refs/heads/");
+    eprintln!(
+        "rolled back {branch} to {} with commit {}; renders are refused until `kiln resume`",
+        args.to,
+        published.commit.as_deref().unwrap_or_default()
+    );
+    Ok(Outcome::Clean)
+}

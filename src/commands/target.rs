@@ -1,0 +1,105 @@
+//! Where Git commands work: the repository, branch and directory from flags,
+//! else from the selected Pipeline's `spec.git`.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use kiln_render::api::PipelineSpec;
+use kiln_render::config::{Config, Named};
+use kiln_render::publish::{DEFAULT_MAX_DELETE_PERCENT, Options};
+use kiln_render::repo::Repo;
+
+/// The repository, branch and directory.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GitArgs {
+    /// The Git repository, bare or not (default: the Pipeline's spec.git.url).
+    #[arg(long = "git", value_name = "REPO", env = "KILN_GIT")]
+    pub repo: Option<PathBuf>,
+    /// The branch (default: the Pipeline's, else the one HEAD names).
+    #[arg(long, value_name = "B")]
+    pub branch: Option<String>,
+    /// The directory inside the repository (default: the Pipeline's, else the root).
+    #[arg(long, value_name = "P")]
+    pub path: Option<String>,
+}
+
+/// A resolved target.
+#[derive(Debug)]
+pub struct Target {
+    /// The opened repository.
+    pub repo: Repo,
+    /// Options for kiln-render's Git functions.
+    pub options: Options,
+}
+
+/// The Pipeline a command follows: the one named, else the only one.
+pub fn pipeline<'c>(
+    config: &'c Config,
+    name: Option<&str>,
+) -> anyhow::Result<Option<&'c Named<PipelineSpec>>> {
+    match name {
+        Some(name) => match config.pipelines.get(name) {
+            Some(p) => Ok(Some(p)),
+            None => bail!("--pipeline {name}: no Pipeline of that name in the configuration"),
+        },
+        None if config.pipelines.len() > 1 => bail!(
+            "the configuration has {} Pipelines ({}); name one with --pipeline",
+            config.pipelines.len(),
+            config
+                .pipelines
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => Ok(config.pipelines.values().next()),
+    }
+}
+
+/// Opens the repository and settles branch and path.
+pub fn resolve(args: &GitArgs, pipeline: Option<&Named<PipelineSpec>>) -> anyhow::Result<Target> {
+    let spec = pipeline.and_then(|p| p.spec.git.as_ref());
+    let repo = match (&args.repo, spec.and_then(|g| g.url.as_deref())) {
+        (Some(repo), _) => repo.clone(),
+        (None, Some(url)) if url.contains("://") || url.contains('@') => bail!(
+            "Pipeline spec.git.url {url} is remote: pass --git with a local clone and --push to publish to it"
+        ),
+        (None, Some(url)) => pipeline
+            .map(|p| p.resolve(url))
+            .unwrap_or_else(|| url.into()),
+        (None, None) => bail!("no repository: pass --git REPO or set a Pipeline's spec.git.url"),
+    };
+    let path = args
+        .path
+        .clone()
+        .or_else(|| spec.and_then(|g| g.path.clone()))
+        .unwrap_or_default();
+    let path = normalise(&path)?;
+    let options = Options {
+        branch: args
+            .branch
+            .clone()
+            .or_else(|| spec.and_then(|g| g.branch.clone())),
+        path,
+        max_delete_percent: pipeline
+            .and_then(|p| p.spec.deletion_guard.as_ref())
+            .map_or(DEFAULT_MAX_DELETE_PERCENT, |g| g.max_percent),
+        ..Options::default()
+    };
+    Ok(Target {
+        repo: Repo::open(&repo)?,
+        options,
+    })
+}
+
+/// `a//b/` → `a/b`; `.` and `/` → the root; `..` is refused.
+fn normalise(path: &str) -> anyhow::Result<String> {
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.contains(&"..") {
+        bail!("--path {path}: must stay inside the repository (no '..')");
+    }
+    Ok(parts.join("/"))
+}

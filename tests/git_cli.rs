@@ -1,0 +1,739 @@
+//! Rendering into real Git repositories, end to end with the release-shaped
+//! binary, checked with the git CLI: commits and no-ops, bare and non-bare
+//! repositories, pushes, races, a killed render, determinism, drift,
+//! rollback with a pin, and the guards.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Kiln Test")
+        .env("GIT_AUTHOR_EMAIL", "kiln@example.com")
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs the git CLI in `dir`; panics with its stderr when it fails.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Someone")
+        .env("GIT_AUTHOR_EMAIL", "someone@example.com")
+        .env("GIT_COMMITTER_NAME", "Someone")
+        .env("GIT_COMMITTER_EMAIL", "someone@example.com")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "git {args:?}: {}", stderr(&output));
+    stdout(&output).trim_end().to_string()
+}
+
+fn bare_repo(parent: &Path, name: &str) -> PathBuf {
+    let path = parent.join(name);
+    git(parent, &["init", "-q", "--bare", path.to_str().unwrap()]);
+    path
+}
+
+/// A configuration directory: a SQLite source seeded from SQL, a blueprint
+/// with a Namespace, a ConfigMap and (with `secret`) a Secret.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(tenants: &[(&str, u32)], secret: bool) -> Project {
+        let project = Project {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::write(
+            project.path().join("source.yaml"),
+            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {name: tenants}\nspec:\n  url: sqlite://tenants.db\n  seedFile: seed.sql\n  query: SELECT slug, replicas FROM tenants ORDER BY slug\n  key: slug\n",
+        )
+        .unwrap();
+        let mut resources = String::from(
+            "  - id: namespace\n    template: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {name: \"tenant-{{ key }}\"}\n  - id: config\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: settings}\n      data:\n        replicas: \"{{ row.replicas }}\"\n",
+        );
+        if secret {
+            resources.push_str("  - id: credentials\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: Secret\n      metadata: {name: credentials}\n      stringData:\n        password: \"hunter{{ row.replicas }}\"\n");
+        }
+        std::fs::write(
+            project.path().join("blueprint.yaml"),
+            format!("apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: web}}\nspec:\n  source: tenants\n  namespace: \"tenant-{{{{ key }}}}\"\n  resources:\n{resources}"),
+        )
+        .unwrap();
+        project.rows(tenants);
+        project
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn arg(&self) -> &str {
+        self.path().to_str().unwrap()
+    }
+
+    /// Replaces the table's rows (the database is recreated from the seed).
+    fn rows(&self, tenants: &[(&str, u32)]) {
+        let mut seed = String::from(
+            "CREATE TABLE tenants (slug TEXT PRIMARY KEY, replicas INTEGER);\nBEGIN;\n",
+        );
+        for (slug, replicas) in tenants {
+            seed.push_str(&format!(
+                "INSERT INTO tenants VALUES ('{slug}', {replicas});\n"
+            ));
+        }
+        seed.push_str("COMMIT;\n");
+        std::fs::write(self.path().join("seed.sql"), seed).unwrap();
+        let _ = std::fs::remove_file(self.path().join("tenants.db"));
+    }
+}
+
+fn tenants(n: usize) -> Vec<(String, u32)> {
+    (0..n).map(|i| (format!("t{i:03}"), 1)).collect()
+}
+
+fn as_refs(rows: &[(String, u32)]) -> Vec<(&str, u32)> {
+    rows.iter().map(|(s, r)| (s.as_str(), *r)).collect()
+}
+
+fn render(project: &Project, repo: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "render",
+        "-f",
+        project.arg(),
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "rendered",
+    ];
+    args.extend_from_slice(extra);
+    kiln(&args)
+}
+
+fn commits(repo: &Path) -> usize {
+    git(repo, &["rev-list", "--count", "rendered"])
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn commits_only_what_changed_and_nothing_when_nothing_did() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let project = Project::new(&[("acme", 1), ("globex", 2)], false);
+
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(commits(&repo), 1);
+    let files = git(&repo, &["ls-tree", "-r", "--name-only", "rendered"]);
+    assert_eq!(
+        files.lines().collect::<Vec<_>>(),
+        [
+            "kustomization.yaml",
+            "web/acme/config.yaml",
+            "web/acme/kustomization.yaml",
+            "web/acme/namespace.yaml",
+            "web/globex/config.yaml",
+            "web/globex/kustomization.yaml",
+            "web/globex/namespace.yaml",
+            "web/kustomization.yaml",
+        ]
+    );
+    let message = git(&repo, &["log", "-1", "--format=%B", "rendered"]);
+    assert!(
+        message.starts_with("kiln: render web +2 ~0 -0\n"),
+        "{message}"
+    );
+    for trailer in [
+        "Kiln-Render: ",
+        "Kiln-Path: .",
+        "Kiln-Tree: ",
+        "Kiln-Config: sha256:",
+        "Kiln-Source: tenants sha256:",
+    ] {
+        assert!(message.contains(trailer), "{trailer} missing: {message}");
+    }
+    assert_eq!(
+        git(&repo, &["log", "-1", "--format=%an <%ae>", "rendered"]),
+        "Kiln Test <kiln@example.com>"
+    );
+    git(&repo, &["fsck", "--strict"]);
+
+    // A no-op render makes no commit.
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(commits(&repo), 1, "{}", stderr(&output));
+
+    // One row changed: one commit touching only that instance's file; the
+    // other instance's subtree is the very same tree object.
+    let globex_before = git(&repo, &["rev-parse", "rendered:web/globex"]);
+    project.rows(&[("acme", 3), ("globex", 2)]);
+    let output = render(&project, &repo, &["--format", "json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let published: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(published["changed"], serde_json::json!(["web/acme"]));
+    assert_eq!(published["written"], 1);
+    assert_eq!(commits(&repo), 2);
+    assert_eq!(
+        git(&repo, &["diff", "--name-only", "rendered~1", "rendered"]),
+        "web/acme/config.yaml"
+    );
+    assert_eq!(
+        git(&repo, &["rev-parse", "rendered:web/globex"]),
+        globex_before
+    );
+    let tree = git(&repo, &["rev-parse", "rendered^{tree}"]);
+    assert_eq!(
+        published["tree"],
+        tree.as_str(),
+        "the root is the rendered tree"
+    );
+}
+
+#[test]
+fn only_the_render_path_is_replaced_and_other_files_stay() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    git(
+        work.path(),
+        &["init", "-q", "-b", "main", repo.to_str().unwrap()],
+    );
+    std::fs::write(repo.join("README.md"), "ours\n").unwrap();
+    std::fs::create_dir_all(repo.join("clusters/prod")).unwrap();
+    std::fs::write(repo.join("clusters/prod/notes.txt"), "also ours\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "start"]);
+    let project = Project::new(&[("acme", 1)], false);
+
+    // The checked-out branch of a non-bare repository: the work tree follows.
+    let args = [
+        "render",
+        "-f",
+        project.arg(),
+        "--git",
+        repo.to_str().unwrap(),
+        "--path",
+        "clusters/prod",
+    ];
+    let output = kiln(&args);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        git(&repo, &["status", "--porcelain"]),
+        "",
+        "work tree and index follow the commit"
+    );
+    assert!(repo.join("clusters/prod/web/acme/config.yaml").exists());
+    assert_eq!(
+        std::fs::read_to_string(repo.join("README.md")).unwrap(),
+        "ours\n"
+    );
+    assert!(repo.join("clusters/prod/notes.txt").exists());
+    assert_eq!(git(&repo, &["rev-list", "--count", "main"]), "2");
+
+    // Uncommitted changes under the path are never overwritten.
+    std::fs::write(repo.join("clusters/prod/web/acme/config.yaml"), "edited\n").unwrap();
+    project.rows(&[("acme", 2)]);
+    let output = kiln(&args);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("uncommitted changes under clusters/prod/"),
+        "{message}"
+    );
+    assert!(
+        message.contains("clusters/prod/web/acme/config.yaml"),
+        "{message}"
+    );
+    assert_eq!(git(&repo, &["rev-list", "--count", "main"]), "2");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("clusters/prod/web/acme/config.yaml")).unwrap(),
+        "edited\n"
+    );
+}
+
+#[test]
+fn the_same_render_has_the_same_tree_id_in_two_repositories() {
+    let work = tempfile::tempdir().unwrap();
+    let project = Project::new(&as_refs(&tenants(30)), false);
+    let mut trees = Vec::new();
+    for name in ["one.git", "two.git"] {
+        let repo = bare_repo(work.path(), name);
+        let output = render(&project, &repo, &[]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        trees.push(git(&repo, &["rev-parse", "rendered^{tree}"]));
+    }
+    assert_eq!(trees[0], trees[1]);
+}
+
+#[test]
+fn push_goes_to_a_file_remote_and_refuses_non_fast_forwards() {
+    let work = tempfile::tempdir().unwrap();
+    let remote = bare_repo(work.path(), "remote.git");
+    let local = bare_repo(work.path(), "local.git");
+    let url = format!("file://{}", remote.display());
+    git(&local, &["remote", "add", "origin", &url]);
+    let project = Project::new(&[("acme", 1)], false);
+
+    let output = render(&project, &local, &["--push"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        git(&remote, &["rev-parse", "rendered"]),
+        git(&local, &["rev-parse", "rendered"])
+    );
+
+    // Someone else pushes to the remote branch; ours is no longer a fast-forward.
+    let other = work.path().join("other");
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            "-b",
+            "rendered",
+            &url,
+            other.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(other.join("README.md"), "x\n").unwrap();
+    git(&other, &["add", "README.md"]);
+    git(&other, &["commit", "-qm", "readme"]);
+    git(&other, &["push", "-q", "origin", "rendered"]);
+    let remote_tip = git(&remote, &["rev-parse", "rendered"]);
+    project.rows(&[("acme", 2)]);
+    let output = render(&project, &local, &["--push"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("not a fast-forward"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        git(&remote, &["rev-parse", "rendered"]),
+        remote_tip,
+        "the remote keeps its commit"
+    );
+}
+
+#[test]
+fn concurrent_renders_on_one_branch_lose_no_commit() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let projects: Vec<Project> = (0..4)
+        .map(|_| Project::new(&as_refs(&tenants(40)), false))
+        .collect();
+    let children: Vec<std::process::Child> = projects
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args([
+                    "render",
+                    "-f",
+                    p.arg(),
+                    "--git",
+                    repo.to_str().unwrap(),
+                    "--branch",
+                    "rendered",
+                ])
+                .args(["--path", &format!("cluster-{i}")])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    }
+    assert_eq!(commits(&repo), 4, "every render's commit is on the branch");
+    for i in 0..4 {
+        git(
+            &repo,
+            &[
+                "rev-parse",
+                &format!("rendered:cluster-{i}/web/t039/config.yaml"),
+            ],
+        );
+    }
+    git(&repo, &["fsck", "--strict"]);
+}
+
+#[test]
+fn a_killed_render_leaves_the_repository_as_it_was() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let project = Project::new(&[("acme", 1)], false);
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let before = git(&repo, &["rev-parse", "rendered"]);
+    let mut many = tenants(3000);
+    many.push(("acme".to_string(), 1));
+    project.rows(&as_refs(&many));
+    for delay in [5u64, 40, 120, 300] {
+        let _ = std::fs::remove_file(project.path().join("tenants.db"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "render",
+                "-f",
+                project.arg(),
+                "--git",
+                repo.to_str().unwrap(),
+                "--branch",
+                "rendered",
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let tip = git(&repo, &["rev-parse", "rendered"]);
+        if status.success() {
+            // Fast enough to finish: then the commit is whole.
+            assert_ne!(tip, before);
+            break;
+        }
+        assert_eq!(
+            tip, before,
+            "a killed render moved the branch (after {delay} ms)"
+        );
+        git(&repo, &["fsck", "--strict", "--no-dangling"]);
+    }
+    let _ = std::fs::remove_file(project.path().join("tenants.db"));
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    git(&repo, &["fsck", "--strict", "--no-dangling"]);
+}
+
+#[test]
+fn drift_is_reported_and_render_refuses_to_overwrite_it() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let project = Project::new(&[("acme", 1), ("globex", 1)], false);
+    assert_eq!(render(&project, &repo, &[]).status.code(), Some(0));
+    let drift = |extra: &[&str]| {
+        let mut args = vec![
+            "drift",
+            "--git",
+            repo.to_str().unwrap(),
+            "--branch",
+            "rendered",
+            "--exit-code",
+        ];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    assert_eq!(drift(&[]).status.code(), Some(0), "{}", stderr(&drift(&[])));
+
+    // A hand-made commit under the render directory.
+    let clone = work.path().join("clone");
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            "-b",
+            "rendered",
+            repo.to_str().unwrap(),
+            clone.to_str().unwrap(),
+        ],
+    );
+    let file = clone.join("web/acme/config.yaml");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("replicas: \"1\"", "replicas: \"5\"");
+    std::fs::write(&file, text).unwrap();
+    git(&clone, &["commit", "-qam", "hotfix acme"]);
+    git(&clone, &["push", "-q", "origin", "rendered"]);
+
+    let output = drift(&[]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("hotfix acme"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains("+  replicas: \"5\""),
+        "{}",
+        stdout(&output)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&drift(&["--format", "json"]))).unwrap();
+    assert_eq!(json["files"][0]["path"], "web/acme/config.yaml");
+    assert_eq!(json["commits"][0]["subject"], "hotfix acme");
+
+    project.rows(&[("acme", 1), ("globex", 2)]);
+    let tip = git(&repo, &["rev-parse", "rendered"]);
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.contains("web/acme/config.yaml") && message.contains("hotfix acme"),
+        "{message}"
+    );
+    assert_eq!(git(&repo, &["rev-parse", "rendered"]), tip);
+
+    let output = render(&project, &repo, &["--overwrite-drift"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(drift(&[]).status.code(), Some(0));
+    assert!(git(&repo, &["show", "rendered:web/acme/config.yaml"]).contains("replicas: \"1\""));
+}
+
+#[test]
+fn rollback_pins_the_branch_until_resume() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let r = repo.to_str().unwrap();
+    let project = Project::new(&[("acme", 1)], false);
+    assert_eq!(render(&project, &repo, &[]).status.code(), Some(0));
+    let first = git(&repo, &["rev-parse", "rendered"]);
+    project.rows(&[("acme", 2), ("globex", 1)]);
+    assert_eq!(render(&project, &repo, &[]).status.code(), Some(0));
+
+    let output = kiln(&[
+        "rollback",
+        "--git",
+        r,
+        "--branch",
+        "rendered",
+        "--to",
+        &first[..10],
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(commits(&repo), 3);
+    assert_eq!(
+        git(&repo, &["rev-parse", "rendered^{tree}"]),
+        git(&repo, &["rev-parse", &format!("{first}^{{tree}}")]),
+        "the tree of the first render is back"
+    );
+    assert!(
+        git(&repo, &["log", "-1", "--format=%B", "rendered"])
+            .contains(&format!("Kiln-Rollback: {first}"))
+    );
+
+    // Pinned: render refuses and says how to resume; diff still works.
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("pinned") && stderr(&output).contains("kiln resume"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(commits(&repo), 3);
+    let output = kiln(&[
+        "diff",
+        "-f",
+        project.arg(),
+        "--git",
+        r,
+        "--branch",
+        "rendered",
+        "--exit-code",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("+++ b/web/globex/config.yaml"),
+        "{}",
+        stdout(&output)
+    );
+
+    // A rollback target must be a Kiln commit.
+    let output = kiln(&[
+        "rollback",
+        "--git",
+        r,
+        "--branch",
+        "rendered",
+        "--to",
+        "does-not-exist",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+
+    let output = kiln(&["resume", "--git", r, "--branch", "rendered"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(commits(&repo), 4);
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(commits(&repo), 5);
+    let history = kiln(&[
+        "history", "--git", r, "--branch", "rendered", "--format", "json",
+    ]);
+    let records: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    let actions: Vec<&str> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["render", "resume", "rollback", "render", "render"]
+    );
+}
+
+#[test]
+fn emptying_the_table_is_refused_without_allow_mass_delete() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let project = Project::new(&as_refs(&tenants(10)), false);
+    assert_eq!(render(&project, &repo, &[]).status.code(), Some(0));
+    let tip = git(&repo, &["rev-parse", "rendered"]);
+
+    project.rows(&[]);
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("refusing to remove all 10 instances"),
+        "{message}"
+    );
+    assert!(message.contains("--allow-mass-delete"), "{message}");
+    assert_eq!(git(&repo, &["rev-parse", "rendered"]), tip, "no commit");
+
+    // Three of ten is more than the default 20%; two is not.
+    project.rows(&as_refs(&tenants(7)));
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("refusing to remove 3 of 10 instances (30%"),
+        "{}",
+        stderr(&output)
+    );
+    project.rows(&as_refs(&tenants(8)));
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    project.rows(&[]);
+    let output = render(&project, &repo, &["--allow-mass-delete"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        git(&repo, &["ls-tree", "--name-only", "rendered:web"]),
+        "kustomization.yaml"
+    );
+}
+
+#[test]
+fn secrets_are_refused_in_git_and_masked_in_diffs() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let r = repo.to_str().unwrap();
+    let project = Project::new(&[("acme", 1)], true);
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("web/acme/credentials.yaml (row acme)"),
+        "{message}"
+    );
+    assert!(message.contains("--allow-plaintext-secrets"), "{message}");
+    assert!(
+        git(&repo, &["branch", "--list"]).is_empty(),
+        "nothing committed"
+    );
+
+    assert_eq!(
+        render(&project, &repo, &["--allow-plaintext-secrets"])
+            .status
+            .code(),
+        Some(0)
+    );
+    project.rows(&[("acme", 2)]);
+    for format in ["unified", "markdown", "json"] {
+        let output = kiln(&[
+            "diff",
+            "-f",
+            project.arg(),
+            "--git",
+            r,
+            "--branch",
+            "rendered",
+            "--format",
+            format,
+        ]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let text = stdout(&output);
+        assert!(
+            !text.contains("hunter"),
+            "{format} shows a secret value: {text}"
+        );
+        assert!(
+            text.contains("password: (masked, changed)"),
+            "{format}: {text}"
+        );
+    }
+}
+
+#[test]
+fn diff_exit_code_follows_the_branch() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let r = repo.to_str().unwrap();
+    let project = Project::new(&[("acme", 1)], false);
+    let diff = |format: &str| {
+        kiln(&[
+            "diff",
+            "-f",
+            project.arg(),
+            "--git",
+            r,
+            "--branch",
+            "rendered",
+            "--exit-code",
+            "--format",
+            format,
+        ])
+    };
+    let output = diff("stat");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a missing branch differs: {}",
+        stderr(&output)
+    );
+    assert_eq!(render(&project, &repo, &[]).status.code(), Some(0));
+    let output = diff("unified");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "");
+    project.rows(&[("acme", 1), ("globex", 1)]);
+    let output = diff("markdown");
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(text.contains("| `web` | 1 | 0 | 0 | 2 | 0 | 0 |"), "{text}");
+    assert!(
+        text.contains("<details><summary><code>web/globex/config.yaml</code> (added"),
+        "{text}"
+    );
+    let output = kiln(&[
+        "diff",
+        "-f",
+        project.arg(),
+        "--git",
+        r,
+        "--branch",
+        "rendered",
+        "--base",
+        "no-such-rev",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--base no-such-rev"),
+        "{}",
+        stderr(&output)
+    );
+}
