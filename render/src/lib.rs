@@ -5,9 +5,11 @@
 pub mod api;
 pub mod config;
 pub mod diff;
+pub mod emit;
 pub mod graph;
 pub mod history;
 pub mod manifest;
+pub mod pack;
 pub mod publish;
 pub mod render;
 pub mod repo;

@@ -101,7 +101,7 @@ pub fn group_of(api_version: &str) -> &str {
 
 /// Which (group, kind) pairs are cluster-scoped: the built-in ones, plus the
 /// CRDs of one render.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scopes {
     cluster: HashSet<(String, String)>,
 }
@@ -119,14 +119,8 @@ impl Default for Scopes {
 
 impl Scopes {
     /// Learns from a rendered object when it is a CustomResourceDefinition.
-    pub fn learn(&mut self, object: &Value) {
-        let is_crd = object.get("kind").and_then(Value::as_str) == Some("CustomResourceDefinition")
-            && object
-                .get("apiVersion")
-                .and_then(Value::as_str)
-                .map(group_of)
-                == Some("apiextensions.k8s.io");
-        if !is_crd {
+    pub fn learn(&mut self, object: &Map<String, Value>) {
+        if !is_crd(object) {
             return;
         }
         let spec = &object["spec"];
@@ -149,6 +143,16 @@ impl Scopes {
         self.cluster
             .contains(&(group.to_string(), kind.to_string()))
     }
+}
+
+/// Whether an object is a CustomResourceDefinition.
+pub fn is_crd(object: &Map<String, Value>) -> bool {
+    object.get("kind").and_then(Value::as_str) == Some("CustomResourceDefinition")
+        && object
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .map(group_of)
+            == Some("apiextensions.k8s.io")
 }
 
 /// What Kiln stamps on an object.
@@ -329,10 +333,11 @@ mod tests {
     #[test]
     fn rendered_crds_teach_scopes() {
         let mut scopes = Scopes::default();
-        scopes.learn(
-            &json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "spec": {"group": "x.io", "names": {"kind": "Thing"}, "scope": "Cluster"}}),
-        );
+        let crd = json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "spec": {"group": "x.io", "names": {"kind": "Thing"}, "scope": "Cluster"}});
+        if let Some(map) = crd.as_object() {
+            scopes.learn(map);
+        }
         assert!(scopes.is_cluster_scoped("x.io", "Thing"));
         assert!(!scopes.is_cluster_scoped("x.io", "Other"));
     }

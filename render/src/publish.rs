@@ -140,12 +140,7 @@ pub fn check_secrets(rendered: &Rendered) -> Result<()> {
         .instances
         .iter()
         .flat_map(|i| i.objects.iter().map(move |o| (i, o)))
-        .filter(|(_, o)| {
-            crate::diff::is_secret(&o.value)
-                && ["data", "stringData"]
-                    .iter()
-                    .any(|f| o.value[f].as_object().is_some_and(|m| !m.is_empty()))
-        })
+        .filter(|(_, o)| o.plaintext_secret)
         .map(|(i, o)| {
             format!(
                 "{}/{}/{}.yaml (row {})",
@@ -199,78 +194,28 @@ pub fn check_pin(repo: &Repo, refname: &str, path: &str, pin: Option<&Record>) -
 pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> Result<Published> {
     let refname = repo.branch_ref(options.branch.as_deref())?;
     let node = Node::build(tree)?;
-    let odb = repo.git.odb().map_err(git)?;
     let (author, committer) = repo.signatures(options.author.as_deref())?;
-    let mut objects_written = 0;
     for _ in 0..ATTEMPTS {
-        let tip = repo.tip(&refname)?;
-        let path = options.path.as_str();
-        check_pin(
+        match attempt(
             repo,
             &refname,
-            path,
-            history::pin(tip.as_ref(), path)?.as_ref(),
-        )?;
-        if !options.overwrite_drift
-            && let Some(drift) = history::drift(repo, tip.as_ref(), path)?
-        {
-            return Err(Error::Refused {
-                message: format!(
-                    "repo drift under {}/ on {}: {}; see `kiln drift`, or pass --overwrite-drift to replace it",
-                    history::path_label(path),
-                    refname.trim_start_matches("refs/heads/"),
-                    drift.line()
-                ),
-            });
-        }
-        let dir = repo.tree_at(tip.as_ref(), path)?;
-        let old = repo::owned(&repo.git, dir.as_ref())?;
-        let new = Item::Rendered(&node).entries()?;
-        let mut summary = Summary::of_instances(&repo::instances(&old)?, &repo::instances(&new)?);
-        summary.objects = tree
-            .files
-            .keys()
-            .filter(|p| p.matches('/').count() == 2 && !p.ends_with(crate::tree::KUSTOMIZATION))
-            .count();
-        if !options.allow_mass_delete {
-            check_deletions(&summary, options.max_delete_percent)?;
-        }
-        objects_written += node.write(&odb)?;
-        let replace: Vec<String> = old.keys().cloned().collect();
-        let entries: Vec<(String, Oid, bool)> = node
-            .entries()
-            .iter()
-            .map(|(name, n)| (name.clone(), n.id, n.is_tree()))
-            .collect();
-        let root = repo.graft(tip.as_ref(), path, &replace, &entries)?;
-        let unchanged = match &tip {
-            Some(c) => c.tree_id() == root,
-            None => false,
-        };
-        if unchanged && history::last(tip.as_ref(), path)?.is_some() {
-            return Ok(Published {
-                branch: refname,
-                commit: None,
-                tree: node.id.to_string(),
-                summary,
-                objects_written,
-            });
-        }
-        summary.written = repo::compare(&old, &new)?
-            .iter()
-            .filter(|c| c.new.is_some())
-            .count();
-        let message = message(&summary, inputs, options, node.id);
-        let commit = repo.commit(root, tip.as_ref(), &message, &author, &committer)?;
-        let log = format!("kiln render: {}", summary.line());
-        if repo.advance(&refname, tip.as_ref().map(|c| c.id()), commit, &log)? {
-            return Ok(Published {
-                branch: refname,
-                commit: Some(commit.to_string()),
-                tree: node.id.to_string(),
-                summary,
-                objects_written,
-            });
+            &node,
+            tree,
+            inputs,
+            options,
+            (&author, &committer),
+        )? {
+            Attempt::Unchanged(published) => return Ok(published),
+            Attempt::Commit {
+                commit,
+                expected,
+                published,
+            } => {
+                let log = format!("kiln render: {}", published.summary.line());
+                if repo.advance(&refname, expected, commit, &log)? {
+                    return Ok(published);
+                }
+            }
         }
         tracing::info!(branch = %refname, "the branch moved during the render; retrying");
     }
@@ -278,6 +223,89 @@ pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> 
         message: format!(
             "{refname} kept moving while Kiln committed ({ATTEMPTS} attempts); try again"
         ),
+    })
+}
+
+enum Attempt {
+    Unchanged(Published),
+    Commit {
+        commit: Oid,
+        expected: Option<Oid>,
+        published: Published,
+    },
+}
+
+/// Checks the guards against the branch as it is now and writes a commit
+/// on its tip, without moving the branch.
+fn attempt(
+    repo: &Repo,
+    refname: &str,
+    node: &Node<'_>,
+    tree: &Tree,
+    inputs: &Inputs,
+    options: &Options,
+    (author, committer): (&git2::Signature<'_>, &git2::Signature<'_>),
+) -> Result<Attempt> {
+    let tip = repo.tip(refname)?;
+    let path = options.path.as_str();
+    check_pin(
+        repo,
+        refname,
+        path,
+        history::pin(tip.as_ref(), path)?.as_ref(),
+    )?;
+    if !options.overwrite_drift
+        && let Some(drift) = history::drift(repo, tip.as_ref(), path)?
+    {
+        return Err(Error::Refused {
+            message: format!(
+                "repo drift under {}/ on {}: {}; see `kiln drift`, or pass --overwrite-drift to replace it",
+                history::path_label(path),
+                refname.trim_start_matches("refs/heads/"),
+                drift.line()
+            ),
+        });
+    }
+    let dir = repo.tree_at(tip.as_ref(), path)?;
+    let old = repo::owned(&repo.git, dir.as_ref())?;
+    let new = Item::Rendered(node).entries()?;
+    let mut summary = Summary::of_instances(&repo::instances(&old)?, &repo::instances(&new)?);
+    summary.objects = tree
+        .files
+        .keys()
+        .filter(|p| p.matches('/').count() == 2 && !p.ends_with(crate::tree::KUSTOMIZATION))
+        .count();
+    if !options.allow_mass_delete {
+        check_deletions(&summary, options.max_delete_percent)?;
+    }
+    let odb = repo.git.odb().map_err(git)?;
+    let objects_written = node.write(&odb)?;
+    let replace: Vec<String> = old.keys().cloned().collect();
+    let entries: Vec<(String, Oid, bool)> = node
+        .entries()
+        .iter()
+        .map(|(name, n)| (name.clone(), n.id, n.is_tree()))
+        .collect();
+    let root = repo.graft(tip.as_ref(), path, &replace, &entries)?;
+    let unchanged = tip.as_ref().is_some_and(|c| c.tree_id() == root);
+    let mut published = Published {
+        branch: refname.to_string(),
+        commit: None,
+        tree: node.id.to_string(),
+        summary,
+        objects_written,
+    };
+    if unchanged && history::last(tip.as_ref(), path)?.is_some() {
+        return Ok(Attempt::Unchanged(published));
+    }
+    published.summary.written = repo::files_written(&old, &new)?;
+    let message = message(&published.summary, inputs, options, node.id);
+    let commit = repo.commit(root, tip.as_ref(), &message, author, committer)?;
+    published.commit = Some(commit.to_string());
+    Ok(Attempt::Commit {
+        commit,
+        expected: tip.as_ref().map(|c| c.id()),
+        published,
     })
 }
 

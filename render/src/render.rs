@@ -130,8 +130,17 @@ pub struct Object {
     pub resource: String,
     /// What identifies it in a cluster.
     pub identity: Identity,
-    /// The canonical object.
-    pub value: Value,
+    /// The canonical object as YAML: what is written and committed.
+    pub yaml: String,
+    /// Whether it is a Secret carrying `data` or `stringData`.
+    pub plaintext_secret: bool,
+}
+
+impl Object {
+    /// The object as a value, parsed back from its YAML.
+    pub fn value(&self) -> Result<Value> {
+        yaml::from_str(&self.yaml, &format!("{}", self.identity))
+    }
 }
 
 /// One row of one blueprint, rendered.
@@ -156,11 +165,46 @@ pub struct Rendered {
     pub instances: Vec<Instance>,
 }
 
-struct Raw {
+/// One row's objects, stamped and serialised.
+struct Stamped {
+    blueprint: usize,
     key: String,
     name: String,
-    namespace: Option<String>,
-    objects: Vec<(usize, Map<String, Value>)>,
+    objects: Vec<Object>,
+}
+
+type Pass = (Vec<Stamped>, Vec<Map<String, Value>>, Vec<Error>);
+
+/// Renders every active row once with `scopes`; returns the rows, the CRDs
+/// seen, and the errors (or the first, with `stop_at_first`).
+fn render_pass(
+    blueprints: &[Compiled],
+    config: &Config,
+    rows: &BTreeMap<String, Vec<Row>>,
+    stop_at_first: bool,
+    scopes: &Scopes,
+) -> Result<Pass> {
+    let mut stamped = Vec::new();
+    let mut crds = Vec::new();
+    let mut errors = Vec::new();
+    for (b, blueprint) in blueprints.iter().enumerate() {
+        let active: Vec<&Row> = rows
+            .get(&blueprint.spec.source)
+            .map(|r| r.iter().filter(|r| r.active).collect())
+            .unwrap_or_default();
+        let results = parallel_map(active, |row| render_row(b, blueprint, config, row, scopes));
+        for result in results {
+            match result {
+                Ok((row, found)) => {
+                    stamped.push(row);
+                    crds.extend(found);
+                }
+                Err(e) if stop_at_first => return Err(e),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    Ok((stamped, crds, errors))
 }
 
 /// Renders every active row; `stop_at_first` makes the first error (in
@@ -171,79 +215,60 @@ pub fn render(
     rows: &BTreeMap<String, Vec<Row>>,
     stop_at_first: bool,
 ) -> Result<Rendered> {
-    let mut raw: Vec<(usize, Raw)> = Vec::new();
-    let mut errors = Vec::new();
-    for (b, blueprint) in blueprints.iter().enumerate() {
-        let source = &blueprint.spec.source;
-        let active: Vec<&Row> = rows
-            .get(source)
-            .map(|r| r.iter().filter(|r| r.active).collect())
-            .unwrap_or_default();
-        let results = parallel_map(&active, |row| render_row(blueprint, config, row));
-        for result in results {
-            match result {
-                Ok(instance) => raw.push((b, instance)),
-                Err(e) if stop_at_first => return Err(e),
-                Err(e) => errors.push(e),
-            }
+    // One pass stamps and serialises each object as it renders, so no
+    // parsed object outlives its row. CRDs rendered in the same run can make
+    // their kinds cluster-scoped; only then is a second pass needed.
+    let defaults = Scopes::default();
+    let (mut stamped, crds, mut errors) =
+        render_pass(blueprints, config, rows, stop_at_first, &defaults)?;
+    if !crds.is_empty() {
+        let mut learned = defaults.clone();
+        for crd in &crds {
+            learned.learn(crd);
+        }
+        if learned != defaults {
+            (stamped, _, errors) = render_pass(blueprints, config, rows, stop_at_first, &learned)?;
         }
     }
 
-    let mut scopes = Scopes::default();
-    for (_, instance) in &raw {
-        for (_, object) in &instance.objects {
-            scopes.learn(&Value::Object(object.clone()));
-        }
-    }
-
-    let mut instances = Vec::with_capacity(raw.len());
+    let mut instances = Vec::with_capacity(stamped.len());
     let mut names: HashMap<(usize, String), String> = HashMap::new();
     let mut owners: HashMap<Identity, String> = HashMap::new();
-    for (b, instance) in raw {
+    for Stamped {
+        blueprint: b,
+        key,
+        name,
+        objects,
+    } in stamped
+    {
         let blueprint = &blueprints[b];
-        if let Some(other) = names.insert((b, instance.name.clone()), instance.key.clone()) {
+        if let Some(other) = names.insert((b, name.clone()), key.clone()) {
             errors.push(Error::Template {
                 message: format!(
-                    "blueprint {}: rows {other} and {} both map to instance {}; keys must stay distinct as DNS labels",
-                    blueprint.name, instance.key, instance.name
+                    "blueprint {}: rows {other} and {key} both map to instance {name}; keys must stay distinct as DNS labels",
+                    blueprint.name
                 ),
             });
             continue;
         }
-        let mut objects = Vec::with_capacity(instance.objects.len());
-        for (r, mut object) in instance.objects {
-            let resource = &blueprint.spec.resources[r];
-            let identity = manifest::stamp(
-                &mut object,
-                &Stamp {
-                    blueprint: &blueprint.name,
-                    instance: &instance.name,
-                    resource: &resource.id,
-                    wave: blueprint.graph.depth[r],
-                    namespace: instance.namespace.as_deref(),
-                    cluster_scoped: resource.cluster_scoped,
-                },
-                &scopes,
-            );
+        for object in &objects {
             let owner = format!(
-                "blueprint {}, row {}, resource {}",
-                blueprint.name, instance.key, resource.id
+                "blueprint {}, row {key}, resource {}",
+                blueprint.name, object.resource
             );
-            if let Some(first) = owners.insert(identity.clone(), owner.clone()) {
+            if let Some(first) = owners.insert(object.identity.clone(), owner.clone()) {
                 errors.push(Error::Template {
-                    message: format!("{identity} is rendered twice: by {first} and by {owner}"),
+                    message: format!(
+                        "{} is rendered twice: by {first} and by {owner}",
+                        object.identity
+                    ),
                 });
             }
-            objects.push(Object {
-                resource: resource.id.clone(),
-                identity,
-                value: Value::Object(object),
-            });
         }
         instances.push(Instance {
             blueprint: blueprint.name.clone(),
-            key: instance.key,
-            name: instance.name,
+            key,
+            name,
             objects,
         });
     }
@@ -260,7 +285,13 @@ pub fn render(
     })
 }
 
-fn render_row(blueprint: &Compiled, config: &Config, row: &Row) -> Result<Raw> {
+fn render_row(
+    b: usize,
+    blueprint: &Compiled,
+    config: &Config,
+    row: &Row,
+    scopes: &Scopes,
+) -> Result<(Stamped, Vec<Map<String, Value>>)> {
     let fail = |resource: &str, template: &str, failure: Failure| {
         let location = failure
             .location
@@ -297,7 +328,9 @@ fn render_row(blueprint: &Compiled, config: &Config, row: &Row) -> Result<Raw> {
         source => source,
         namespace => &namespace,
     };
+    let name = dns_label(&row.key);
     let mut objects = Vec::new();
+    let mut crds = Vec::new();
     for &r in &blueprint.graph.order {
         let resource = &blueprint.spec.resources[r];
         let template = &blueprint.template_names[r];
@@ -308,7 +341,7 @@ fn render_row(blueprint: &Compiled, config: &Config, row: &Row) -> Result<Raw> {
         if text.trim().is_empty() {
             continue;
         }
-        let object = parse_object(&text).map_err(|message| {
+        let mut object = parse_object(&text).map_err(|message| {
             fail(
                 &resource.id,
                 template,
@@ -318,20 +351,48 @@ fn render_row(blueprint: &Compiled, config: &Config, row: &Row) -> Result<Raw> {
                 },
             )
         })?;
-        objects.push((r, object));
+        if manifest::is_crd(&object) {
+            crds.push(object.clone());
+        }
+        let identity = manifest::stamp(
+            &mut object,
+            &Stamp {
+                blueprint: &blueprint.name,
+                instance: &name,
+                resource: &resource.id,
+                wave: blueprint.graph.depth[r],
+                namespace: namespace.as_deref(),
+                cluster_scoped: resource.cluster_scoped,
+            },
+            scopes,
+        );
+        let value = Value::Object(object);
+        let plaintext_secret = crate::diff::is_secret(&value)
+            && ["data", "stringData"]
+                .iter()
+                .any(|f| value[f].as_object().is_some_and(|m| !m.is_empty()));
+        objects.push(Object {
+            resource: resource.id.clone(),
+            identity,
+            yaml: yaml::to_string(&value)?,
+            plaintext_secret,
+        });
     }
-    Ok(Raw {
-        key: row.key.clone(),
-        name: dns_label(&row.key),
-        namespace,
-        objects,
-    })
+    Ok((
+        Stamped {
+            blueprint: b,
+            key: row.key.clone(),
+            name,
+            objects,
+        },
+        crds,
+    ))
 }
 
 /// Parses a template's output as exactly one Kubernetes object.
 fn parse_object(text: &str) -> std::result::Result<Map<String, Value>, String> {
     let mut documents: Vec<Value> =
-        yaml::from_str_multi(text, "the output").map_err(|e| e.to_string())?;
+        yaml::from_rendered(text, "the output").map_err(|e| e.to_string())?;
     documents.retain(|d| !d.is_null());
     let object = match documents.len() {
         1 => documents.remove(0),
@@ -377,20 +438,28 @@ fn kind_of(value: &Value) -> &'static str {
 }
 
 /// Maps `f` over `items` on every core, keeping the order.
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+fn parallel_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
         .min(items.len().max(1));
     if threads <= 1 || items.len() < 64 {
-        return items.iter().map(f).collect();
+        return items.into_iter().map(f).collect();
     }
     let chunk = items.len().div_ceil(threads);
+    let mut parts = Vec::with_capacity(threads);
+    let mut rest = items;
+    while rest.len() > chunk {
+        let tail = rest.split_off(chunk);
+        parts.push(rest);
+        rest = tail;
+    }
+    parts.push(rest);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(chunk)
+        let handles: Vec<_> = parts
+            .into_iter()
             .map(|part| {
                 let f = &f;
-                scope.spawn(move || part.iter().map(f).collect::<Vec<R>>())
+                scope.spawn(move || part.into_iter().map(f).collect::<Vec<R>>())
             })
             .collect();
         handles

@@ -97,31 +97,50 @@ impl<'a> Node<'a> {
     }
 
     /// Writes every object of this tree that the repository lacks and returns
-    /// how many it wrote. A subtree already there is not descended into.
+    /// how many it wrote: loose when they are few, else as one pack. A
+    /// subtree already there is not descended into.
     pub fn write(&self, odb: &git2::Odb<'_>) -> Result<usize> {
-        if odb.exists(self.id) {
-            return Ok(0);
-        }
-        let (kind, bytes, mut written) = match &self.kind {
-            Kind::Blob(content) => (ObjectType::Blob, *content, 0),
-            Kind::Tree(entries, raw) => {
-                let mut written = 0;
-                for (_, node) in entries {
-                    written += node.write(odb)?;
-                }
-                (ObjectType::Tree, raw.as_slice(), written)
+        // One rescan of the pack directory up front; every lookup after it
+        // skips the rescan libgit2 otherwise makes on each miss.
+        odb.refresh().map_err(git)?;
+        let mut missing = Vec::new();
+        self.collect_missing(odb, &mut std::collections::HashSet::new(), &mut missing);
+        if missing.len() >= PACK_THRESHOLD {
+            crate::pack::write(odb, &missing)?;
+        } else {
+            for (kind, bytes) in &missing {
+                odb.write(*kind, bytes).map_err(git)?;
             }
-        };
-        let id = odb.write(kind, bytes).map_err(git)?;
-        if id != self.id {
-            return Err(Error::Git {
-                message: format!("object database returned {id} for object {}", self.id),
-            });
         }
-        written += 1;
-        Ok(written)
+        Ok(missing.len())
+    }
+
+    /// Objects the repository lacks, each once (equal files share a blob),
+    /// children before their trees.
+    fn collect_missing<'s>(
+        &'s self,
+        odb: &git2::Odb<'_>,
+        seen: &mut std::collections::HashSet<Oid>,
+        out: &mut Vec<(ObjectType, &'s [u8])>,
+    ) {
+        if !seen.insert(self.id) || odb.exists_ext(self.id, git2::OdbLookupFlags::NO_REFRESH) {
+            return;
+        }
+        match &self.kind {
+            Kind::Blob(content) => out.push((ObjectType::Blob, content)),
+            Kind::Tree(entries, raw) => {
+                for (_, node) in entries {
+                    node.collect_missing(odb, seen, out);
+                }
+                out.push((ObjectType::Tree, raw));
+            }
+        }
     }
 }
+
+/// From this many new objects on, they go into one pack instead of a file
+/// each (Git's own fetch uses the same cut-off).
+const PACK_THRESHOLD: usize = 100;
 
 /// Git sorts a directory as if its name ended in `/`.
 fn git_order(name: &str, tree: bool) -> Vec<u8> {
@@ -304,6 +323,27 @@ fn compare_into(
     Ok(())
 }
 
+/// How many files of `new` are missing from `old` or differ, without
+/// reading any of them.
+pub fn files_written(
+    old: &BTreeMap<String, Item<'_>>,
+    new: &BTreeMap<String, Item<'_>>,
+) -> Result<usize> {
+    let mut count = 0;
+    for (name, item) in new {
+        let before = old.get(name);
+        if before.is_some_and(|b| b.id() == item.id()) {
+            continue;
+        }
+        if item.is_tree() {
+            count += files_written(&tree_of(before)?, &item.entries()?)?;
+        } else {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
 fn tree_of<'r>(item: Option<&Item<'r>>) -> Result<BTreeMap<String, Item<'r>>> {
     match item {
         Some(i) if i.is_tree() => i.entries(),
@@ -318,8 +358,8 @@ fn file_of(item: Option<&Item<'_>>) -> Result<Option<Vec<u8>>> {
     }
 }
 
-/// The entries Kiln owns in a render directory: the root kustomization and
-/// the blueprint directories it lists. Everything else there belongs to
+/// The entries Kiln owns in a render directory: the root kustomization,
+/// the blueprint directories it lists and the emitted `_kiln` directory. Everything else there belongs to
 /// someone else and is kept.
 pub fn owned<'r>(
     repo: &'r Repository,
@@ -343,6 +383,9 @@ pub fn owned<'r>(
         .filter_map(|name| Some((name.to_string(), *all.get(name).filter(|i| i.is_tree())?)))
         .collect();
     owned.insert(KUSTOMIZATION.to_string(), root);
+    if let Some(emitted) = all.get(crate::emit::DIR).filter(|i| i.is_tree()) {
+        owned.insert(crate::emit::DIR.to_string(), *emitted);
+    }
     Ok(owned)
 }
 

@@ -44,10 +44,7 @@ pub fn build(rendered: &Rendered) -> Result<Tree> {
         let mut listed = Vec::with_capacity(instance.objects.len());
         for object in &instance.objects {
             let file = format!("{}.yaml", object.resource);
-            files.insert(
-                format!("{dir}/{file}"),
-                yaml::to_string(&object.value)?.into_bytes(),
-            );
+            files.insert(format!("{dir}/{file}"), object.yaml.clone().into_bytes());
             listed.push(file);
         }
         files.insert(format!("{dir}/{KUSTOMIZATION}"), kustomization(&listed)?);
@@ -192,6 +189,7 @@ pub fn read_dir(dir: &Path) -> Result<Tree> {
         }
         walk(&dir.join(blueprint), blueprint, &mut tree)?;
     }
+    walk(&dir.join(crate::emit::DIR), crate::emit::DIR, &mut tree)?;
     tree.files.insert(KUSTOMIZATION.to_string(), text);
     Ok(tree)
 }

@@ -15,6 +15,19 @@ pub fn from_str_multi<T: DeserializeOwned>(text: &str, origin: &str) -> Result<V
     })
 }
 
+/// Parses what a template rendered: the same as [`from_str_multi`] without
+/// the pre-parse budget scan, which doubles the cost of every object. Alias
+/// expansion stays bounded by the parser's replay limits.
+pub fn from_rendered<T: DeserializeOwned>(text: &str, origin: &str) -> Result<Vec<T>> {
+    let mut options = serde_saphyr::Options::default();
+    options.budget = None;
+    options.emit_comments = false;
+    serde_saphyr::from_multiple_with_options(text, options).map_err(|e| Error::InvalidYaml {
+        origin: origin.to_string(),
+        message: first_line(&e.to_string()),
+    })
+}
+
 /// Parses a single YAML document.
 pub fn from_str<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
     serde_saphyr::from_str(text).map_err(|e| Error::InvalidYaml {

@@ -8,9 +8,9 @@ use anyhow::Context as _;
 use kiln_render::api::PipelineSpec;
 use kiln_render::config::{Config, Named};
 use kiln_render::publish::{self, DEFAULT_MAX_DELETE_PERCENT, Inputs};
-use kiln_render::render;
 use kiln_render::render::Rendered;
 use kiln_render::tree::{self, Tree};
+use kiln_render::{render, repo};
 
 use super::target::{self, GitArgs};
 use super::{ConfigArgs, Format, runtime};
@@ -51,9 +51,26 @@ pub struct Args {
     /// Commit Secrets that carry data in plain text.
     #[arg(long, requires = "repo")]
     allow_plaintext_secrets: bool,
+    /// Also write what ArgoCD or Flux need to deploy the tree, into
+    /// `<path>/_kiln/` (repeatable).
+    #[arg(long, value_enum, value_name = "TOOL")]
+    emit: Vec<Emit>,
+    /// The URL ArgoCD or Flux clones (default: the repository's `origin`
+    /// remote, else the Pipeline's spec.git.url).
+    #[arg(long, value_name = "URL")]
+    repo_url: Option<String>,
     /// The summary: text on stderr, or JSON on stdout.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+}
+
+/// What `--emit` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Emit {
+    /// An ApplicationSet with a Git directory generator over the instances.
+    Argocd,
+    /// A GitRepository and one Kustomization per blueprint.
+    Flux,
 }
 
 /// A configuration rendered in memory.
@@ -86,9 +103,13 @@ pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
         selected = pipeline.spec.blueprints.clone();
     }
     let blueprints = render::compile(&config, &selected)?;
+    let started = std::time::Instant::now();
     let rows = runtime()?.block_on(render::read_sources(&blueprints, &config, None))?;
+    tracing::debug!(elapsed = ?started.elapsed(), "sources read");
     let rendered = render::render(&blueprints, &config, &rows, true)?;
+    tracing::debug!(elapsed = ?started.elapsed(), "rendered");
     let tree = tree::build(&rendered)?;
+    tracing::debug!(elapsed = ?started.elapsed(), "tree built");
     let inputs = Inputs::digest(&blueprints, &rows);
     Ok(Rendering {
         config,
@@ -99,18 +120,42 @@ pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let rendering = render_all(&args.config)?;
-    let pipeline = rendering.pipeline(&args.config)?;
+    let mut rendering = render_all(&args.config)?;
+    let config = rendering.config.clone();
+    let pipeline = target::pipeline(&config, args.config.pipeline.as_deref())?;
     let git_target = args.git.repo.is_some()
         || (args.out.is_none() && pipeline.is_some_and(|p| p.spec.git.is_some()));
     if git_target {
-        return commit(args, &rendering, pipeline);
+        return commit(args, &mut rendering, pipeline);
+    }
+    if !args.emit.is_empty() {
+        let spec = pipeline.and_then(|p| p.spec.git.as_ref());
+        let branch = args
+            .git
+            .branch
+            .clone()
+            .or_else(|| spec.and_then(|g| g.branch.clone()))
+            .unwrap_or_else(|| "main".to_string());
+        let path = args
+            .git
+            .path
+            .clone()
+            .or_else(|| spec.and_then(|g| g.path.clone()))
+            .unwrap_or_default();
+        emit(
+            args,
+            &mut rendering,
+            pipeline,
+            None,
+            &branch,
+            path.trim_matches('/'),
+        )?;
     }
     let Some(out) = &args.out else {
         let mut stdout = std::io::stdout().lock();
         for object in rendering.rendered.instances.iter().flat_map(|i| &i.objects) {
             stdout.write_all(b"---\n")?;
-            stdout.write_all(kiln_render::yaml::to_string(&object.value)?.as_bytes())?;
+            stdout.write_all(object.yaml.as_bytes())?;
         }
         return Ok(Outcome::Clean);
     };
@@ -131,12 +176,67 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     Ok(Outcome::Clean)
 }
 
+/// Adds the `--emit` files to the rendered tree.
+fn emit(
+    args: &Args,
+    rendering: &mut Rendering,
+    pipeline: Option<&Named<PipelineSpec>>,
+    repo: Option<&repo::Repo>,
+    branch: &str,
+    path: &str,
+) -> anyhow::Result<()> {
+    let origin = repo.and_then(|r| {
+        r.git
+            .find_remote("origin")
+            .ok()
+            .and_then(|o| o.url().ok().map(str::to_string))
+    });
+    let from_pipeline = pipeline
+        .and_then(|p| p.spec.git.as_ref())
+        .and_then(|g| g.url.clone())
+        .filter(|u| u.contains("://") || u.contains('@'));
+    let Some(repo_url) = args.repo_url.clone().or(origin).or(from_pipeline) else {
+        anyhow::bail!(
+            "--emit needs the URL ArgoCD or Flux clones: pass --repo-url (or give the repository an origin remote)"
+        );
+    };
+    let target = kiln_render::emit::Target {
+        name: pipeline.map_or("render", |p| p.name.as_str()),
+        repo_url: &repo_url,
+        branch,
+        path,
+    };
+    let argocd = args
+        .emit
+        .contains(&Emit::Argocd)
+        .then(|| kiln_render::emit::argocd(&target));
+    let flux = args
+        .emit
+        .contains(&Emit::Flux)
+        .then(|| kiln_render::emit::flux(&target, &rendering.rendered.blueprints));
+    kiln_render::emit::add(&mut rendering.tree, argocd, flux)?;
+    Ok(())
+}
+
 fn commit(
     args: &Args,
-    rendering: &Rendering,
+    rendering: &mut Rendering,
     pipeline: Option<&Named<PipelineSpec>>,
 ) -> anyhow::Result<Outcome> {
     let mut target = target::resolve(&args.git, pipeline)?;
+    if !args.emit.is_empty() {
+        let refname = target.repo.branch_ref(target.options.branch.as_deref())?;
+        let branch = refname.trim_start_matches("refs/heads/").to_string();
+        let path = target.options.path.clone();
+        emit(
+            args,
+            rendering,
+            pipeline,
+            Some(&target.repo),
+            &branch,
+            &path,
+        )?;
+    }
     let options = &mut target.options;
     options.message = args.message.clone();
     options.author = args.author.clone();
