@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         // sqlx warns about slow statements with their full text, which for a
         // seed file is pages of SQL; its errors still show.
         .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command.run() {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,

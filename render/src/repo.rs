@@ -32,20 +32,45 @@ enum Kind<'a> {
 
 #[derive(Default)]
 struct Dir<'a> {
-    files: Vec<(&'a str, &'a [u8])>,
+    files: Vec<(&'a str, &'a [u8], Oid)>,
     dirs: BTreeMap<&'a str, Dir<'a>>,
 }
 
 impl<'a> Node<'a> {
     /// Hashes a rendered tree; nothing is written.
     pub fn build(tree: &'a Tree) -> Result<Node<'a>> {
+        // Hashing every file is most of the work: share it between the cores.
+        let files: Vec<(&String, &Vec<u8>)> = tree.files.iter().collect();
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let chunk = files.len().div_ceil(threads).max(1);
+        let ids: Vec<Oid> = std::thread::scope(|scope| {
+            let handles: Vec<_> = files
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|(_, content)| Oid::hash_object(ObjectType::Blob, content))
+                            .collect::<Result<Vec<Oid>, git2::Error>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect::<Result<Vec<Vec<Oid>>, git2::Error>>()
+                .map(|parts| parts.into_iter().flatten().collect())
+        })
+        .map_err(git)?;
         let mut root = Dir::default();
-        for (path, content) in &tree.files {
+        for ((path, content), id) in files.into_iter().zip(ids) {
             let mut dir = &mut root;
             let mut parts = path.split('/').peekable();
             while let Some(part) = parts.next() {
                 if parts.peek().is_none() {
-                    dir.files.push((part, content));
+                    dir.files.push((part, content, id));
                 } else {
                     dir = dir.dirs.entry(part).or_default();
                 }
@@ -56,8 +81,7 @@ impl<'a> Node<'a> {
 
     fn directory(dir: Dir<'a>) -> Result<Node<'a>> {
         let mut entries = Vec::with_capacity(dir.files.len() + dir.dirs.len());
-        for (name, content) in dir.files {
-            let id = Oid::hash_object(ObjectType::Blob, content).map_err(git)?;
+        for (name, content, id) in dir.files {
             entries.push((
                 name.to_string(),
                 Node {

@@ -251,7 +251,12 @@ fn commit(
     if checked_out {
         repo.check_clean(&options.path)?;
     }
+    let started = std::time::Instant::now();
     let published = publish::publish(repo, &rendering.tree, &rendering.inputs, options)?;
+    tracing::debug!(
+        git_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "hashed, checked and committed"
+    );
     if checked_out && published.commit.is_some() {
         repo.update_work_tree(&options.path)?;
     }
