@@ -5,41 +5,12 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "Kiln Test")
-        .env("GIT_AUTHOR_EMAIL", "kiln@example.com")
-        .output()
-        .unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Runs the git CLI in `dir`; panics with its stderr when it fails.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "Someone")
-        .env("GIT_AUTHOR_EMAIL", "someone@example.com")
-        .env("GIT_COMMITTER_NAME", "Someone")
-        .env("GIT_COMMITTER_EMAIL", "someone@example.com")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "git {args:?}: {}", stderr(&output));
-    stdout(&output).trim_end().to_string()
-}
+use common::{git, kiln, stderr, stdout};
 
 fn bare_repo(parent: &Path, name: &str) -> PathBuf {
     let path = parent.join(name);

@@ -5,35 +5,14 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
 
+mod common;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::{git, kiln};
 use serde_json::Value;
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "Kiln Test")
-        .env("GIT_AUTHOR_EMAIL", "kiln@example.com")
-        .output()
-        .unwrap()
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 fn kubectl(args: &[&str], input: Option<&[u8]>) -> Output {
     let cluster = kiln_testenv::cluster();
