@@ -10,6 +10,7 @@ pub mod graph;
 pub mod history;
 pub mod manifest;
 pub mod pack;
+mod parallel;
 pub mod publish;
 pub mod render;
 pub mod repo;

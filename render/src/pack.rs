@@ -15,21 +15,7 @@ use crate::{Error, Result};
 
 /// Writes `objects` into the repository as one pack.
 pub fn write(odb: &git2::Odb<'_>, objects: &[(ObjectType, &[u8])]) -> Result<()> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let chunk = objects.len().div_ceil(threads).max(1);
-    let parts: Vec<Vec<u8>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = objects
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || entries(part)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    });
+    let parts = crate::parallel::chunks(objects, entries);
     let count = u32::try_from(objects.len()).map_err(|_| Error::Git {
         message: format!("{} objects do not fit in one pack", objects.len()),
     })?;

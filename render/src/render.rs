@@ -192,7 +192,8 @@ fn render_pass(
             .get(&blueprint.spec.source)
             .map(|r| r.iter().filter(|r| r.active).collect())
             .unwrap_or_default();
-        let results = parallel_map(active, |row| render_row(b, blueprint, config, row, scopes));
+        let results =
+            crate::parallel::map(active, |row| render_row(b, blueprint, config, row, scopes));
         for result in results {
             match result {
                 Ok((row, found)) => {
@@ -435,41 +436,6 @@ fn kind_of(value: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "a mapping",
     }
-}
-
-/// Maps `f` over `items` on every core, keeping the order.
-fn parallel_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(items.len().max(1));
-    if threads <= 1 || items.len() < 64 {
-        return items.into_iter().map(f).collect();
-    }
-    let chunk = items.len().div_ceil(threads);
-    let mut parts = Vec::with_capacity(threads);
-    let mut rest = items;
-    while rest.len() > chunk {
-        let tail = rest.split_off(chunk);
-        parts.push(rest);
-        rest = tail;
-    }
-    parts.push(rest);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = parts
-            .into_iter()
-            .map(|part| {
-                let f = &f;
-                scope.spawn(move || part.into_iter().map(f).collect::<Vec<R>>())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect()
-    })
 }
 
 /// Reads the sources the `blueprints` need, concurrently, each once; at most

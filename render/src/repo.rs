@@ -41,29 +41,17 @@ impl<'a> Node<'a> {
     pub fn build(tree: &'a Tree) -> Result<Node<'a>> {
         // Hashing every file is most of the work: share it between the cores.
         let files: Vec<(&String, &Vec<u8>)> = tree.files.iter().collect();
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
-        let chunk = files.len().div_ceil(threads).max(1);
-        let ids: Vec<Oid> = std::thread::scope(|scope| {
-            let handles: Vec<_> = files
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|(_, content)| Oid::hash_object(ObjectType::Blob, content))
-                            .collect::<Result<Vec<Oid>, git2::Error>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect::<Result<Vec<Vec<Oid>>, git2::Error>>()
-                .map(|parts| parts.into_iter().flatten().collect())
+        let ids: Vec<Oid> = crate::parallel::chunks(&files, |part| {
+            part.iter()
+                .map(|(_, content)| Oid::hash_object(ObjectType::Blob, content))
+                .collect::<Result<Vec<Oid>, git2::Error>>()
         })
-        .map_err(git)?;
+        .into_iter()
+        .collect::<Result<Vec<Vec<Oid>>, git2::Error>>()
+        .map_err(git)?
+        .into_iter()
+        .flatten()
+        .collect();
         let mut root = Dir::default();
         for ((path, content), id) in files.into_iter().zip(ids) {
             let mut dir = &mut root;
