@@ -55,6 +55,9 @@ impl Inputs {
     /// Digests the compiled blueprints and the rows read.
     pub fn digest(blueprints: &[Compiled], rows: &BTreeMap<String, Vec<Row>>) -> Inputs {
         let mut config = sha2::Sha256::new();
+        // A new version of Kiln may render the same inputs differently.
+        config.update(env!("CARGO_PKG_VERSION").as_bytes());
+        config.update([0]);
         for blueprint in blueprints {
             config.update(blueprint.name.as_bytes());
             config.update([0]);
@@ -76,6 +79,67 @@ impl Inputs {
             sources,
         }
     }
+}
+
+impl Inputs {
+    /// Folds anything else that shapes the tree (emitted files, their
+    /// settings) into the configuration digest.
+    pub fn with(mut self, extra: &str) -> Inputs {
+        if !extra.is_empty() {
+            let mut config = sha2::Sha256::new();
+            config.update(self.config.as_bytes());
+            config.update([0]);
+            config.update(extra.as_bytes());
+            self.config = format!("sha256:{}", hex(&config.finalize()));
+        }
+        self
+    }
+
+    /// Whether `record` is a render of exactly these inputs.
+    pub fn rendered_by(&self, record: &Record) -> bool {
+        let trailer = |key: &'static str| {
+            record
+                .trailers
+                .iter()
+                .filter(move |(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let sources: Vec<String> = self
+            .sources
+            .iter()
+            .map(|(name, digest)| format!("{name} {digest}"))
+            .collect();
+        matches!(record.action, Action::Render { .. })
+            && trailer(history::CONFIG).eq([self.config.as_str()])
+            && trailer(history::SOURCE).eq(sources.iter().map(String::as_str))
+    }
+}
+
+/// The branch as Kiln's last render left it, when that render had exactly
+/// these inputs and nothing changed the directory since: rendering again
+/// would give the same tree, so the render itself can be skipped.
+pub fn up_to_date(repo: &Repo, options: &Options, inputs: &Inputs) -> Result<Option<Published>> {
+    let refname = repo.branch_ref(options.branch.as_deref())?;
+    let tip = repo.tip(&refname)?;
+    let path = options.path.as_str();
+    let Some(last) = history::last(tip.as_ref(), path)? else {
+        return Ok(None);
+    };
+    if !inputs.rendered_by(&last) || history::drift(repo, tip.as_ref(), path)?.is_some() {
+        return Ok(None);
+    }
+    let dir = repo.tree_at(tip.as_ref(), path)?;
+    let instances = repo::instances(&repo::owned(&repo.git, dir.as_ref())?)?;
+    Ok(Some(Published {
+        branch: refname,
+        commit: None,
+        tree: last.tree,
+        summary: Summary {
+            unchanged: instances.len(),
+            ..Summary::default()
+        },
+        objects_written: 0,
+    }))
 }
 
 /// What a render did to the branch.

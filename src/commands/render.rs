@@ -92,8 +92,18 @@ impl Rendering {
     }
 }
 
-/// Loads, compiles, reads every source and renders.
-pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
+/// A configuration loaded, compiled and read, not yet rendered.
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    blueprints: Vec<render::Compiled>,
+    rows: std::collections::BTreeMap<String, Vec<kiln_render::source::Row>>,
+    /// Digests for trailers.
+    pub inputs: Inputs,
+}
+
+/// Loads, compiles and reads every source.
+pub fn load(args: &ConfigArgs) -> anyhow::Result<Loaded> {
     let config = Config::load(&args.files)?;
     check_selection(&config, &args.blueprints)?;
     let mut selected = args.blueprints.clone();
@@ -106,28 +116,47 @@ pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
     let started = std::time::Instant::now();
     let rows = runtime()?.block_on(render::read_sources(&blueprints, &config, None))?;
     tracing::debug!(elapsed = ?started.elapsed(), "sources read");
-    let rendered = render::render(&blueprints, &config, &rows, true)?;
-    tracing::debug!(elapsed = ?started.elapsed(), "rendered");
-    let tree = tree::build(&rendered)?;
-    tracing::debug!(elapsed = ?started.elapsed(), "tree built");
     let inputs = Inputs::digest(&blueprints, &rows);
-    Ok(Rendering {
+    Ok(Loaded {
         config,
-        rendered,
-        tree,
+        blueprints,
+        rows,
         inputs,
     })
 }
 
+impl Loaded {
+    /// Renders every active row.
+    pub fn render(self) -> anyhow::Result<Rendering> {
+        let started = std::time::Instant::now();
+        let rendered = render::render(&self.blueprints, &self.config, &self.rows, true)?;
+        tracing::debug!(elapsed = ?started.elapsed(), "rendered");
+        let tree = tree::build(&rendered)?;
+        tracing::debug!(elapsed = ?started.elapsed(), "tree built");
+        Ok(Rendering {
+            config: self.config,
+            rendered,
+            tree,
+            inputs: self.inputs,
+        })
+    }
+}
+
+/// Loads, compiles, reads every source and renders.
+pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
+    load(args)?.render()
+}
+
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let mut rendering = render_all(&args.config)?;
-    let config = rendering.config.clone();
+    let loaded = load(&args.config)?;
+    let config = loaded.config.clone();
     let pipeline = target::pipeline(&config, args.config.pipeline.as_deref())?;
     let git_target = args.git.repo.is_some()
         || (args.out.is_none() && pipeline.is_some_and(|p| p.spec.git.is_some()));
     if git_target {
-        return commit(args, &mut rendering, pipeline);
+        return commit(args, loaded, pipeline);
     }
+    let mut rendering = loaded.render()?;
     if !args.emit.is_empty() {
         let spec = pipeline.and_then(|p| p.spec.git.as_ref());
         let branch = args
@@ -220,10 +249,24 @@ fn emit(
 
 fn commit(
     args: &Args,
-    rendering: &mut Rendering,
+    mut loaded: Loaded,
     pipeline: Option<&Named<PipelineSpec>>,
 ) -> anyhow::Result<Outcome> {
     let mut target = target::resolve(&args.git, pipeline)?;
+    if !args.emit.is_empty() {
+        let emitted = format!("emit {:?} {:?}", args.emit, args.repo_url);
+        loaded.inputs = loaded.inputs.with(&emitted);
+    }
+    // Nothing that shapes the tree changed since Kiln's last render here:
+    // the same tree would come out, so skip rendering it.
+    if let Some(published) = publish::up_to_date(&target.repo, &target.options, &loaded.inputs)? {
+        if args.push {
+            target.repo.push(&args.remote, &published.branch)?;
+        }
+        return report(args, &published);
+    }
+    let mut rendering = loaded.render()?;
+    let rendering = &mut rendering;
     if !args.emit.is_empty() {
         let refname = target.repo.branch_ref(target.options.branch.as_deref())?;
         let branch = refname.trim_start_matches("refs/heads/").to_string();
@@ -263,6 +306,10 @@ fn commit(
     if args.push {
         repo.push(&args.remote, &published.branch)?;
     }
+    report(args, &published)
+}
+
+fn report(args: &Args, published: &publish::Published) -> anyhow::Result<Outcome> {
     let branch = published.branch.trim_start_matches("refs/heads/");
     match args.format {
         Format::Text => match &published.commit {
@@ -278,7 +325,7 @@ fn commit(
             ),
             None => eprintln!("{branch} is up to date: nothing to commit"),
         },
-        Format::Json => println!("{}", serde_json::to_string_pretty(&published)?),
+        Format::Json => println!("{}", serde_json::to_string_pretty(published)?),
     }
     Ok(Outcome::Clean)
 }
