@@ -708,3 +708,68 @@ fn diff_exit_code_follows_the_branch() {
         stderr(&output)
     );
 }
+
+#[test]
+fn a_pipeline_names_the_repository_branch_path_and_guard() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let project = Project::new(&as_refs(&tenants(10)), false);
+    std::fs::write(
+        project.path().join("pipeline.yaml"),
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: prod}}\nspec:\n  blueprints: [web]\n  git: {{url: {}, branch: rendered/prod, path: clusters/prod}}\n  deletionGuard: {{maxPercent: 50}}\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let output = kiln(&["render", "-f", project.arg(), "-m", "first render of prod"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        git(&repo, &["log", "-1", "--format=%s", "rendered/prod"]),
+        "first render of prod"
+    );
+    git(
+        &repo,
+        &[
+            "rev-parse",
+            "rendered/prod:clusters/prod/web/t009/config.yaml",
+        ],
+    );
+
+    // maxPercent 50 lets 4 of 10 go, where the default 20 would not.
+    project.rows(&as_refs(&tenants(6)));
+    let output = kiln(&["render", "-f", project.arg()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    project.rows(&as_refs(&tenants(2)));
+    let output = kiln(&["render", "-f", project.arg()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("more than deletionGuard.maxPercent 50%"),
+        "{}",
+        stderr(&output)
+    );
+
+    // diff and history find the same place.
+    let output = kiln(&[
+        "diff",
+        "-f",
+        project.arg(),
+        "--format",
+        "stat",
+        "--exit-code",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let output = kiln(&[
+        "history",
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "rendered/prod",
+        "--path",
+        "clusters/prod",
+        "--format",
+        "json",
+    ]);
+    let records: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(records.as_array().unwrap().len(), 2);
+}

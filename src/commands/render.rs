@@ -29,27 +29,27 @@ pub struct Args {
     #[command(flatten)]
     git: GitArgs,
     /// The commit message's first line (default: a summary of the change).
-    #[arg(long, short = 'm', value_name = "M", requires = "repo")]
+    #[arg(long, short = 'm', value_name = "M")]
     message: Option<String>,
     /// The commit's author, "Name <email>" (default: GIT_AUTHOR_NAME and
     /// GIT_AUTHOR_EMAIL, else the repository's user.name and user.email).
-    #[arg(long, value_name = "AUTHOR", requires = "repo")]
+    #[arg(long, value_name = "AUTHOR")]
     author: Option<String>,
     /// Push the branch after committing (fast-forward only).
-    #[arg(long, requires = "repo")]
+    #[arg(long)]
     push: bool,
     /// The remote to push to: a name or a URL.
     #[arg(long, value_name = "R", default_value = "origin", requires = "push")]
     remote: String,
     /// Replace changes under the render directory that Kiln did not make.
-    #[arg(long, requires = "repo")]
+    #[arg(long)]
     overwrite_drift: bool,
     /// Let one render remove more instances than deletionGuard.maxPercent
     /// allows, or all of them.
     #[arg(long)]
     allow_mass_delete: bool,
     /// Commit Secrets that carry data in plain text.
-    #[arg(long, requires = "repo")]
+    #[arg(long)]
     allow_plaintext_secrets: bool,
     /// Also write what ArgoCD or Flux need to deploy the tree, into
     /// `<path>/_kiln/` (repeatable).
