@@ -773,3 +773,46 @@ fn a_pipeline_names_the_repository_branch_path_and_guard() {
     let records: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(records.as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn unchanged_inputs_skip_the_render_and_a_changed_source_spec_does_not() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let project = Project::new(&[("acme", 1)], false);
+    let rendered = |project: &Project| {
+        let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "render",
+                "-f",
+                project.arg(),
+                "--git",
+                repo.to_str().unwrap(),
+                "--branch",
+                "rendered",
+            ])
+            .env("KILN_LOG", "kiln=debug")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        stderr(&output).contains("tree built")
+    };
+    assert!(rendered(&project), "a first render renders");
+    assert!(
+        !rendered(&project),
+        "the same inputs are not rendered again"
+    );
+
+    // The source's spec changes the inputs but not the tree: rendered once,
+    // no commit, and remembered, so the next run skips the render again.
+    let source = project.path().join("source.yaml");
+    let text = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(&source, format!("{text}  interval: 5m\n")).unwrap();
+    assert!(rendered(&project));
+    assert!(!rendered(&project));
+    assert_eq!(commits(&repo), 1);
+
+    // A new row is new input: rendered and committed.
+    project.rows(&[("acme", 1), ("globex", 1)]);
+    assert!(rendered(&project));
+    assert_eq!(commits(&repo), 2);
+}

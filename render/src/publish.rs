@@ -52,8 +52,14 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    /// Digests the compiled blueprints and the rows read.
-    pub fn digest(blueprints: &[Compiled], rows: &BTreeMap<String, Vec<Row>>) -> Inputs {
+    /// Digests the compiled blueprints, the specs of their sources (the key
+    /// and active columns shape the output as much as the rows do) and the
+    /// rows read.
+    pub fn digest(
+        blueprints: &[Compiled],
+        configuration: &crate::config::Config,
+        rows: &BTreeMap<String, Vec<Row>>,
+    ) -> Inputs {
         let mut config = sha2::Sha256::new();
         // A new version of Kiln may render the same inputs differently.
         config.update(env!("CARGO_PKG_VERSION").as_bytes());
@@ -67,6 +73,10 @@ impl Inputs {
             .iter()
             .map(|(name, rows)| {
                 let mut hasher = sha2::Sha256::new();
+                if let Some(source) = configuration.sources.get(name) {
+                    hasher.update(serde_json::to_vec(&source.spec).unwrap_or_default());
+                    hasher.update(b"\n");
+                }
                 for row in rows {
                     hasher.update(serde_json::to_vec(&row.values).unwrap_or_default());
                     hasher.update(b"\n");
@@ -125,7 +135,12 @@ pub fn up_to_date(repo: &Repo, options: &Options, inputs: &Inputs) -> Result<Opt
     let Some(last) = history::last(tip.as_ref(), path)? else {
         return Ok(None);
     };
-    if !inputs.rendered_by(&last) || history::drift(repo, tip.as_ref(), path)?.is_some() {
+    let remembered = tip
+        .as_ref()
+        .is_some_and(|t| recall(repo, &refname, path) == Some(memo(t.id(), inputs)));
+    if !remembered
+        && (!inputs.rendered_by(&last) || history::drift(repo, tip.as_ref(), path)?.is_some())
+    {
         return Ok(None);
     }
     let dir = repo.tree_at(tip.as_ref(), path)?;
@@ -140,6 +155,42 @@ pub fn up_to_date(repo: &Repo, options: &Options, inputs: &Inputs) -> Result<Opt
         },
         objects_written: 0,
     }))
+}
+
+/// Inputs whose render a commit already holds. Trailers record the inputs
+/// of the render that made a commit; a render whose inputs changed but whose
+/// tree did not (a column no template reads) makes no commit, so the
+/// repository remembers it, per branch and path, in `kiln/` of its Git
+/// directory. Local and best effort: a clone without it just renders.
+fn memo(tip: Oid, inputs: &Inputs) -> String {
+    let sources: Vec<String> = inputs
+        .sources
+        .iter()
+        .map(|(name, digest)| format!("{name} {digest}"))
+        .collect();
+    format!("{tip}\n{}\n{}\n", inputs.config, sources.join("\n"))
+}
+
+fn memo_file(repo: &Repo, refname: &str, path: &str) -> std::path::PathBuf {
+    let key = sha2::Sha256::digest(format!("{refname}\0{path}").as_bytes());
+    repo.git.path().join("kiln").join(&hex(&key)[..16])
+}
+
+fn recall(repo: &Repo, refname: &str, path: &str) -> Option<String> {
+    std::fs::read_to_string(memo_file(repo, refname, path)).ok()
+}
+
+fn remember(repo: &Repo, refname: &str, path: &str, tip: Oid, inputs: &Inputs) {
+    let file = memo_file(repo, refname, path);
+    let partial = file.with_extension(format!("partial-{}", std::process::id()));
+    let written = file
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&partial, memo(tip, inputs)))
+        .and_then(|()| std::fs::rename(&partial, &file));
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "could not remember the render's inputs");
+    }
 }
 
 /// What a render did to the branch.
@@ -269,7 +320,10 @@ pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> 
             options,
             (&author, &committer),
         )? {
-            Attempt::Unchanged(published) => return Ok(published),
+            Attempt::Unchanged(published, tip) => {
+                remember(repo, &refname, &options.path, tip, inputs);
+                return Ok(published);
+            }
             Attempt::Commit {
                 commit,
                 expected,
@@ -277,6 +331,7 @@ pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> 
             } => {
                 let log = format!("kiln render: {}", published.summary.line());
                 if repo.advance(&refname, expected, commit, &log)? {
+                    remember(repo, &refname, &options.path, commit, inputs);
                     return Ok(published);
                 }
             }
@@ -291,7 +346,8 @@ pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> 
 }
 
 enum Attempt {
-    Unchanged(Published),
+    /// Nothing to commit on this tip.
+    Unchanged(Published, Oid),
     Commit {
         commit: Oid,
         expected: Option<Oid>,
@@ -359,8 +415,10 @@ fn attempt(
         summary,
         objects_written,
     };
-    if unchanged && history::last(tip.as_ref(), path)?.is_some() {
-        return Ok(Attempt::Unchanged(published));
+    if let Some(tip) = tip.as_ref().filter(|_| unchanged)
+        && history::last(Some(tip), path)?.is_some()
+    {
+        return Ok(Attempt::Unchanged(published, tip.id()));
     }
     published.summary.written = repo::files_written(&old, &new)?;
     let message = message(&published.summary, inputs, options, node.id);

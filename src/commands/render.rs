@@ -116,7 +116,7 @@ pub fn load(args: &ConfigArgs) -> anyhow::Result<Loaded> {
     let started = std::time::Instant::now();
     let rows = runtime()?.block_on(render::read_sources(&blueprints, &config, None))?;
     tracing::debug!(elapsed = ?started.elapsed(), "sources read");
-    let inputs = Inputs::digest(&blueprints, &rows);
+    let inputs = Inputs::digest(&blueprints, &config, &rows);
     Ok(Loaded {
         config,
         blueprints,
