@@ -225,6 +225,28 @@ fn the_rendered_branch_builds_with_kustomize_and_the_api_server_accepts_it() {
     assert_eq!(flux[1]["spec"]["wait"], true);
     assert_eq!(flux[1]["spec"]["prune"], true);
 
+    // A pull request check compares what the configuration renders, not the
+    // emitted files.
+    let output = kiln(&[
+        "diff",
+        "-f",
+        demo_copy.to_str().unwrap(),
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "rendered",
+        "--path",
+        "clusters/prod",
+        "--exit-code",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
     // The emitted files are Kiln's: a render without --emit removes them.
     let output = kiln(&[
         "render",

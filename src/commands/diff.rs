@@ -75,9 +75,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
     };
     let dir = repo.tree_at(base.as_ref(), path)?;
-    let old = repo::owned(&repo.git, dir.as_ref())?;
+    let mut old = repo::owned(&repo.git, dir.as_ref())?;
     let node = Node::build(&rendering.tree)?;
     let new: BTreeMap<String, Item<'_>> = Item::Rendered(&node).entries()?;
+    // What `render --emit` wrote is not rendered from the configuration;
+    // a diff compares what is.
+    old.remove(kiln_render::emit::DIR);
     let changes = repo::compare(&old, &new)?;
     let summary = Summary::of_instances(&repo::instances(&old)?, &repo::instances(&new)?);
     let report = Report::new(&summary, &changes);
