@@ -40,17 +40,22 @@ fn join(path: &str, rest: &str) -> String {
     }
 }
 
+/// The metadata of an emitted object, labelled as Kiln's.
+fn metadata(name: &str, namespace: &str) -> Value {
+    json!({
+        "name": name,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/managed-by": "kiln"},
+    })
+}
+
 /// An ArgoCD ApplicationSet: one Application per instance directory.
 pub fn argocd(target: &Target<'_>) -> Value {
     let depth = target.path.split('/').filter(|p| !p.is_empty()).count();
     json!({
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "ApplicationSet",
-        "metadata": {
-            "name": format!("kiln-{}", target.name),
-            "namespace": "argocd",
-            "labels": {"app.kubernetes.io/managed-by": "kiln"},
-        },
+        "metadata": metadata(&format!("kiln-{}", target.name), "argocd"),
         "spec": {
             "goTemplate": true,
             "goTemplateOptions": ["missingkey=error"],
@@ -90,11 +95,7 @@ pub fn flux(target: &Target<'_>, blueprints: &[String]) -> Vec<Value> {
     let mut objects = vec![json!({
         "apiVersion": "source.toolkit.fluxcd.io/v1",
         "kind": "GitRepository",
-        "metadata": {
-            "name": source,
-            "namespace": "flux-system",
-            "labels": {"app.kubernetes.io/managed-by": "kiln"},
-        },
+        "metadata": metadata(&source, "flux-system"),
         "spec": {
             "interval": "1m",
             "url": target.repo_url,
@@ -105,11 +106,7 @@ pub fn flux(target: &Target<'_>, blueprints: &[String]) -> Vec<Value> {
         objects.push(json!({
             "apiVersion": "kustomize.toolkit.fluxcd.io/v1",
             "kind": "Kustomization",
-            "metadata": {
-                "name": format!("kiln-{}-{blueprint}", target.name),
-                "namespace": "flux-system",
-                "labels": {"app.kubernetes.io/managed-by": "kiln"},
-            },
+            "metadata": metadata(&format!("kiln-{}-{blueprint}", target.name), "flux-system"),
             "spec": {
                 "interval": "10m",
                 "sourceRef": {"kind": "GitRepository", "name": source},

@@ -69,6 +69,12 @@ pub struct Record {
 }
 
 impl Record {
+    /// Whether this commit pins the branch: a rollback, not yet resumed
+    /// when it is the latest Kiln commit.
+    pub fn pins(&self) -> bool {
+        matches!(self.action, Action::Rollback { .. })
+    }
+
     /// The tree's id.
     pub fn tree_id(&self) -> Result<Oid> {
         Oid::from_str(&self.tree).map_err(git)
@@ -164,7 +170,7 @@ pub fn last(tip: Option<&git2::Commit<'_>>, path: &str) -> Result<Option<Record>
 
 /// The rollback pinning `path`, when the latest Kiln commit is one.
 pub fn pin(tip: Option<&git2::Commit<'_>>, path: &str) -> Result<Option<Record>> {
-    Ok(last(tip, path)?.filter(|r| matches!(r.action, Action::Rollback { .. })))
+    Ok(last(tip, path)?.filter(Record::pins))
 }
 
 /// A commit after the last Kiln commit that changed the render directory.
@@ -192,13 +198,8 @@ pub struct Drift {
 impl Drift {
     /// One line naming the files and the commits, for an error.
     pub fn line(&self) -> String {
-        let mut files: Vec<&str> = self.changes.iter().map(|c| c.path.as_str()).collect();
-        let more = files.len().saturating_sub(5);
-        files.truncate(5);
-        let mut text = files.join(", ");
-        if more > 0 {
-            text.push_str(&format!(" and {more} more"));
-        }
+        let files: Vec<&str> = self.changes.iter().map(|c| c.path.as_str()).collect();
+        let text = crate::abbreviate(&files, 5);
         let commits: Vec<String> = self
             .commits
             .iter()
@@ -221,12 +222,17 @@ impl Drift {
 }
 
 /// Repo drift of `path` on the branch at `tip`: None when the directory
-/// holds exactly what Kiln's last commit recorded.
-pub fn drift(repo: &Repo, tip: Option<&git2::Commit<'_>>, path: &str) -> Result<Option<Drift>> {
-    let last = last(tip, path)?;
+/// holds exactly what `last` (Kiln's latest commit there, from [`last`])
+/// recorded.
+pub fn drift(
+    repo: &Repo,
+    tip: Option<&git2::Commit<'_>>,
+    path: &str,
+    last: Option<&Record>,
+) -> Result<Option<Drift>> {
     let dir = repo.tree_at(tip, path)?;
     let current = repo::owned(&repo.git, dir.as_ref())?;
-    let recorded: BTreeMap<String, Item<'_>> = match &last {
+    let recorded: BTreeMap<String, Item<'_>> = match last {
         Some(record) => {
             let id = record.tree_id()?;
             if repo.git.find_tree(id).is_err() {
@@ -254,7 +260,7 @@ pub fn drift(repo: &Repo, tip: Option<&git2::Commit<'_>>, path: &str) -> Result<
         return Ok(None);
     }
     let changes = repo::compare(&recorded, &current)?;
-    let stop = last.as_ref().and_then(|r| Oid::from_str(&r.commit).ok());
+    let stop = last.and_then(|r| Oid::from_str(&r.commit).ok());
     let mut commits = Vec::new();
     let mut next = tip.cloned();
     while let Some(commit) = next {
@@ -279,7 +285,7 @@ pub fn drift(repo: &Repo, tip: Option<&git2::Commit<'_>>, path: &str) -> Result<
         next = parent;
     }
     Ok(Some(Drift {
-        last,
+        last: last.cloned(),
         commits,
         changes,
     }))

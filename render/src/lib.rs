@@ -101,5 +101,20 @@ impl Error {
     }
 }
 
+/// The first `limit` of `items` joined with commas, then how many more there
+/// are: `a, b, c and 7 more`. Keeps messages about many files one line.
+pub fn abbreviate<S: AsRef<str>>(items: &[S], limit: usize) -> String {
+    let mut text = items
+        .iter()
+        .take(limit)
+        .map(AsRef::as_ref)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > limit {
+        text.push_str(&format!(" and {} more", items.len() - limit));
+    }
+    text
+}
+
 /// The result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -105,6 +105,14 @@ impl Inputs {
         self
     }
 
+    /// The `Kiln-Source` trailer values: `<source> sha256:<digest>`.
+    fn source_lines(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .map(|(name, digest)| format!("{name} {digest}"))
+            .collect()
+    }
+
     /// Whether `record` is a render of exactly these inputs.
     pub fn rendered_by(&self, record: &Record) -> bool {
         let trailer = |key: &'static str| {
@@ -114,11 +122,7 @@ impl Inputs {
                 .filter(move |(k, _)| k == key)
                 .map(|(_, v)| v.as_str())
         };
-        let sources: Vec<String> = self
-            .sources
-            .iter()
-            .map(|(name, digest)| format!("{name} {digest}"))
-            .collect();
+        let sources = self.source_lines();
         matches!(record.action, Action::Render { .. })
             && trailer(history::CONFIG).eq([self.config.as_str()])
             && trailer(history::SOURCE).eq(sources.iter().map(String::as_str))
@@ -139,7 +143,8 @@ pub fn up_to_date(repo: &Repo, options: &Options, inputs: &Inputs) -> Result<Opt
         .as_ref()
         .is_some_and(|t| recall(repo, &refname, path) == Some(memo(t.id(), inputs)));
     if !remembered
-        && (!inputs.rendered_by(&last) || history::drift(repo, tip.as_ref(), path)?.is_some())
+        && (!inputs.rendered_by(&last)
+            || history::drift(repo, tip.as_ref(), path, Some(&last))?.is_some())
     {
         return Ok(None);
     }
@@ -163,12 +168,11 @@ pub fn up_to_date(repo: &Repo, options: &Options, inputs: &Inputs) -> Result<Opt
 /// repository remembers it, per branch and path, in `kiln/` of its Git
 /// directory. Local and best effort: a clone without it just renders.
 fn memo(tip: Oid, inputs: &Inputs) -> String {
-    let sources: Vec<String> = inputs
-        .sources
-        .iter()
-        .map(|(name, digest)| format!("{name} {digest}"))
-        .collect();
-    format!("{tip}\n{}\n{}\n", inputs.config, sources.join("\n"))
+    format!(
+        "{tip}\n{}\n{}\n",
+        inputs.config,
+        inputs.source_lines().join("\n")
+    )
 }
 
 fn memo_file(repo: &Repo, refname: &str, path: &str) -> std::path::PathBuf {
@@ -216,19 +220,7 @@ pub fn check_deletions(summary: &Summary, max_percent: u32) -> Result<()> {
     if before == 0 || removed == 0 {
         return Ok(());
     }
-    let names = |limit: usize| {
-        let mut text = summary
-            .removed
-            .iter()
-            .take(limit)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ");
-        if removed > limit {
-            let _ = write!(text, " and {} more", removed - limit);
-        }
-        text
-    };
+    let names = |limit: usize| crate::abbreviate(&summary.removed, limit);
     if removed == before {
         return Err(Error::Refused {
             message: format!(
@@ -268,14 +260,9 @@ pub fn check_secrets(rendered: &Rendered) -> Result<()> {
     }
     Err(Error::Refused {
         message: format!(
-            "refusing to commit {} Secret(s) with data in plain text: {}{}; render a SealedSecret or ExternalSecret instead, or pass --allow-plaintext-secrets",
+            "refusing to commit {} Secret(s) with data in plain text: {}; render a SealedSecret or ExternalSecret instead, or pass --allow-plaintext-secrets",
             plain.len(),
-            plain.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
-            if plain.len() > 3 {
-                format!(" and {} more", plain.len() - 3)
-            } else {
-                String::new()
-            }
+            crate::abbreviate(&plain, 3)
         ),
     })
 }
@@ -368,14 +355,10 @@ fn attempt(
 ) -> Result<Attempt> {
     let tip = repo.tip(refname)?;
     let path = options.path.as_str();
-    check_pin(
-        repo,
-        refname,
-        path,
-        history::pin(tip.as_ref(), path)?.as_ref(),
-    )?;
+    let last = history::last(tip.as_ref(), path)?;
+    check_pin(repo, refname, path, last.as_ref().filter(|r| r.pins()))?;
     if !options.overwrite_drift
-        && let Some(drift) = history::drift(repo, tip.as_ref(), path)?
+        && let Some(drift) = history::drift(repo, tip.as_ref(), path, last.as_ref())?
     {
         return Err(Error::Refused {
             message: format!(
@@ -390,11 +373,7 @@ fn attempt(
     let old = repo::owned(&repo.git, dir.as_ref())?;
     let new = Item::Rendered(node).entries()?;
     let mut summary = Summary::of_instances(&repo::instances(&old)?, &repo::instances(&new)?);
-    summary.objects = tree
-        .files
-        .keys()
-        .filter(|p| p.matches('/').count() == 2 && !p.ends_with(crate::tree::KUSTOMIZATION))
-        .count();
+    summary.objects = tree.objects();
     if !options.allow_mass_delete {
         check_deletions(&summary, options.max_delete_percent)?;
     }
@@ -415,9 +394,7 @@ fn attempt(
         summary,
         objects_written,
     };
-    if let Some(tip) = tip.as_ref().filter(|_| unchanged)
-        && history::last(Some(tip), path)?.is_some()
-    {
+    if let Some(tip) = tip.as_ref().filter(|_| unchanged && last.is_some()) {
         return Ok(Attempt::Unchanged(published, tip.id()));
     }
     published.summary.written = repo::files_written(&old, &new)?;
@@ -467,16 +444,7 @@ fn message(summary: &Summary, inputs: &Inputs, options: &Options, tree: Oid) -> 
             if names.is_empty() {
                 continue;
             }
-            let mut shown = names
-                .iter()
-                .take(20)
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", ");
-            if names.len() > 20 {
-                let _ = write!(shown, " and {} more", names.len() - 20);
-            }
-            let _ = writeln!(text, "  {label}: {shown}");
+            let _ = writeln!(text, "  {label}: {}", crate::abbreviate(names, 20));
         }
     }
     let _ = writeln!(
@@ -500,8 +468,8 @@ fn message(summary: &Summary, inputs: &Inputs, options: &Options, tree: Oid) -> 
     );
     let _ = writeln!(text, "{}: {tree}", history::TREE);
     let _ = writeln!(text, "{}: {}", history::CONFIG, inputs.config);
-    for (name, digest) in &inputs.sources {
-        let _ = writeln!(text, "{}: {name} {digest}", history::SOURCE);
+    for line in inputs.source_lines() {
+        let _ = writeln!(text, "{}: {line}", history::SOURCE);
     }
     text
 }

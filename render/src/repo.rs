@@ -670,15 +670,10 @@ impl Repo {
         }
         Err(Error::Refused {
             message: format!(
-                "{}: the checked-out work tree has uncommitted changes under {}/ ({}{}); commit or discard them first, or render into a bare repository",
+                "{}: the checked-out work tree has uncommitted changes under {}/ ({}); commit or discard them first, or render into a bare repository",
                 self.location.display(),
-                if path.is_empty() { "." } else { path },
-                dirty.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
-                if dirty.len() > 3 {
-                    format!(" and {} more", dirty.len() - 3)
-                } else {
-                    String::new()
-                }
+                crate::history::path_label(path),
+                crate::abbreviate(&dirty, 3)
             ),
         })
     }

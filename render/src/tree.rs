@@ -27,6 +27,17 @@ pub struct Tree {
     pub files: BTreeMap<String, Vec<u8>>,
 }
 
+impl Tree {
+    /// How many objects it holds: the files of instance directories but
+    /// their kustomizations.
+    pub fn objects(&self) -> usize {
+        self.files
+            .keys()
+            .filter(|p| p.matches('/').count() == 2 && !p.ends_with(KUSTOMIZATION))
+            .count()
+    }
+}
+
 /// Builds the tree of a render.
 pub fn build(rendered: &Rendered) -> Result<Tree> {
     let mut files = BTreeMap::new();
@@ -92,11 +103,7 @@ impl Summary {
     /// Compares `old` (empty for a first render) with `new`.
     pub fn between(old: &Tree, new: &Tree) -> Self {
         let mut summary = Summary::of_instances(&instances(old), &instances(new));
-        summary.objects = new
-            .files
-            .keys()
-            .filter(|p| p.matches('/').count() == 2 && !p.ends_with(KUSTOMIZATION))
-            .count();
+        summary.objects = new.objects();
         summary.written = new
             .files
             .iter()

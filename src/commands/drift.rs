@@ -28,7 +28,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let refname = repo.branch_ref(target.options.branch.as_deref())?;
     let branch = refname.trim_start_matches("refs/heads/");
     let tip = repo.tip(&refname)?;
-    let Some(drift) = history::drift(repo, tip.as_ref(), path)? else {
+    let last = history::last(tip.as_ref(), path)?;
+    let Some(drift) = history::drift(repo, tip.as_ref(), path, last.as_ref())? else {
         if args.format == DiffFormat::Json {
             println!(
                 "{}",

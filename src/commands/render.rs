@@ -149,8 +149,9 @@ pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let loaded = load(&args.config)?;
-    let config = loaded.config.clone();
-    let pipeline = target::pipeline(&config, args.config.pipeline.as_deref())?;
+    // The Pipeline outlives `loaded`, which rendering consumes.
+    let pipeline = target::pipeline(&loaded.config, args.config.pipeline.as_deref())?.cloned();
+    let pipeline = pipeline.as_ref();
     let git_target = args.git.repo.is_some()
         || (args.out.is_none() && pipeline.is_some_and(|p| p.spec.git.is_some()));
     if git_target {
