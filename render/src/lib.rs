@@ -11,6 +11,7 @@ pub mod history;
 pub mod manifest;
 pub mod pack;
 mod parallel;
+pub mod policy;
 pub mod publish;
 pub mod render;
 pub mod repo;

@@ -170,6 +170,8 @@ pub struct Stamp<'a> {
     pub namespace: Option<&'a str>,
     /// The resource declares itself cluster-scoped.
     pub cluster_scoped: bool,
+    /// Annotations that carry the resource's dependencies and policies.
+    pub policies: &'a [(&'static str, String)],
 }
 
 /// Adds Kiln's labels and annotations and the default namespace, in place,
@@ -229,6 +231,9 @@ pub fn stamp(object: &mut Map<String, Value>, stamp: &Stamp<'_>, scopes: &Scopes
     let annotations = sub_map(metadata, "annotations");
     annotations.insert(RESOURCE_ID_ANNOTATION.into(), stamp.resource.into());
     annotations.insert(SYNC_WAVE_ANNOTATION.into(), stamp.wave.to_string().into());
+    for (key, value) in stamp.policies {
+        annotations.insert((*key).into(), value.clone().into());
+    }
     Identity {
         group,
         kind,
@@ -290,6 +295,7 @@ mod tests {
                 wave: 2,
                 namespace: Some("tenant-acme"),
                 cluster_scoped,
+                policies: &[],
             },
             &Scopes::default(),
         );

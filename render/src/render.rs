@@ -11,6 +11,7 @@ use crate::api::BlueprintSpec;
 use crate::config::{Config, Named};
 use crate::graph::{self, Graph};
 use crate::manifest::{self, Identity, Scopes, Stamp};
+use crate::policy::Policies;
 use crate::source::Row;
 use crate::template::{Failure, Templates, dns_label};
 use crate::{Error, Result, yaml};
@@ -27,6 +28,8 @@ pub struct Compiled {
     template_names: Vec<String>,
     /// Dependency order and depths.
     pub graph: Graph,
+    /// Each resource's policies as its objects carry them, by index.
+    pub policies: Vec<Vec<(&'static str, String)>>,
     /// SHA-256 of the spec and every template's text: what a render commit
     /// records as the configuration it came from.
     pub digest: String,
@@ -96,6 +99,13 @@ fn compile_one(blueprint: &Named<BlueprintSpec>) -> Result<Compiled, Vec<Error>>
         }
         crate::template::hex(&hasher.finalize())
     };
+    let mut policies = Vec::with_capacity(blueprint.spec.resources.len());
+    for resource in &blueprint.spec.resources {
+        match Policies::of(resource) {
+            Ok(p) => policies.push(p.annotations()),
+            Err(e) => errors.push(at(format!("resource {}: {e}", resource.id))),
+        }
+    }
     let graph = graph::build(&blueprint.spec.resources)
         .map_err(|e| e.into_iter().map(&at).collect::<Vec<_>>());
     let templates = Templates::compile(sources).map_err(|failures| {
@@ -114,6 +124,7 @@ fn compile_one(blueprint: &Named<BlueprintSpec>) -> Result<Compiled, Vec<Error>>
             templates,
             template_names,
             graph,
+            policies,
         }),
         (graph, templates) => {
             errors.extend(graph.err().unwrap_or_default());
@@ -364,6 +375,7 @@ fn render_row(
                 wave: blueprint.graph.depth[r],
                 namespace: namespace.as_deref(),
                 cluster_scoped: resource.cluster_scoped,
+                policies: &blueprint.policies[r],
             },
             scopes,
         );
