@@ -43,7 +43,7 @@ pub struct Options {
 }
 
 /// What the render is made of, recorded in trailers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inputs {
     /// `sha256:` digest of the blueprints and templates.
     pub config: String,

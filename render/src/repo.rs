@@ -497,6 +497,33 @@ impl Repo {
         }
     }
 
+    /// Every file under `tree`, by path relative to it.
+    pub fn read_tree(&self, tree: &git2::Tree<'_>) -> Result<Tree> {
+        let mut files = BTreeMap::new();
+        let mut failure = None;
+        tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+            if entry.kind() != Some(ObjectType::Blob) {
+                return git2::TreeWalkResult::Ok;
+            }
+            match self.git.find_blob(entry.id()) {
+                Ok(blob) => {
+                    let name = entry.name().unwrap_or_default();
+                    files.insert(format!("{dir}{name}"), blob.content().to_vec());
+                    git2::TreeWalkResult::Ok
+                }
+                Err(e) => {
+                    failure = Some(git(e));
+                    git2::TreeWalkResult::Abort
+                }
+            }
+        })
+        .map_err(git)?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(Tree { files }),
+        }
+    }
+
     /// The root tree of a commit whose `path` directory is `dir`'s entries
     /// with `owned` ones replaced by `entries`; the rest of the branch is
     /// kept. Returns the new root tree id.
