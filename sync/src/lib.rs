@@ -1,6 +1,22 @@
 //! Kiln's reconcile half: everything that talks to a Kubernetes cluster.
+//!
+//! The deciding parts are synchronous and need no API server: [`desired`]
+//! reads a rendered tree into objects with their policies, [`plan`] decides
+//! what to create, update, leave, skip and prune and in which wave,
+//! [`health`] judges readiness, [`inventory`] encodes what Kiln applied.
+//! [`cluster`] is the thin layer over the API server, and [`apply`],
+//! [`drift`] and [`metrics`] wire them together.
 
+pub mod apply;
 pub mod client;
+pub mod cluster;
+pub mod desired;
+pub mod drift;
+pub mod health;
+pub mod inventory;
+pub mod metrics;
+pub mod plan;
+pub mod watch;
 
 /// What went wrong while talking to a cluster.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +39,21 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// A file of the tree to apply is not a valid object.
+    #[error("{origin}: {message}")]
+    InvalidObject { origin: String, message: String },
+    /// The objects to apply cannot be ordered or are contradictory.
+    #[error("{message}")]
+    InvalidPlan { message: String },
+    /// An API request failed for good (after retries where they make sense).
+    #[error("failed to {what}: {message}")]
+    Api { what: String, message: String },
+    /// The inventory in the cluster cannot be read.
+    #[error("inventory {name}: {message}")]
+    Inventory { name: String, message: String },
+    /// Rendering or reading the tree failed.
+    #[error(transparent)]
+    Render(#[from] kiln_render::Error),
 }
 
 /// The result type of this crate.

@@ -1,0 +1,741 @@
+//! Executing a plan: wave by wave, independent objects concurrently (at most
+//! `concurrency` writes in flight), dependents of a failed object skipped,
+//! then prune in reverse wave order, with the inventory written before
+//! (what may be created) and after (what exists).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use kiln_render::api::{ConflictPolicy, DeletionPolicy, PatchStrategy};
+use kiln_render::manifest::{BLUEPRINT_LABEL, INSTANCE_LABEL, Identity, MANAGED_BY};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, watch};
+
+use crate::cluster::{Cluster, Failure, Kind, Write};
+use crate::desired::Desired;
+use crate::health::{Health, health};
+use crate::inventory::{Entry, Inventory};
+use crate::plan::{Action, Live, ORPHANED_LABEL, Plan, Prune, Step};
+use crate::{Error, Result};
+
+/// When an object was orphaned.
+pub const ORPHANED_AT: &str = "kiln.dev/orphaned-at";
+/// Why an object was orphaned.
+pub const ORPHANED_REASON: &str = "kiln.dev/orphaned-reason";
+
+/// How an apply runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Writes in flight at most.
+    pub concurrency: usize,
+    /// Delete (or orphan) inventory objects that left the tree.
+    pub prune: bool,
+    /// Report drift but do not correct it.
+    pub detect_only: bool,
+    /// The namespace of the inventory's ConfigMaps.
+    pub inventory_namespace: String,
+    /// The inventory's name.
+    pub inventory: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            prune: true,
+            detect_only: false,
+            inventory_namespace: "kiln-system".into(),
+            inventory: "default".into(),
+        }
+    }
+}
+
+/// What happened to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Status {
+    /// Created.
+    Created,
+    /// Updated to a new desired state.
+    Updated,
+    /// Put back after an out-of-band change.
+    Corrected,
+    /// Nothing to do.
+    Unchanged,
+    /// Drift found and left (`--detect-only`).
+    Drifted,
+    /// Left alone (a policy, a failed dependency, a stop).
+    Skipped,
+    /// Failed.
+    Failed,
+    /// Deleted because it left the tree.
+    Pruned,
+    /// Kept because it left the tree with `deletionPolicy: Retain`.
+    Orphaned,
+}
+
+impl Status {
+    fn verb(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Updated => "updated",
+            Status::Corrected => "corrected",
+            Status::Unchanged => "unchanged",
+            Status::Drifted => "drifted",
+            Status::Skipped => "skipped",
+            Status::Failed => "failed",
+            Status::Pruned => "pruned",
+            Status::Orphaned => "orphaned",
+        }
+    }
+
+    /// Whether dependents may go ahead.
+    fn lets_dependents_go(self) -> bool {
+        matches!(
+            self,
+            Status::Created
+                | Status::Updated
+                | Status::Corrected
+                | Status::Unchanged
+                | Status::Drifted
+        )
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What happened.
+    pub status: Status,
+    /// `Kind namespace/name (blueprint/instance/resource)`.
+    pub object: String,
+    /// Why, for failures and skips.
+    pub detail: String,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status.verb(), self.object)?;
+        if !self.detail.is_empty() {
+            write!(f, ": {}", self.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Every object's outcome: steps in plan order, then prunes.
+    pub outcomes: Vec<Outcome>,
+    /// Objects that left the tree but were not pruned, and why.
+    pub postponed: Option<String>,
+}
+
+impl Report {
+    /// How many objects ended with each status.
+    pub fn counts(&self) -> BTreeMap<Status, usize> {
+        let mut counts = BTreeMap::new();
+        for o in &self.outcomes {
+            *counts.entry(o.status).or_default() += 1;
+        }
+        counts
+    }
+
+    /// How many ended with `status`.
+    pub fn count(&self, status: Status) -> usize {
+        self.outcomes.iter().filter(|o| o.status == status).count()
+    }
+
+    /// Whether anything failed.
+    pub fn failed(&self) -> bool {
+        self.count(Status::Failed) > 0
+    }
+
+    /// Every outcome but the unchanged ones.
+    pub fn lines(&self) -> impl Iterator<Item = &Outcome> {
+        self.outcomes
+            .iter()
+            .filter(|o| o.status != Status::Unchanged)
+    }
+
+    /// `applied 3 (created 2, updated 1, corrected 0), unchanged 7, ...`.
+    pub fn summary(&self) -> String {
+        let c = |s| self.count(s);
+        let applied = c(Status::Created) + c(Status::Updated) + c(Status::Corrected);
+        let mut line = format!(
+            "applied {applied} (created {}, updated {}, corrected {}), unchanged {}, failed {}, skipped {}, pruned {}, orphaned {}",
+            c(Status::Created),
+            c(Status::Updated),
+            c(Status::Corrected),
+            c(Status::Unchanged),
+            c(Status::Failed),
+            c(Status::Skipped),
+            c(Status::Pruned),
+            c(Status::Orphaned),
+        );
+        if c(Status::Drifted) > 0 {
+            line.push_str(&format!(", drifted {}", c(Status::Drifted)));
+        }
+        if let Some(why) = &self.postponed {
+            line.push_str(&format!("; {why}"));
+        }
+        line
+    }
+}
+
+/// Everything an apply reads before it decides.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The plan.
+    pub plan: Plan,
+    /// The live objects the plan was made from.
+    pub live: Live,
+    /// The inventory as read.
+    pub inventory: Inventory,
+}
+
+/// Reads the inventory and the live objects and makes the plan.
+pub async fn prepare(
+    cluster: &Cluster,
+    mut desired: Vec<Desired>,
+    options: &Options,
+) -> Result<Prepared> {
+    let inventory =
+        Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
+    let live = read_live(cluster, &mut desired).await?;
+    if desired.is_empty() && options.prune && !inventory.entries.is_empty() {
+        return Err(Error::InvalidPlan {
+            message: format!(
+                "the tree has no objects and inventory {} holds {}: refusing to prune everything (pass --no-prune, or delete the inventory's ConfigMaps in {} to forget them)",
+                options.inventory,
+                inventory.entries.len(),
+                options.inventory_namespace
+            ),
+        });
+    }
+    let plan = Plan::new(desired, &live, &inventory.entries, options.prune)?;
+    Ok(Prepared {
+        plan,
+        live,
+        inventory,
+    })
+}
+
+/// Reads the live state of `desired`, setting the namespace of namespaced
+/// objects that have none to `default` and dropping it from cluster-scoped
+/// ones, as kubectl does.
+pub async fn read_live(cluster: &Cluster, desired: &mut [Desired]) -> Result<Live> {
+    let mut by_kind: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for (i, d) in desired.iter().enumerate() {
+        by_kind
+            .entry((d.api_version.clone(), d.identity.kind.clone()))
+            .or_default()
+            .push(i);
+    }
+    let mut kinds = HashMap::new();
+    for (api_version, kind) in by_kind.keys() {
+        kinds.insert(
+            (api_version.clone(), kind.clone()),
+            cluster.kind(api_version, kind).await?,
+        );
+    }
+    for ((api_version, kind), indices) in &by_kind {
+        if let Some(Some(k)) = kinds.get(&(api_version.clone(), kind.clone())) {
+            for &i in indices {
+                normalise_namespace(&mut desired[i], k.namespaced);
+            }
+        }
+    }
+    let desired: &[Desired] = desired;
+    let reads = by_kind.iter().filter_map(|(key, indices)| {
+        let kind = kinds.get(key).cloned().flatten()?;
+        Some(async move {
+            let wanted: HashSet<&Identity> =
+                indices.iter().map(|&i| &desired[i].identity).collect();
+            let namespaces: HashSet<&str> = wanted.iter().map(|i| i.namespace.as_str()).collect();
+            let scope = if namespaces.len() == 1 {
+                namespaces.iter().next().copied()
+            } else {
+                None
+            };
+            let mut found = Live::new();
+            for selector in [
+                format!("{MANAGED_BY}=kiln"),
+                format!("{ORPHANED_LABEL}=true"),
+            ] {
+                for object in cluster.list(&kind, scope, &selector).await? {
+                    let identity = identity_of(&object, &kind);
+                    if wanted.contains(&identity) {
+                        found.insert(identity, object);
+                    }
+                }
+            }
+            // A few objects not labelled as Kiln's may still exist (made by
+            // someone else): look them up so that the plan says so.
+            let missing: Vec<&&Identity> =
+                wanted.iter().filter(|i| !found.contains_key(**i)).collect();
+            if missing.len() <= 50 {
+                for identity in missing {
+                    if let Ok(Some(object)) = cluster
+                        .get(&kind, &identity.namespace, &identity.name)
+                        .await
+                    {
+                        found.insert((*identity).clone(), object);
+                    }
+                }
+            }
+            Ok::<_, Error>(found)
+        })
+    });
+    let mut live = Live::new();
+    let mut reads: FuturesUnordered<_> = reads.collect();
+    while let Some(found) = reads.next().await {
+        live.extend(found?);
+    }
+    Ok(live)
+}
+
+fn normalise_namespace(desired: &mut Desired, namespaced: bool) {
+    let Some(metadata) = desired
+        .object
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    if namespaced && desired.identity.namespace.is_empty() {
+        desired.identity.namespace = "default".into();
+        metadata.insert("namespace".into(), "default".into());
+    } else if !namespaced && !desired.identity.namespace.is_empty() {
+        desired.identity.namespace.clear();
+        metadata.remove("namespace");
+    }
+}
+
+fn identity_of(object: &Value, kind: &Kind) -> Identity {
+    Identity {
+        group: kind.resource.group.clone(),
+        kind: kind.resource.kind.clone(),
+        namespace: object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        name: object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
+/// Runs a prepared plan. `stop` turning true lets writes in flight finish
+/// and starts no more.
+pub async fn execute(
+    cluster: &Cluster,
+    prepared: Prepared,
+    options: &Options,
+    stop: &watch::Receiver<bool>,
+) -> Result<Report> {
+    let Prepared {
+        plan,
+        live,
+        mut inventory,
+    } = prepared;
+    let inventoried: HashSet<Identity> = inventory
+        .entries
+        .iter()
+        .map(|e| e.identity.clone())
+        .collect();
+    let desired_entries: Vec<Entry> = plan
+        .steps
+        .iter()
+        .map(|s| entry(&s.desired, s.wave))
+        .collect();
+
+    // Record first what this apply may create, so that a crash leaves no
+    // object Kiln made but does not know of.
+    let mut before: Vec<Entry> = inventory.entries.clone();
+    before.extend(desired_entries.iter().cloned());
+    inventory.write(cluster, before).await?;
+
+    let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let mut statuses: Vec<Option<Status>> = vec![None; plan.steps.len()];
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; plan.steps.len()];
+    let mut start = 0;
+    while start < plan.steps.len() {
+        let wave = plan.steps[start].wave;
+        let end = plan.steps[start..]
+            .iter()
+            .position(|s| s.wave != wave)
+            .map_or(plan.steps.len(), |p| start + p);
+        let mut running = FuturesUnordered::new();
+        for i in start..end {
+            let step = &plan.steps[i];
+            let blocked = step
+                .dependencies
+                .iter()
+                .find(|&&d| !statuses[d].is_some_and(Status::lets_dependents_go));
+            if let Some(&d) = blocked {
+                statuses[i] = Some(Status::Skipped);
+                outcomes[i] = Some(Outcome {
+                    status: Status::Skipped,
+                    object: step.desired.label(),
+                    detail: format!(
+                        "dependency {} did not succeed",
+                        plan.steps[d].desired.identity
+                    ),
+                });
+                continue;
+            }
+            if *stop.borrow() {
+                statuses[i] = Some(Status::Skipped);
+                outcomes[i] = Some(Outcome {
+                    status: Status::Skipped,
+                    object: step.desired.label(),
+                    detail: "stopping".into(),
+                });
+                continue;
+            }
+            let live = live.get(&step.desired.identity);
+            let missing_drift = options.detect_only
+                && step.action == Action::Create
+                && inventoried.contains(&step.desired.identity);
+            let semaphore = semaphore.clone();
+            running.push(async move {
+                let outcome =
+                    run_step(cluster, step, live, options, missing_drift, &semaphore).await;
+                (i, outcome)
+            });
+        }
+        while let Some((i, outcome)) = running.next().await {
+            statuses[i] = Some(outcome.status);
+            outcomes[i] = Some(outcome);
+        }
+        start = end;
+    }
+    let mut report = Report {
+        outcomes: outcomes.into_iter().flatten().collect(),
+        postponed: None,
+    };
+
+    let mut after: Vec<Entry> = desired_entries;
+    if plan.prune.is_empty() {
+    } else if report.failed() || *stop.borrow() {
+        report.postponed = Some(format!(
+            "{} objects that left the tree are kept until an apply succeeds",
+            plan.prune.len()
+        ));
+        after.extend(plan.prune.iter().map(|p| p.entry.clone()));
+    } else {
+        let kept = prune(cluster, &plan.prune, &semaphore, &mut report).await;
+        after.extend(kept);
+    }
+    inventory.write(cluster, after).await?;
+    Ok(report)
+}
+
+fn entry(desired: &Desired, wave: usize) -> Entry {
+    let version = desired
+        .api_version
+        .rsplit_once('/')
+        .map_or(desired.api_version.as_str(), |(_, v)| v)
+        .to_string();
+    Entry {
+        identity: desired.identity.clone(),
+        version,
+        owner: desired.owner.clone(),
+        wave,
+        retain: desired.policies.deletion == DeletionPolicy::Retain,
+    }
+}
+
+async fn run_step(
+    cluster: &Cluster,
+    step: &Step,
+    live: Option<&Value>,
+    options: &Options,
+    missing_drift: bool,
+    semaphore: &Semaphore,
+) -> Outcome {
+    let desired = &step.desired;
+    let outcome = |status: Status, detail: String| Outcome {
+        status,
+        object: desired.label(),
+        detail,
+    };
+    let kind = match cluster
+        .kind(&desired.api_version, &desired.identity.kind)
+        .await
+    {
+        Ok(Some(kind)) => kind,
+        Ok(None) => {
+            return outcome(
+                Status::Failed,
+                format!(
+                    "the API server does not serve kind {} in {}",
+                    desired.identity.kind, desired.api_version
+                ),
+            );
+        }
+        Err(e) => return outcome(Status::Failed, e.to_string()),
+    };
+    let how = match desired.policies.patch {
+        PatchStrategy::Apply => Write::Apply {
+            force: desired.policies.conflict == ConflictPolicy::Force,
+        },
+        PatchStrategy::Merge => Write::Merge,
+        PatchStrategy::Replace => Write::Replace,
+    };
+    let mut body = desired.body();
+    if let Some(live) = live {
+        keep_ignored(&mut body, live, &desired.policies.ignore_fields);
+    }
+    let written = match &step.action {
+        Action::Unchanged => None,
+        Action::Skip(why) => return outcome(Status::Skipped, why.clone()),
+        Action::Create if missing_drift => {
+            return outcome(Status::Drifted, "deleted out of band".into());
+        }
+        Action::Create | Action::Update => {
+            let _permit = semaphore.acquire().await;
+            match cluster.write(&kind, &body, how, live, false).await {
+                Ok(object) => Some((
+                    if live.is_some() {
+                        Status::Updated
+                    } else {
+                        Status::Created
+                    },
+                    object,
+                )),
+                Err(Failure::Conflict(message)) => {
+                    return outcome(
+                        Status::Failed,
+                        format!(
+                            "conflict: {message} (conflictPolicy Stuck; set conflictPolicy: Force to take these fields)"
+                        ),
+                    );
+                }
+                Err(f) => return outcome(Status::Failed, f.to_string()),
+            }
+        }
+        Action::Drift => {
+            // Kiln applied exactly this body before: the fields that moved
+            // were Kiln's, so it takes them back.
+            let how = match how {
+                Write::Apply { .. } => Write::Apply { force: true },
+                other => other,
+            };
+            let _permit = semaphore.acquire().await;
+            let after = match cluster.write(&kind, &body, how, live, true).await {
+                Ok(after) => after,
+                Err(f) => return outcome(Status::Failed, f.to_string()),
+            };
+            match live {
+                Some(live) if same(live, &after) => None,
+                _ if options.detect_only => {
+                    return outcome(Status::Drifted, "live fields differ from the tree".into());
+                }
+                _ => match cluster.write(&kind, &body, how, live, false).await {
+                    Ok(object) => Some((Status::Corrected, object)),
+                    Err(f) => return outcome(Status::Failed, f.to_string()),
+                },
+            }
+        }
+    };
+    let (status, current) = match written {
+        Some((status, object)) => (status, Some(object)),
+        None => (Status::Unchanged, live.cloned()),
+    };
+    if step.adopt {
+        let patch = json!({"metadata": {
+            "labels": {ORPHANED_LABEL: null},
+            "annotations": {ORPHANED_AT: null, ORPHANED_REASON: null},
+        }});
+        if let Err(f) = cluster
+            .patch_metadata(
+                &kind,
+                &desired.identity.namespace,
+                &desired.identity.name,
+                &patch,
+            )
+            .await
+        {
+            return outcome(
+                Status::Failed,
+                format!("failed to remove the orphan marker: {f}"),
+            );
+        }
+    }
+    if step.wait
+        && let Err(why) = wait_ready(cluster, &kind, desired, current).await
+    {
+        return outcome(Status::Failed, why);
+    }
+    outcome(status, String::new())
+}
+
+/// Ignored fields keep their live values, so that Kiln does not fight the
+/// controller (an autoscaler, say) that owns them.
+fn keep_ignored(body: &mut Value, live: &Value, ignore: &[String]) {
+    for pointer in ignore {
+        if let (Some(live_value), Some(slot)) = (live.pointer(pointer), body.pointer_mut(pointer)) {
+            *slot = live_value.clone();
+        }
+    }
+}
+
+/// Whether a dry-run result changes nothing that matters.
+fn same(live: &Value, after: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v["metadata"].as_object_mut() {
+            for field in ["resourceVersion", "managedFields", "generation"] {
+                m.remove(field);
+            }
+        }
+        v
+    };
+    strip(live) == strip(after)
+}
+
+async fn wait_ready(
+    cluster: &Cluster,
+    kind: &Kind,
+    desired: &Desired,
+    current: Option<Value>,
+) -> std::result::Result<(), String> {
+    let timeout = desired.policies.timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(250);
+    let mut object = current;
+    loop {
+        let why = match object.as_ref().map(health) {
+            Some(Health::Ready) => return Ok(()),
+            Some(Health::Failed(why)) => return Err(format!("not healthy: {why}")),
+            Some(Health::Progressing(why)) => why,
+            None => "not found".to_string(),
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(format!(
+                "not ready after {}: {why}",
+                kiln_render::policy::format_duration(timeout)
+            ));
+        }
+        tokio::time::sleep(delay.min(deadline - now)).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+        object = cluster
+            .get(kind, &desired.identity.namespace, &desired.identity.name)
+            .await
+            .ok()
+            .flatten();
+    }
+}
+
+/// Prunes, deepest wave first, each wave concurrently. Returns the entries
+/// that stay in the inventory (the deletions that failed).
+async fn prune(
+    cluster: &Cluster,
+    prune: &[Prune],
+    semaphore: &Semaphore,
+    report: &mut Report,
+) -> Vec<Entry> {
+    let mut kept = Vec::new();
+    let mut start = 0;
+    while start < prune.len() {
+        let wave = prune[start].entry.wave;
+        let end = prune[start..]
+            .iter()
+            .position(|p| p.entry.wave != wave)
+            .map_or(prune.len(), |p| start + p);
+        let mut running: FuturesUnordered<_> = prune[start..end]
+            .iter()
+            .map(|p| async move {
+                let _permit = semaphore.acquire().await;
+                (p, prune_one(cluster, p).await)
+            })
+            .collect();
+        while let Some((p, result)) = running.next().await {
+            let object = format!("{} ({})", p.entry.identity, p.entry.owner);
+            match result {
+                Ok(Some(status)) => report.outcomes.push(Outcome {
+                    status,
+                    object,
+                    detail: String::new(),
+                }),
+                Ok(None) => {}
+                Err(detail) => {
+                    kept.push(p.entry.clone());
+                    report.outcomes.push(Outcome {
+                        status: Status::Failed,
+                        object,
+                        detail,
+                    });
+                }
+            }
+        }
+        start = end;
+    }
+    kept
+}
+
+async fn prune_one(
+    cluster: &Cluster,
+    prune: &Prune,
+) -> std::result::Result<Option<Status>, String> {
+    let entry = &prune.entry;
+    let id = &entry.identity;
+    let Some(kind) = cluster
+        .kind(&entry.api_version(), &id.kind)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None); // the kind is gone, and its objects with it
+    };
+    let live = match cluster.get(&kind, &id.namespace, &id.name).await {
+        Ok(Some(live)) => live,
+        Ok(None) => return Ok(Some(Status::Pruned)),
+        Err(f) => return Err(f.to_string()),
+    };
+    if live["metadata"]["labels"][MANAGED_BY] != "kiln" {
+        tracing::warn!(object = %id, "no longer labelled {MANAGED_BY}=kiln: left alone and dropped from the inventory");
+        return Ok(None);
+    }
+    if prune.retain {
+        let at = k8s_openapi::jiff::Timestamp::now()
+            .round(k8s_openapi::jiff::Unit::Second)
+            .map_err(|e| e.to_string())?;
+        let patch = json!({"metadata": {
+            "labels": {MANAGED_BY: null, BLUEPRINT_LABEL: null, INSTANCE_LABEL: null, ORPHANED_LABEL: "true"},
+            "annotations": {
+                ORPHANED_AT: at.to_string(),
+                ORPHANED_REASON: crate::plan::orphan_reason(entry),
+            },
+        }});
+        cluster
+            .patch_metadata(&kind, &id.namespace, &id.name, &patch)
+            .await
+            .map_err(|f| f.to_string())?;
+        return Ok(Some(Status::Orphaned));
+    }
+    let uid = live["metadata"]["uid"].as_str().unwrap_or_default();
+    cluster
+        .delete(&kind, &id.namespace, &id.name, uid)
+        .await
+        .map_err(|f| f.to_string())?;
+    Ok(Some(Status::Pruned))
+}
+
+/// Prepares and executes in one go.
+pub async fn apply(
+    cluster: &Cluster,
+    desired: Vec<Desired>,
+    options: &Options,
+    stop: &watch::Receiver<bool>,
+) -> Result<Report> {
+    let prepared = prepare(cluster, desired, options).await?;
+    execute(cluster, prepared, options, stop).await
+}

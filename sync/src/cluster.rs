@@ -1,0 +1,439 @@
+//! The thin layer over the API server: discovery, reads and writes of
+//! arbitrary kinds, each retried while the server is unavailable or asks
+//! Kiln to slow down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams, Preconditions,
+};
+use kube::discovery::Scope;
+use serde_json::{Value, json};
+
+use crate::client::FIELD_MANAGER;
+use crate::{Error, Result};
+
+/// How long a request is retried while the server is unavailable (a
+/// restart), overloaded (429) or failing (5xx).
+const RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// What an API request may fail with, classified for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// 409 from Server-Side Apply: another manager owns fields Kiln sets.
+    Conflict(String),
+    /// 404.
+    NotFound(String),
+    /// Anything else, after retries.
+    Other(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Conflict(m) | Failure::NotFound(m) | Failure::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A kind the server serves: its resource and scope.
+#[derive(Debug, Clone)]
+pub struct Kind {
+    /// Group, version, plural.
+    pub resource: ApiResource,
+    /// Namespaced or cluster-scoped.
+    pub namespaced: bool,
+}
+
+/// How an object is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// Server-Side Apply.
+    Apply {
+        /// Take fields other managers own.
+        force: bool,
+    },
+    /// JSON merge patch, or create when missing.
+    Merge,
+    /// PUT over the live object, or create when missing.
+    Replace,
+}
+
+/// A client with a discovery cache.
+#[derive(Clone)]
+pub struct Cluster {
+    client: kube::Client,
+    kinds: Arc<Mutex<HashMap<(String, String), Kind>>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Wraps a client.
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            kinds: Arc::default(),
+        }
+    }
+
+    /// The client.
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    /// What the server serves for `api_version` and `kind`; `None` when it
+    /// does not know the kind (yet: its CRD may be applied in this run).
+    pub async fn kind(&self, api_version: &str, kind: &str) -> Result<Option<Kind>> {
+        let key = (api_version.to_string(), kind.to_string());
+        if let Some(found) = self.cached(&key) {
+            return Ok(Some(found));
+        }
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let found = retry(|| kube::discovery::pinned_kind(&self.client, &gvk)).await;
+        let found = match found {
+            Ok((resource, caps)) => Some(Kind {
+                resource,
+                namespaced: caps.scope == Scope::Namespaced,
+            }),
+            Err(kube::Error::Discovery(_)) => None,
+            Err(kube::Error::Api(status)) if status.code == 404 => None,
+            Err(e) => {
+                return Err(Error::Api {
+                    what: format!("discover {kind} in {api_version}"),
+                    message: message(&e),
+                });
+            }
+        };
+        // Unknown kinds are not remembered: their CRD may be applied next.
+        if let Some(kind) = &found
+            && let Ok(mut kinds) = self.kinds.lock()
+        {
+            kinds.insert(key, kind.clone());
+        }
+        Ok(found)
+    }
+
+    fn cached(&self, key: &(String, String)) -> Option<Kind> {
+        self.kinds.lock().ok().and_then(|k| k.get(key).cloned())
+    }
+
+    fn api(&self, kind: &Kind, namespace: &str) -> Api<DynamicObject> {
+        if kind.namespaced {
+            Api::namespaced_with(self.client.clone(), namespace, &kind.resource)
+        } else {
+            Api::all_with(self.client.clone(), &kind.resource)
+        }
+    }
+
+    /// Every object of `kind` matching `selector`, in `namespace` or in all.
+    pub async fn list(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        selector: &str,
+    ) -> Result<Vec<Value>> {
+        let api = match namespace {
+            Some(ns) if kind.namespaced => self.api(kind, ns),
+            _ => Api::all_with(self.client.clone(), &kind.resource),
+        };
+        let mut objects = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let params = ListParams {
+                label_selector: Some(selector.to_string()),
+                limit: Some(2000),
+                continue_token: token.clone(),
+                ..ListParams::default()
+            };
+            let page = retry(|| api.list(&params)).await.map_err(|e| Error::Api {
+                what: format!("list {}", kind.resource.plural),
+                message: message(&e),
+            })?;
+            token = page.metadata.continue_.clone().filter(|t| !t.is_empty());
+            objects.extend(page.items.into_iter().map(|o| value(o, kind)));
+            if token.is_none() {
+                return Ok(objects);
+            }
+        }
+    }
+
+    /// One object, if it exists.
+    pub async fn get(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Value>, Failure> {
+        let api = self.api(kind, namespace);
+        match retry(|| api.get_opt(name)).await {
+            Ok(found) => Ok(found.map(|o| value(o, kind))),
+            Err(e) => Err(classify(&e)),
+        }
+    }
+
+    /// Writes `body` as `how` says; `live` is the object as last read (for
+    /// merge and replace, which must know whether it exists).
+    pub async fn write(
+        &self,
+        kind: &Kind,
+        body: &Value,
+        how: Write,
+        live: Option<&Value>,
+        dry_run: bool,
+    ) -> Result<Value, Failure> {
+        let namespace = body["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = body["metadata"]["name"].as_str().unwrap_or_default();
+        let api = self.api(kind, namespace);
+        let post = PostParams {
+            dry_run,
+            field_manager: Some(FIELD_MANAGER.into()),
+        };
+        let object = |body: &Value| -> Result<DynamicObject, Failure> {
+            serde_json::from_value(body.clone()).map_err(|e| Failure::Other(e.to_string()))
+        };
+        let result = match (how, live) {
+            (Write::Apply { force }, _) => {
+                let params = PatchParams {
+                    dry_run,
+                    force,
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                let patch = Patch::Apply(body);
+                retry(|| api.patch(name, &params, &patch)).await
+            }
+            (Write::Merge, Some(_)) => {
+                let params = PatchParams {
+                    dry_run,
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                };
+                let patch = Patch::Merge(body);
+                retry(|| api.patch(name, &params, &patch)).await
+            }
+            (Write::Replace, Some(live)) => {
+                let mut body = body.clone();
+                body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"].clone();
+                let object = object(&body)?;
+                retry(|| api.replace(name, &post, &object)).await
+            }
+            (Write::Merge | Write::Replace, None) => {
+                let object = object(body)?;
+                retry(|| api.create(&post, &object)).await
+            }
+        };
+        result.map(|o| value(o, kind)).map_err(|e| classify(&e))
+    }
+
+    /// A JSON merge patch of metadata (orphan markers, adoption).
+    pub async fn patch_metadata(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+        patch: &Value,
+    ) -> Result<(), Failure> {
+        let api = self.api(kind, namespace);
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let patch = Patch::Merge(patch);
+        retry(|| api.patch(name, &params, &patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&e))
+    }
+
+    /// Deletes an object if it is still the one with `uid`.
+    pub async fn delete(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<(), Failure> {
+        let api = self.api(kind, namespace);
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..DeleteParams::background()
+        };
+        match retry(|| api.delete(name, &params)).await {
+            Ok(_) => Ok(()),
+            Err(e) => match classify(&e) {
+                Failure::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// The data of the ConfigMaps in `namespace` matching `selector`.
+    pub async fn config_maps(
+        &self,
+        namespace: &str,
+        selector: &str,
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+        let kind = config_map_kind();
+        let maps = self.list(&kind, Some(namespace), selector).await?;
+        Ok(maps
+            .into_iter()
+            .filter_map(|m| {
+                let name = m["metadata"]["name"].as_str()?.to_string();
+                let data = m["data"]
+                    .as_object()
+                    .map(|d| {
+                        d.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some((name, data))
+            })
+            .collect())
+    }
+
+    /// Applies a ConfigMap Kiln owns outright.
+    pub async fn apply_config_map(&self, namespace: &str, name: &str, body: &Value) -> Result<()> {
+        let _ = name;
+        self.write(
+            &config_map_kind(),
+            body,
+            Write::Apply { force: true },
+            None,
+            false,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|f| Error::Api {
+            what: format!("write ConfigMap {namespace}/{name}"),
+            message: f.to_string(),
+        })
+    }
+
+    /// Deletes a ConfigMap Kiln owns outright.
+    pub async fn delete_config_map(&self, namespace: &str, name: &str) -> Result<()> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &config_map_kind().resource);
+        let params = DeleteParams::default();
+        match retry(|| api.delete(name, &params)).await {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(classify(&e), Failure::NotFound(_)) => Ok(()),
+            Err(e) => Err(Error::Api {
+                what: format!("delete ConfigMap {namespace}/{name}"),
+                message: message(&e),
+            }),
+        }
+    }
+
+    /// Creates a namespace unless it exists.
+    pub async fn ensure_namespace(&self, name: &str) -> Result<()> {
+        let kind = Kind {
+            resource: ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
+            namespaced: false,
+        };
+        if matches!(self.get(&kind, "", name).await, Ok(Some(_))) {
+            return Ok(());
+        }
+        let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        self.write(&kind, &body, Write::Apply { force: false }, None, false)
+            .await
+            .map(|_| ())
+            .map_err(|f| Error::Api {
+                what: format!("create namespace {name}"),
+                message: f.to_string(),
+            })
+    }
+}
+
+fn config_map_kind() -> Kind {
+    Kind {
+        resource: ApiResource::erase::<k8s_openapi::api::core::v1::ConfigMap>(&()),
+        namespaced: true,
+    }
+}
+
+/// An object as a value, with the `apiVersion` and `kind` lists leave out,
+/// without `managedFields` (large, and never compared).
+fn value(object: DynamicObject, kind: &Kind) -> Value {
+    let Ok(Value::Object(fields)) = serde_json::to_value(object) else {
+        return Value::Null;
+    };
+    let mut map = serde_json::Map::with_capacity(fields.len() + 2);
+    map.insert(
+        "apiVersion".into(),
+        kind.resource.api_version.clone().into(),
+    );
+    map.insert("kind".into(), kind.resource.kind.clone().into());
+    for (key, mut value) in fields {
+        if key == "metadata"
+            && let Some(metadata) = value.as_object_mut()
+        {
+            metadata.remove("managedFields");
+        }
+        if key != "apiVersion" && key != "kind" {
+            map.insert(key, value);
+        }
+    }
+    Value::Object(map)
+}
+
+/// The server's own words for a failed request.
+pub fn message(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if !status.message.is_empty() => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn classify(error: &kube::Error) -> Failure {
+    match error {
+        kube::Error::Api(status) if status.code == 404 => Failure::NotFound(message(error)),
+        kube::Error::Api(status) if status.code == 409 && status.message.contains("conflict") => {
+            Failure::Conflict(message(error))
+        }
+        _ => Failure::Other(message(error)),
+    }
+}
+
+/// Whether a failure may go away by waiting: the server is restarting,
+/// overloaded or failing for the moment.
+fn transient(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => matches!(status.code, 429 | 500 | 502 | 503 | 504),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs `request` until it succeeds, fails for good, or [`RETRY_FOR`]
+/// passes, backing off from 100 ms to 5 s.
+async fn retry<T, F, Fut>(mut request: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match request().await {
+            Err(e) if transient(&e) && tokio::time::Instant::now() + delay < deadline => {
+                tracing::debug!(error = %message(&e), delay_ms = delay.as_millis() as u64, "retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}

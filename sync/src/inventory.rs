@@ -1,0 +1,298 @@
+//! What Kiln applied, recorded in the cluster so that prune knows what it may
+//! delete, and only that.
+//!
+//! An inventory is a set of ConfigMaps `kiln-inventory-<name>-<i>` in one
+//! namespace, labelled `kiln.dev/inventory: <name>`. Each holds one line per
+//! object (group, version, kind, namespace, name, blueprint, instance,
+//! resource id, wave, deletion policy), tab-separated, sorted. Objects are
+//! spread over the shards by a hash of their identity, and the shard count
+//! (a power of two) grows so that no shard passes 256 KiB: 100,000 objects
+//! take 64 shards of about 180 KiB, far from the 1 MiB limit of an object.
+//! Only shards whose text changes are written.
+
+use std::collections::BTreeMap;
+
+use kiln_render::manifest::Identity;
+use serde_json::json;
+
+use crate::cluster::Cluster;
+use crate::desired::Owner;
+use crate::{Error, Result};
+
+/// The label that names an inventory on its ConfigMaps.
+pub const LABEL: &str = "kiln.dev/inventory";
+/// The data key holding a shard's lines.
+const KEY: &str = "entries";
+/// What a shard may grow to before the count doubles.
+const SHARD_BYTES: usize = 256 * 1024;
+
+/// One object Kiln applied.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Entry {
+    /// Group, kind, namespace and name.
+    pub identity: Identity,
+    /// The version it was applied with.
+    pub version: String,
+    /// Where it comes from.
+    pub owner: Owner,
+    /// Its wave when it was applied: prune goes in reverse.
+    pub wave: usize,
+    /// `deletionPolicy: Retain`.
+    pub retain: bool,
+}
+
+impl Entry {
+    fn line(&self) -> String {
+        let i = &self.identity;
+        let o = &self.owner;
+        format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            i.group,
+            self.version,
+            i.kind,
+            i.namespace,
+            i.name,
+            o.blueprint,
+            o.instance,
+            o.resource,
+            self.wave,
+            if self.retain { "Retain" } else { "Delete" }
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 10 {
+            return None;
+        }
+        Some(Self {
+            identity: Identity {
+                group: f[0].into(),
+                kind: f[2].into(),
+                namespace: f[3].into(),
+                name: f[4].into(),
+            },
+            version: f[1].into(),
+            owner: Owner {
+                blueprint: f[5].into(),
+                instance: f[6].into(),
+                resource: f[7].into(),
+            },
+            wave: f[8].parse().ok()?,
+            retain: f[9] == "Retain",
+        })
+    }
+
+    /// The `apiVersion` it was applied with.
+    pub fn api_version(&self) -> String {
+        if self.identity.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.identity.group, self.version)
+        }
+    }
+}
+
+/// The shards' texts by ConfigMap name, for `entries` spread over at least
+/// `at_least` shards.
+pub fn encode(name: &str, entries: &[Entry], at_least: usize) -> BTreeMap<String, String> {
+    let lines: Vec<(u64, String)> = entries
+        .iter()
+        .map(|e| (fnv(&e.identity), e.line()))
+        .collect();
+    let bytes: usize = lines.iter().map(|(_, l)| l.len() + 1).sum();
+    let needed = bytes.div_ceil(SHARD_BYTES).max(1).next_power_of_two();
+    // Keep the count while it fits, so that a small change rewrites one
+    // shard; shrink only when far too many.
+    let count = if at_least >= needed && at_least <= needed * 4 {
+        at_least
+    } else {
+        needed
+    };
+    let mut shards: Vec<Vec<&str>> = vec![Vec::new(); count];
+    for (hash, line) in &lines {
+        shards[(*hash % count as u64) as usize].push(line);
+    }
+    shards
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut lines)| {
+            lines.sort_unstable();
+            let mut text = lines.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            (shard_name(name, i), text)
+        })
+        .collect()
+}
+
+/// Parses the shards' texts back.
+pub fn decode<'t>(texts: impl IntoIterator<Item = &'t String>) -> Result<Vec<Entry>, String> {
+    let mut entries = Vec::new();
+    for text in texts {
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            entries.push(Entry::parse(line).ok_or_else(|| format!("unreadable line {line:?}"))?);
+        }
+    }
+    entries.sort();
+    entries.dedup();
+    Ok(entries)
+}
+
+fn shard_name(name: &str, index: usize) -> String {
+    format!("kiln-inventory-{name}-{index}")
+}
+
+fn fnv(identity: &Identity) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        &identity.group,
+        &identity.kind,
+        &identity.namespace,
+        &identity.name,
+    ] {
+        for byte in part.bytes().chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    // FNV's low bits are poorly mixed; a power-of-two modulus needs them.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^ (hash >> 33)
+}
+
+/// An inventory as stored in the cluster.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    /// Its name.
+    pub name: String,
+    /// The namespace of its ConfigMaps.
+    pub namespace: String,
+    /// Its entries, sorted.
+    pub entries: Vec<Entry>,
+    stored: BTreeMap<String, String>,
+}
+
+impl Inventory {
+    /// Reads inventory `name` from `namespace`; empty when it does not exist.
+    pub async fn read(cluster: &Cluster, namespace: &str, name: &str) -> Result<Self> {
+        let stored = cluster
+            .config_maps(namespace, &format!("{LABEL}={name}"))
+            .await?;
+        let stored: BTreeMap<String, String> = stored
+            .into_iter()
+            .map(|(n, data)| (n, data.get(KEY).cloned().unwrap_or_default()))
+            .collect();
+        let entries = decode(stored.values()).map_err(|message| Error::Inventory {
+            name: name.to_string(),
+            message,
+        })?;
+        Ok(Self {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            entries,
+            stored,
+        })
+    }
+
+    /// Makes `entries` the inventory, writing only the shards that change
+    /// and deleting shards no longer used. Returns how many were written.
+    pub async fn write(&mut self, cluster: &Cluster, mut entries: Vec<Entry>) -> Result<usize> {
+        entries.sort();
+        entries.dedup();
+        let shards = encode(&self.name, &entries, self.stored.len());
+        let mut writes = 0;
+        if shards.iter().any(|(n, t)| self.stored.get(n) != Some(t)) {
+            cluster.ensure_namespace(&self.namespace).await?;
+        }
+        for (shard, text) in &shards {
+            if self.stored.get(shard) == Some(text) {
+                continue;
+            }
+            let body = json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": shard,
+                    "namespace": self.namespace,
+                    "labels": {LABEL: self.name, "app.kubernetes.io/managed-by": "kiln"},
+                },
+                "data": {KEY: text},
+            });
+            cluster
+                .apply_config_map(&self.namespace, shard, &body)
+                .await?;
+            writes += 1;
+        }
+        for shard in self.stored.keys() {
+            if !shards.contains_key(shard) {
+                cluster.delete_config_map(&self.namespace, shard).await?;
+                writes += 1;
+            }
+        }
+        self.stored = shards;
+        self.entries = entries;
+        Ok(writes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: usize) -> Entry {
+        Entry {
+            identity: Identity {
+                group: "apps".into(),
+                kind: "Deployment".into(),
+                namespace: format!("tenant-{i}"),
+                name: format!("app-{i}"),
+            },
+            version: "v1".into(),
+            owner: Owner {
+                blueprint: "web".into(),
+                instance: format!("t{i}"),
+                resource: "app".into(),
+            },
+            wave: 1,
+            retain: i.is_multiple_of(2),
+        }
+    }
+
+    #[test]
+    fn entries_survive_encoding() {
+        let entries: Vec<Entry> = (0..50).map(entry).collect();
+        let shards = encode("prod", &entries, 0);
+        assert_eq!(shards.len(), 1);
+        let mut sorted = entries.clone();
+        sorted.sort();
+        assert_eq!(decode(shards.values()).unwrap(), sorted);
+        assert_eq!(sorted[0].api_version(), "apps/v1");
+    }
+
+    #[test]
+    fn a_hundred_thousand_entries_stay_far_below_the_object_size_limit() {
+        let entries: Vec<Entry> = (0..100_000).map(entry).collect();
+        let shards = encode("prod", &entries, 0);
+        let largest = shards.values().map(String::len).max().unwrap();
+        assert!(largest < 512 * 1024, "largest shard {largest} bytes");
+        assert!(shards.len() <= 64, "{} shards", shards.len());
+        assert_eq!(decode(shards.values()).unwrap().len(), 100_000);
+    }
+
+    #[test]
+    fn one_new_entry_changes_one_shard() {
+        let entries: Vec<Entry> = (0..20_000).map(entry).collect();
+        let before = encode("prod", &entries, 0);
+        let mut more = entries.clone();
+        more.push(entry(20_001));
+        let after = encode("prod", &more, before.len());
+        let changed = before
+            .iter()
+            .filter(|(n, t)| after.get(*n) != Some(t))
+            .count();
+        assert_eq!(changed, 1);
+    }
+}
