@@ -1,19 +1,27 @@
-//! `kiln drift`: changes under the render directory that Kiln did not make.
+//! `kiln drift`: changes under the render directory that Kiln did not make,
+//! or with `--cluster`, live objects that differ from the rendered tree.
 
 use kiln_render::diff::Report;
 use kiln_render::history;
 use kiln_render::tree::Summary;
 
+use super::cluster::{ClusterArgs, TreeArgs};
 use super::diff::DiffFormat;
-use super::target::{self, GitArgs};
+use super::target;
 use crate::Outcome;
 
 /// Arguments of `kiln drift`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    git: GitArgs,
-    /// unified, stat, markdown or json.
+    tree: TreeArgs,
+    /// Compare the tree (--dir, or --git at --rev) with the live cluster
+    /// instead of the branch with Kiln's last commit.
+    #[arg(long)]
+    cluster: bool,
+    #[command(flatten)]
+    cluster_args: ClusterArgs,
+    /// unified, stat, markdown or json (with --cluster: unified or json).
     #[arg(long, value_enum, default_value_t = DiffFormat::Unified)]
     format: DiffFormat,
     /// Exit 1 when there is drift.
@@ -22,7 +30,13 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let target = target::resolve(&args.git, None)?;
+    if args.cluster {
+        return cluster(args);
+    }
+    if args.tree.dir.is_some() || args.tree.rev.is_some() {
+        anyhow::bail!("--dir and --rev go with --cluster");
+    }
+    let target = target::resolve(&args.tree.git, None)?;
     let repo = &target.repo;
     let path = target.options.path.as_str();
     let refname = repo.branch_ref(target.options.branch.as_deref())?;
@@ -76,6 +90,31 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         print!("{}", report.format(args.format.into(), &title));
     }
     Ok(if args.exit_code {
+        Outcome::Differences
+    } else {
+        Outcome::Clean
+    })
+}
+
+fn cluster(args: &Args) -> anyhow::Result<Outcome> {
+    if !matches!(args.format, DiffFormat::Unified | DiffFormat::Json) {
+        anyhow::bail!("--cluster reports drift as unified or json");
+    }
+    let desired = args.tree.desired()?;
+    let options = args.cluster_args.options("default")?;
+    let checked = desired.len();
+    let drifted = super::runtime()?.block_on(async {
+        let cluster = args.cluster_args.connect().await?;
+        anyhow::Ok(kiln_sync::drift::detect(&cluster, desired, &options).await?)
+    })?;
+    if args.format == DiffFormat::Json {
+        let value = serde_json::json!({"drift": !drifted.is_empty(), "objects": drifted});
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print!("{}", kiln_sync::drift::unified(&drifted));
+        eprintln!("{} of {checked} objects drifted", drifted.len());
+    }
+    Ok(if args.exit_code && !drifted.is_empty() {
         Outcome::Differences
     } else {
         Outcome::Clean

@@ -1,5 +1,7 @@
 //! One module per subcommand.
 
+mod apply;
+mod cluster;
 mod crds;
 mod diff;
 mod drift;
@@ -7,6 +9,7 @@ mod history;
 mod render;
 mod resume;
 mod rollback;
+mod sync;
 mod target;
 mod validate;
 
@@ -22,8 +25,14 @@ pub enum Command {
     Render(render::Args),
     /// Render in memory and show what would change on the branch.
     Diff(diff::Args),
-    /// Show changes under the render directory that Kiln did not make.
+    /// Show changes under the render directory that Kiln did not make, or
+    /// (--cluster) live objects that differ from the tree.
     Drift(drift::Args),
+    /// Apply a rendered tree (--dir or --git) to a cluster with Server-Side
+    /// Apply: waves, policies, readiness, inventory and prune.
+    Apply(apply::Args),
+    /// Loop: poll sources, render, commit (--git), apply, correct drift.
+    Sync(sync::Args),
     /// List Kiln's commits on a branch.
     History(history::Args),
     /// Restore an earlier render with a new commit and pin the branch there.
@@ -44,6 +53,8 @@ impl Command {
             Command::Render(args) => render::run(&args),
             Command::Diff(args) => diff::run(&args),
             Command::Drift(args) => drift::run(&args),
+            Command::Apply(args) => apply::run(&args),
+            Command::Sync(args) => sync::run(&args),
             Command::History(args) => history::run(&args),
             Command::Rollback(args) => rollback::run(&args),
             Command::Resume(args) => resume::run(&args),

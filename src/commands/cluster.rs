@@ -1,0 +1,132 @@
+//! What every command that talks to a cluster shares: where the cluster and
+//! the inventory are, and where the tree to apply comes from.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use kiln_sync::apply::Options;
+use kiln_sync::cluster::Cluster;
+use kiln_sync::desired::{self, Desired};
+
+use super::target::{self, GitArgs};
+
+/// The cluster and the inventory.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// The kubeconfig (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long, value_name = "F", env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: the current one).
+    #[arg(long, value_name = "C")]
+    pub context: Option<String>,
+    /// Writes in flight at most.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub concurrency: usize,
+    /// The inventory: what this tree applied, so that prune knows what it may
+    /// delete. Trees applied with different inventories never prune each other.
+    /// [default: the Pipeline's name for `kiln sync`, else `default`]
+    #[arg(long, value_name = "NAME", env = "KILN_INVENTORY")]
+    pub inventory: Option<String>,
+    /// The namespace of the inventory's ConfigMaps (created when missing).
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "KILN_INVENTORY_NAMESPACE",
+        default_value = "kiln-system"
+    )]
+    pub inventory_namespace: String,
+}
+
+impl ClusterArgs {
+    /// Connects.
+    pub async fn connect(&self) -> anyhow::Result<Cluster> {
+        // A kubeconfig given through the environment may list several files.
+        let kubeconfig = self
+            .kubeconfig
+            .as_ref()
+            .filter(|p| !p.as_os_str().to_string_lossy().contains(':'));
+        let client =
+            kiln_sync::client::connect(kubeconfig.map(PathBuf::as_path), self.context.as_deref())
+                .await?;
+        Ok(Cluster::new(client))
+    }
+
+    /// Apply options with these settings; `fallback` names the inventory
+    /// when --inventory does not.
+    pub fn options(&self, fallback: &str) -> anyhow::Result<Options> {
+        let inventory = self.inventory.as_deref().unwrap_or(fallback);
+        if !kiln_render::template::is_dns_label(inventory) || inventory.len() > 40 {
+            bail!(
+                "--inventory {inventory:?}: must be a DNS label of at most 40 characters (it names ConfigMaps)"
+            );
+        }
+        Ok(Options {
+            concurrency: self.concurrency.max(1),
+            inventory: inventory.to_string(),
+            inventory_namespace: self.inventory_namespace.clone(),
+            ..Options::default()
+        })
+    }
+}
+
+/// A rendered tree: a directory, or a revision of a Git repository.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TreeArgs {
+    /// A directory `kiln render --out` wrote.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["repo", "rev"])]
+    pub dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub git: GitArgs,
+    /// The revision to read (default: the branch's tip).
+    #[arg(long, value_name = "REV")]
+    pub rev: Option<String>,
+}
+
+impl TreeArgs {
+    /// Reads the objects of the tree.
+    pub fn desired(&self) -> anyhow::Result<Vec<Desired>> {
+        if let Some(dir) = &self.dir {
+            if !dir.join(kiln_render::tree::KUSTOMIZATION).is_file() {
+                bail!(
+                    "--dir {}: no kustomization.yaml, so not a tree `kiln render --out` wrote",
+                    dir.display()
+                );
+            }
+            let tree = kiln_render::tree::read_dir(dir)?;
+            return desired::from_tree(&tree).with_context(|| format!("in {}", dir.display()));
+        }
+        if self.git.repo.is_none() {
+            bail!("say what to apply: --dir DIR or --git REPO");
+        }
+        let target = target::resolve(&self.git, None)?;
+        let repo = &target.repo;
+        let path = target.options.path.as_str();
+        let commit = match &self.rev {
+            Some(rev) => repo
+                .git
+                .revparse_single(rev)
+                .and_then(|o| o.peel_to_commit())
+                .map_err(|e| anyhow::anyhow!("--rev {rev}: {}", e.message()))?,
+            None => {
+                let refname = repo.branch_ref(target.options.branch.as_deref())?;
+                match repo.tip(&refname)? {
+                    Some(commit) => commit,
+                    None => bail!(
+                        "{}: branch {refname} has no commits",
+                        repo.location.display()
+                    ),
+                }
+            }
+        };
+        let Some(tree) = repo.tree_at(Some(&commit), path)? else {
+            bail!(
+                "{}: commit {} has no directory {}",
+                repo.location.display(),
+                commit.id(),
+                kiln_render::history::path_label(path)
+            );
+        };
+        let tree = repo.read_tree(&tree)?;
+        Ok(desired::from_tree(&tree)?)
+    }
+}
