@@ -1,0 +1,843 @@
+//! `kiln apply`, `kiln drift --cluster` and `kiln sync` against the test
+//! environment's API server: waves, managed fields, policies one by one,
+//! readiness, conflicts, prune and Retain, drift, and the loop putting an
+//! out-of-band edit back.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{kiln, stderr, stdout};
+use serde_json::Value;
+
+/// A configuration with one file source and one blueprint `app`, whose
+/// instances live in namespaces `<prefix>-<key>`.
+struct Fixture {
+    dir: tempfile::TempDir,
+    prefix: String,
+}
+
+impl Fixture {
+    fn new(hint: &str, rows: &str, resources: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = kiln_testenv::unique_name(hint);
+        std::fs::create_dir_all(dir.path().join("cfg")).unwrap();
+        let fixture = Self { dir, prefix };
+        fixture.rows(rows);
+        fixture.resources(resources);
+        fixture
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn rows(&self, rows: &str) {
+        std::fs::write(self.path("rows.yaml"), rows).unwrap();
+    }
+
+    /// Replaces the blueprint's resources; `NS` in them is the namespace
+    /// template.
+    fn resources(&self, resources: &str) {
+        let config = format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows}}\n\
+             spec: {{url: \"file:../rows.yaml\", key: id, interval: 1s}}\n---\n\
+             apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app}}\n\
+             spec:\n  source: rows\n  namespace: \"{p}-{{{{ key }}}}\"\n  resources:\n{resources}",
+            p = self.prefix
+        )
+        .replace("NS", &format!("{}-{{{{ key }}}}", self.prefix));
+        std::fs::write(self.path("cfg/kiln.yaml"), config).unwrap();
+    }
+
+    fn ns(&self, key: &str) -> String {
+        format!("{}-{key}", self.prefix)
+    }
+
+    fn render(&self) {
+        let out = kiln(&[
+            "render",
+            "-f",
+            self.path("cfg").to_str().unwrap(),
+            "--out",
+            self.path("out").to_str().unwrap(),
+            "--allow-mass-delete",
+        ]);
+        assert!(out.status.success(), "render: {}", stderr(&out));
+    }
+
+    fn cluster_args(&self) -> Vec<String> {
+        let cluster = kiln_testenv::cluster();
+        vec![
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+            "--inventory".into(),
+            self.prefix.clone(),
+        ]
+    }
+
+    fn apply(&self, extra: &[&str]) -> Output {
+        let mut args: Vec<String> = vec![
+            "apply".into(),
+            "--dir".into(),
+            self.path("out").display().to_string(),
+        ];
+        args.extend(self.cluster_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn spawn(&self, command: &str, extra: &[&str]) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.arg(command);
+        if command == "apply" {
+            cmd.arg("--dir").arg(self.path("out"));
+        } else {
+            cmd.arg("-f").arg(self.path("cfg"));
+        }
+        cmd.args(self.cluster_args())
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn kubectl(args: &[&str]) -> Output {
+    kiln_testenv::cluster()
+        .kubectl()
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn kubectl_ok(args: &[&str]) {
+    let out = kubectl(args);
+    assert!(out.status.success(), "kubectl {args:?}: {}", stderr(&out));
+}
+
+/// The live object, if it exists.
+fn get(namespace: &str, kind: &str, name: &str) -> Option<Value> {
+    let mut args = vec!["get", kind, name, "-o", "json", "--show-managed-fields"];
+    if !namespace.is_empty() {
+        args.extend(["-n", namespace]);
+    }
+    let out = kubectl(&args);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{what} did not happen within {limit:?}");
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().unwrap()
+}
+
+fn rv(object: &Value) -> u64 {
+    object["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+const NAMESPACE: &str = "  - id: namespace\n    template: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {name: \"NS\"}\n";
+
+fn config_map(id: &str, name: &str, extra: &str, data: &str) -> String {
+    format!(
+        "  - id: {id}\n{extra}    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: {name}}}\n      data: {data}\n"
+    )
+}
+
+fn deployment(extra: &str, replicas: u32) -> String {
+    format!(
+        "  - id: app\n{extra}    template: |\n      apiVersion: apps/v1\n      kind: Deployment\n      metadata: {{name: app}}\n      spec:\n        replicas: {replicas}\n        selector: {{matchLabels: {{app: web}}}}\n        template:\n          metadata: {{labels: {{app: web}}}}\n          spec: {{containers: [{{name: web, image: nginx}}]}}\n"
+    )
+}
+
+#[test]
+fn apply_goes_wave_by_wave_with_kiln_as_field_manager_and_records_an_inventory() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: \"{{ row.greeting }}\"}",
+        ),
+        deployment("    dependsOn: [config]\n", 0),
+        config_map("after", "after", "    dependsOn: [app]\n", "{}"),
+    ]
+    .concat();
+    let f = Fixture::new("waves", "- {id: a, greeting: hello}\n", &resources);
+    f.render();
+
+    let plan = f.apply(&["--dry-run", "--format", "json"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    let waves: Vec<(u64, &str)> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["wave"].as_u64().unwrap(), s["action"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        waves,
+        [(0, "create"), (1, "create"), (2, "create"), (3, "create")]
+    );
+    let ns = f.ns("a");
+    assert!(get("", "namespace", &ns).is_none(), "--dry-run wrote");
+
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("applied 4 (created 4"),
+        "{}",
+        stderr(&out)
+    );
+    // Each wave was written after the one before: etcd revisions grow.
+    let revisions = [
+        rv(&get("", "namespace", &ns).unwrap()),
+        rv(&get(&ns, "configmap", "config").unwrap()),
+        rv(&get(&ns, "deployment", "app").unwrap()),
+        rv(&get(&ns, "configmap", "after").unwrap()),
+    ];
+    assert!(revisions.is_sorted(), "{revisions:?}");
+
+    let live = get(&ns, "configmap", "config").unwrap();
+    let managers: Vec<(&str, &str)> = live["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["manager"].as_str().unwrap(),
+                m["operation"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(managers, [("kiln", "Apply")]);
+    assert!(live["metadata"]["managedFields"][0]["fieldsV1"]["f:data"]["f:greeting"].is_object());
+    assert_eq!(
+        live["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "kiln"
+    );
+
+    let inventory = kubectl(&[
+        "get",
+        "configmaps",
+        "-n",
+        "kiln-system",
+        "-l",
+        &format!("kiln.dev/inventory={}", f.prefix),
+        "-o",
+        "json",
+    ]);
+    let inventory: Value = serde_json::from_slice(&inventory.stdout).unwrap();
+    let entries = inventory["items"][0]["data"]["entries"].as_str().unwrap();
+    assert_eq!(entries.lines().count(), 4, "{entries}");
+    assert!(
+        entries.contains(&format!(
+            "apps\tv1\tDeployment\t{ns}\tapp\tapp\ta\tapp\t2\tDelete"
+        )),
+        "{entries}"
+    );
+
+    let again = f.apply(&["--dry-run"]);
+    assert!(stdout(&again).is_empty(), "{}", stdout(&again));
+    assert!(stderr(&again).contains("unchanged 4"), "{}", stderr(&again));
+}
+
+#[test]
+fn creation_once_merge_and_replace_do_what_they_say() {
+    let data = "{greeting: \"{{ row.greeting }}\"}";
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "once",
+            "once",
+            "    dependsOn: [namespace]\n    creationPolicy: Once\n",
+            data,
+        ),
+        config_map(
+            "merged",
+            "merged",
+            "    dependsOn: [namespace]\n    patchStrategy: merge\n",
+            data,
+        ),
+        config_map(
+            "replaced",
+            "replaced",
+            "    dependsOn: [namespace]\n    patchStrategy: replace\n",
+            data,
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("policies", "- {id: a, greeting: hello}\n", &resources);
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ns = f.ns("a");
+    for name in ["merged", "replaced"] {
+        kubectl_ok(&[
+            "patch",
+            "configmap",
+            name,
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"data":{"extra":"theirs"}}"#,
+        ]);
+    }
+    f.rows("- {id: a, greeting: goodbye}\n");
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("skipped ConfigMap"),
+        "{}",
+        stdout(&out)
+    );
+
+    let data = |name: &str| get(&ns, "configmap", name).unwrap()["data"].clone();
+    assert_eq!(data("once")["greeting"], "hello", "Once must never update");
+    assert_eq!(data("merged")["greeting"], "goodbye");
+    assert_eq!(
+        data("merged")["extra"],
+        "theirs",
+        "a merge patch keeps what it does not name"
+    );
+    assert_eq!(data("replaced")["greeting"], "goodbye");
+    assert!(
+        data("replaced")["extra"].is_null(),
+        "replace puts the whole object"
+    );
+}
+
+#[test]
+fn a_conflicting_manager_fails_the_resource_and_its_dependents_unless_forced() {
+    let resources = |policy: &str| {
+        [
+            NAMESPACE.to_string(),
+            config_map(
+                "taken",
+                "taken",
+                &format!("    dependsOn: [namespace]\n{policy}"),
+                "{greeting: ours}",
+            ),
+            config_map("dependent", "dependent", "    dependsOn: [taken]\n", "{}"),
+        ]
+        .concat()
+    };
+    let f = Fixture::new("conflict", "- {id: a}\n", &resources(""));
+    let ns = f.ns("a");
+    kubectl_ok(&["create", "namespace", &ns]);
+    kubectl_ok(&[
+        "create",
+        "configmap",
+        "taken",
+        "-n",
+        &ns,
+        "--from-literal=greeting=theirs",
+    ]);
+    f.render();
+
+    let out = f.apply(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let report = stdout(&out);
+    assert!(report.contains("failed ConfigMap"), "{report}");
+    assert!(
+        report.contains("conflict")
+            && report.contains("kubectl-create")
+            && report.contains(".data.greeting"),
+        "{report}"
+    );
+    assert!(
+        report.contains("skipped ConfigMap") && report.contains("dependent"),
+        "{report}"
+    );
+    assert_eq!(
+        get(&ns, "configmap", "taken").unwrap()["data"]["greeting"],
+        "theirs"
+    );
+    assert!(get(&ns, "configmap", "dependent").is_none());
+
+    f.resources(&resources("    conflictPolicy: Force\n"));
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        get(&ns, "configmap", "taken").unwrap()["data"]["greeting"],
+        "ours"
+    );
+    assert!(get(&ns, "configmap", "dependent").is_some());
+}
+
+fn ready_fixture(hint: &str, timeout: &str) -> Fixture {
+    let resources = [
+        NAMESPACE.to_string(),
+        deployment(
+            &format!(
+                "    dependsOn: [namespace]\n    waitForReady: true\n    timeout: {timeout}\n"
+            ),
+            1,
+        ),
+        config_map("after", "after", "    dependsOn: [app]\n", "{}"),
+    ]
+    .concat();
+    let f = Fixture::new(hint, "- {id: a}\n", &resources);
+    f.render();
+    f
+}
+
+#[test]
+fn wait_for_ready_holds_dependents_until_the_deployment_is_available() {
+    let f = ready_fixture("ready", "2m");
+    let ns = f.ns("a");
+    let apply = f.spawn("apply", &[]);
+    eventually("the deployment", Duration::from_secs(30), || {
+        get(&ns, "deployment", "app").is_some()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        get(&ns, "configmap", "after").is_none(),
+        "a dependent went ahead of an unready deployment"
+    );
+    // No controller runs in the test cluster: say what it would.
+    kubectl_ok(&[
+        "patch",
+        "deployment",
+        "app",
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"observedGeneration":1,"replicas":1,"updatedReplicas":1,"readyReplicas":1,"availableReplicas":1}}"#,
+    ]);
+    let out = finish(apply);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(get(&ns, "configmap", "after").is_some());
+}
+
+#[test]
+fn a_readiness_timeout_fails_the_resource_and_skips_its_dependents() {
+    let f = ready_fixture("timeout", "2s");
+    let out = f.apply(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let report = stdout(&out);
+    assert!(
+        report.contains("not ready after 2s: 0 of 1 replicas"),
+        "{report}"
+    );
+    assert!(
+        report.contains("skipped ConfigMap") && report.contains("after"),
+        "{report}"
+    );
+    assert!(
+        stderr(&out).contains("failed 1, skipped 1"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(get(&f.ns("a"), "configmap", "after").is_none());
+}
+
+#[test]
+fn custom_resources_wait_for_their_crd_and_their_ready_condition() {
+    let f = Fixture::new("crd", "- {id: a}\n", "");
+    let group = format!("{}.example.com", f.prefix);
+    let crd = format!(
+        "  - id: crd\n    template: |\n      apiVersion: apiextensions.k8s.io/v1\n      kind: CustomResourceDefinition\n      metadata: {{name: widgets.{group}}}\n      spec:\n        group: {group}\n        scope: Namespaced\n        names: {{kind: Widget, plural: widgets, singular: widget}}\n        versions:\n        - name: v1\n          served: true\n          storage: true\n          subresources: {{status: {{}}}}\n          schema:\n            openAPIV3Schema:\n              type: object\n              x-kubernetes-preserve-unknown-fields: true\n"
+    );
+    let widget = format!(
+        "  - id: widget\n    waitForReady: true\n    timeout: 2m\n    template: |\n      apiVersion: {group}/v1\n      kind: Widget\n      metadata: {{name: w}}\n      spec: {{size: 1}}\n"
+    );
+    let resources = [
+        crd,
+        NAMESPACE.to_string(),
+        widget,
+        config_map("after", "after", "    dependsOn: [widget]\n", "{}"),
+    ]
+    .concat();
+    f.resources(&resources);
+    f.render();
+    let ns = f.ns("a");
+    let widgets = format!("widgets.{group}");
+    let apply = f.spawn("apply", &[]);
+    eventually("the widget", Duration::from_secs(60), || {
+        get(&ns, &widgets, "w").is_some()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        get(&ns, "configmap", "after").is_none(),
+        "a dependent went ahead of an unready widget"
+    );
+    kubectl_ok(&[
+        "patch",
+        &widgets,
+        "w",
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#,
+    ]);
+    let out = finish(apply);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(get(&ns, "configmap", "after").is_some());
+}
+
+#[test]
+fn prune_deletes_what_left_the_tree_retains_what_says_so_and_adopts_it_back() {
+    let resources = [
+        NAMESPACE.replace(
+            "  - id: namespace\n",
+            "  - id: namespace\n    deletionPolicy: Retain\n",
+        ),
+        config_map("config", "config", "    dependsOn: [namespace]\n", "{}"),
+        config_map(
+            "keep",
+            "keep",
+            "    dependsOn: [namespace]\n    deletionPolicy: Retain\n",
+            "{}",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("prune", "- {id: a}\n- {id: b}\n", &resources);
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let b = f.ns("b");
+    // Labelled as Kiln's, but never applied by this inventory: never deleted.
+    kubectl_ok(&["create", "configmap", "stranger", "-n", &b]);
+    kubectl_ok(&[
+        "label",
+        "configmap",
+        "stranger",
+        "-n",
+        &b,
+        "app.kubernetes.io/managed-by=kiln",
+        "kiln.dev/instance=b",
+    ]);
+
+    f.rows("- {id: a}\n");
+    f.render();
+    let plan = f.apply(&["--dry-run"]);
+    assert!(
+        stdout(&plan).contains(&format!("prune ConfigMap {b}/config")),
+        "{}",
+        stdout(&plan)
+    );
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("pruned 1, orphaned 2"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(get(&b, "configmap", "config").is_none());
+    assert!(get(&b, "configmap", "stranger").is_some());
+    assert!(get(&f.ns("a"), "configmap", "config").is_some());
+    let kept = get(&b, "configmap", "keep").unwrap();
+    let meta = &kept["metadata"];
+    assert!(
+        meta["labels"]["app.kubernetes.io/managed-by"].is_null(),
+        "{meta}"
+    );
+    assert_eq!(meta["labels"]["kiln.dev/orphaned"], "true");
+    assert!(
+        meta["annotations"]["kiln.dev/orphaned-at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    assert!(
+        meta["annotations"]["kiln.dev/orphaned-reason"]
+            .as_str()
+            .unwrap()
+            .contains("instance b, resource keep")
+    );
+    assert!(get("", "namespace", &b).is_some());
+
+    f.rows("- {id: a}\n- {id: b}\n");
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let adopted = get(&b, "configmap", "keep").unwrap();
+    let meta = &adopted["metadata"];
+    assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], "kiln");
+    assert!(meta["labels"]["kiln.dev/orphaned"].is_null(), "{meta}");
+    assert!(
+        meta["annotations"]["kiln.dev/orphaned-at"].is_null(),
+        "{meta}"
+    );
+}
+
+#[test]
+fn drift_cluster_reports_edits_to_managed_fields_but_not_ignored_ones() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: hello}",
+        ),
+        deployment(
+            "    dependsOn: [namespace]\n    ignoreFields: [/spec/replicas]\n",
+            0,
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("drift", "- {id: a}\n", &resources);
+    f.render();
+    assert!(f.apply(&[]).status.success());
+    let drift = |extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "drift".into(),
+            "--cluster".into(),
+            "--dir".into(),
+            f.path("out").display().to_string(),
+            "--exit-code".into(),
+        ];
+        args.extend(f.cluster_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = drift(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    let ns = f.ns("a");
+    kubectl_ok(&["scale", "deployment", "app", "-n", &ns, "--replicas=3"]);
+    let out = drift(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "an ignored field drifted: {}",
+        stdout(&out)
+    );
+
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "config",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"edited","extra":"theirs"}}"#,
+    ]);
+    let out = drift(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let diff = stdout(&out);
+    assert!(
+        diff.contains("-  greeting: edited") && diff.contains("+  greeting: hello"),
+        "{diff}"
+    );
+    assert!(
+        !diff
+            .lines()
+            .any(|l| (l.starts_with('-') || l.starts_with('+')) && l.contains("extra")),
+        "a field Kiln does not set is not drift: {diff}"
+    );
+
+    kubectl_ok(&["delete", "deployment", "app", "-n", &ns]);
+    let out = drift(&["--format", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let statuses: Vec<&str> = report["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["missing", "changed"], "{report}");
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: kiln\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text
+}
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+fn terminate(child: &Child) {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn sync_puts_an_out_of_band_edit_back_serves_metrics_and_stops_on_sigterm() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: hello}",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("sync", "- {id: a}\n", &resources);
+    let addr = free_addr();
+    let sync = f.spawn("sync", &["--metrics-addr", &addr]);
+    let ns = f.ns("a");
+    let greeting = || get(&ns, "configmap", "config").map(|c| c["data"]["greeting"].clone());
+    eventually("the first sync", Duration::from_secs(60), || {
+        greeting().is_some()
+    });
+    eventually("readiness", Duration::from_secs(30), || {
+        http_get(&addr, "/readyz").starts_with("HTTP/1.1 200")
+    });
+
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "config",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"edited"}}"#,
+    ]);
+    eventually("the edit put back", Duration::from_secs(30), || {
+        greeting() == Some("hello".into())
+    });
+
+    let metrics = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains("kiln_objects_corrected_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_source_rows{source=\"rows\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kiln_apply_duration_seconds_count"),
+        "{metrics}"
+    );
+    assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.1 200"));
+
+    // A source that fails keeps the last desired state and prunes nothing.
+    std::fs::remove_file(f.path("rows.yaml")).unwrap();
+    eventually("a source error", Duration::from_secs(30), || {
+        http_get(&addr, "/metrics").contains("kiln_source_errors_total{source=\"rows\"} 1")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(greeting().is_some(), "a failing source pruned");
+
+    terminate(&sync);
+    let out = finish(sync);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("corrected ConfigMap"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn sync_detect_only_reports_drift_and_leaves_it() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: hello}",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("detect", "- {id: a}\n", &resources);
+    let mut args = vec![
+        "sync".to_string(),
+        "--once".into(),
+        "-f".into(),
+        f.path("cfg").display().to_string(),
+    ];
+    args.extend(f.cluster_args());
+    let out = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ns = f.ns("a");
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "config",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"edited"}}"#,
+    ]);
+    let sync = f.spawn("sync", &["--detect-only"]);
+    std::thread::sleep(Duration::from_secs(4));
+    terminate(&sync);
+    let out = finish(sync);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("drifted ConfigMap {ns}/config")),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        get(&ns, "configmap", "config").unwrap()["data"]["greeting"],
+        "edited"
+    );
+}
+
+#[test]
+fn a_namespace_deleted_under_kiln_is_created_again() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map("config", "config", "    dependsOn: [namespace]\n", "{}"),
+    ]
+    .concat();
+    let f = Fixture::new("nsgone", "- {id: a}\n", &resources);
+    f.render();
+    assert!(f.apply(&[]).status.success());
+    let ns = f.ns("a");
+    kubectl_ok(&["delete", "namespace", &ns, "--wait=false"]);
+    // While it terminates, applies fail cleanly (exit 2); once it is gone,
+    // the next one creates everything again.
+    eventually("the namespace back", Duration::from_secs(90), || {
+        let out = f.apply(&[]);
+        assert!(matches!(out.status.code(), Some(0 | 2)), "{}", stderr(&out));
+        out.status.success() && get(&ns, "configmap", "config").is_some()
+    });
+}
