@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The apply benchmark: N instances (default 1,000) × 10 objects (a Namespace,
+# 3 ConfigMaps, 3 Services, 3 Deployments with 0 replicas) applied to the
+# test environment's API server, side by side with `kubectl apply
+# --server-side` of the same objects (its own namespaces, so both start
+# cold). Measures a cold apply, a no-op resync (and counts the writes the
+# API server saw during it), and a 1% change; then a ceiling: the same tree
+# under fresh names with 256 writes in flight, which is as much as this API
+# server takes on this machine. Needs a running environment:
+#   eval "$(tests/env up)"; tests/bench/apply.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+N=${N:-1000}
+: "${KILN_TEST_KUBECONFIG:?run eval \"\$(tests/env up)\" first}"
+kubectl=${KILN_TEST_KUBECTL:?}
+export KUBECONFIG=$KILN_TEST_KUBECONFIG
+cargo build --release -q
+kiln=$PWD/target/release/kiln
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+run=$(date +%s | tail -c 5)
+
+config() { # prefix: a configuration whose instances live in <prefix>-<key>
+  mkdir -p "$work/$1"
+  seq 1 "$N" | awk '{ printf "- {id: t%d, greeting: hello}\n", $1 }' > "$work/$1/rows.yaml"
+  cat > "$work/$1/kiln.yaml" <<YAML
+apiVersion: kiln.dev/v1alpha1
+kind: Source
+metadata: {name: rows}
+spec: {url: "file:rows.yaml", key: id}
+---
+apiVersion: kiln.dev/v1alpha1
+kind: Blueprint
+metadata: {name: bench}
+spec:
+  source: rows
+  namespace: "$1-{{ key }}"
+  resources:
+  - id: namespace
+    template: |
+      apiVersion: v1
+      kind: Namespace
+      metadata: {name: "$1-{{ key }}"}
+YAML
+  for i in 1 2 3; do cat >> "$work/$1/kiln.yaml" <<YAML
+  - id: config-$i
+    dependsOn: [namespace]
+    template: |
+      apiVersion: v1
+      kind: ConfigMap
+      metadata: {name: config-$i}
+      data: {greeting: "{{ row.greeting }}", index: "$i"}
+  - id: service-$i
+    dependsOn: [namespace]
+    template: |
+      apiVersion: v1
+      kind: Service
+      metadata: {name: web-$i}
+      spec: {ports: [{port: 80, targetPort: 8080}], selector: {app: web-$i}}
+  - id: app-$i
+    dependsOn: [config-$i]
+    template: |
+      apiVersion: apps/v1
+      kind: Deployment
+      metadata: {name: web-$i}
+      spec:
+        replicas: 0
+        selector: {matchLabels: {app: web-$i}}
+        template:
+          metadata: {labels: {app: web-$i}}
+          spec: {containers: [{name: web, image: "nginx:1.27"}]}
+YAML
+  done
+}
+
+writes() { # writes the API server has answered so far, dry-runs excluded
+  "$kubectl" get --raw /metrics | awk '/^apiserver_request_total\{/ && /dry_run=""/ && /verb="(POST|PUT|PATCH|APPLY|DELETE)"/ { n += $NF } END { printf "%d\n", n }'
+}
+
+timed() { # label, command...: wall seconds and peak RSS
+  local label=$1; shift
+  /usr/bin/time -f "%e %M" -o "$work/time" "$@" >"$work/out.log" 2>"$work/err.log" || { tail -5 "$work/err.log" >&2; exit 2; }
+  read -r wall kb < "$work/time"
+  printf '%-44s %8.2f s %6d MB\n' "$label" "$wall" $((kb / 1024))
+  echo "$wall" > "$work/last.wall"
+}
+
+k=k$run; c=c$run; x=x$run
+config "$k"; config "$c"; config "$x"
+"$kiln" render -f "$work/$k/kiln.yaml" --out "$work/$k/out" 2>/dev/null
+"$kiln" render -f "$work/$c/kiln.yaml" > "$work/$c/all.yaml"
+"$kiln" render -f "$work/$x/kiln.yaml" --out "$work/$x/out" 2>/dev/null
+echo "objects: $(grep -c '^---$' "$work/$c/all.yaml") per tree"
+
+timed "kiln apply (cold)" "$kiln" apply --dir "$work/$k/out" --inventory "$k"; kcold=$(cat "$work/last.wall")
+timed "kubectl apply --server-side (cold)" "$kubectl" apply --server-side -f "$work/$c/all.yaml"; ccold=$(cat "$work/last.wall")
+before=$(writes)
+timed "kiln apply (no-op resync)" "$kiln" apply --dir "$work/$k/out" --inventory "$k"
+echo "writes during kiln's no-op resync: $(( $(writes) - before ))"
+timed "kubectl apply --server-side (no-op)" "$kubectl" apply --server-side -f "$work/$c/all.yaml"
+
+# 1%: config-1 of a tenth of the instances changes: 100 objects of 10,000.
+change() { # prefix
+  awk -v n="$(( N / 10 ))" 'NR <= n { sub("greeting: hello", "greeting: changed") } { print }' "$work/$1/rows.yaml" > "$work/rows"
+  mv "$work/rows" "$work/$1/rows.yaml"
+  sed -i 's/data: {greeting: "{{ row.greeting }}", index: "\([23]\)"}/data: {greeting: hello, index: "\1"}/' "$work/$1/kiln.yaml"
+}
+change "$k"; change "$c"
+"$kiln" render -f "$work/$k/kiln.yaml" --out "$work/$k/out" 2>/dev/null
+"$kiln" render -f "$work/$c/kiln.yaml" > "$work/$c/changed.yaml"
+timed "kiln apply (1% changed)" "$kiln" apply --dir "$work/$k/out" --inventory "$k"
+grep -o 'applied [0-9]*' "$work/err.log" | sed 's/^/  kiln: /'
+timed "kubectl apply --server-side (1% changed)" "$kubectl" apply --server-side -f "$work/$c/changed.yaml"
+
+timed "ceiling: kiln apply --concurrency 256 (cold)" "$kiln" apply --dir "$work/$x/out" --inventory "$x" --concurrency 256; xcold=$(cat "$work/last.wall")
+awk -v k="$kcold" -v c="$ccold" -v x="$xcold" 'BEGIN {
+  printf "cold apply: kubectl / kiln = %.1fx; kiln at --concurrency 16 reaches %.0f%% of the ceiling\n", c / k, 100 * x / k }'
