@@ -245,7 +245,7 @@ fn apply_goes_wave_by_wave_with_kiln_as_field_manager_and_records_an_inventory()
         "-n",
         "kiln-system",
         "-l",
-        &format!("kiln.dev/inventory={}", f.prefix),
+        &format!("kiln.dev/inventory-of={}", f.prefix),
         "-o",
         "json",
     ]);

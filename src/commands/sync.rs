@@ -168,7 +168,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let (stop_tx, mut stop) = watch::channel(false);
         let stopper = stop_on_signal(stop_tx);
         let (changed_tx, mut changed) = mpsc::channel(1);
-        let mut watches = Watches::new(cluster.clone(), changed_tx);
+        let mut watches = Watches::new(cluster.clone(), &options.inventory, changed_tx);
         let mut state = State {
             rows: BTreeMap::new(),
             inputs: None,

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
 use crate::cluster::{Cluster, Failure, Kind, Write};
-use crate::desired::Desired;
+use crate::desired::{Desired, INVENTORY_LABEL};
 use crate::health::{Health, health};
 use crate::inventory::{Entry, Inventory};
 use crate::plan::{Action, Live, ORPHANED_LABEL, Plan, Prune, Step};
@@ -206,7 +206,7 @@ pub async fn prepare(
 ) -> Result<Prepared> {
     let inventory =
         Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
-    let live = read_live(cluster, &mut desired).await?;
+    let live = read_live(cluster, &mut desired, &options.inventory, true).await?;
     if desired.is_empty() && options.prune && !inventory.entries.is_empty() {
         return Err(Error::InvalidPlan {
             message: format!(
@@ -228,7 +228,16 @@ pub async fn prepare(
 /// Reads the live state of `desired`, setting the namespace of namespaced
 /// objects that have none to `default` and dropping it from cluster-scoped
 /// ones, as kubectl does.
-pub async fn read_live(cluster: &Cluster, desired: &mut [Desired]) -> Result<Live> {
+///
+/// With `compact`, objects that need nothing are kept as `null` (see
+/// [`crate::plan::settled`]), so that a resync of a large tree holds
+/// little of it in memory.
+pub async fn read_live(
+    cluster: &Cluster,
+    desired: &mut [Desired],
+    inventory: &str,
+    compact: bool,
+) -> Result<Live> {
     let mut by_kind: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, d) in desired.iter().enumerate() {
         by_kind
@@ -254,9 +263,11 @@ pub async fn read_live(cluster: &Cluster, desired: &mut [Desired]) -> Result<Liv
     let reads = by_kind.iter().filter_map(|(key, indices)| {
         let kind = kinds.get(key).cloned().flatten()?;
         Some(async move {
-            let wanted: HashSet<&Identity> =
-                indices.iter().map(|&i| &desired[i].identity).collect();
-            let namespaces: HashSet<&str> = wanted.iter().map(|i| i.namespace.as_str()).collect();
+            let wanted: HashMap<&Identity, &Desired> = indices
+                .iter()
+                .map(|&i| (&desired[i].identity, &desired[i]))
+                .collect();
+            let namespaces: HashSet<&str> = wanted.keys().map(|i| i.namespace.as_str()).collect();
             let scope = if namespaces.len() == 1 {
                 namespaces.iter().next().copied()
             } else {
@@ -264,12 +275,17 @@ pub async fn read_live(cluster: &Cluster, desired: &mut [Desired]) -> Result<Liv
             };
             let mut found = Live::new();
             for selector in [
-                format!("{MANAGED_BY}=kiln"),
+                format!("{INVENTORY_LABEL}={inventory}"),
                 format!("{ORPHANED_LABEL}=true"),
             ] {
                 for object in cluster.list(&kind, scope, &selector).await? {
                     let identity = identity_of(&object, &kind);
-                    if wanted.contains(&identity) {
+                    if let Some(d) = wanted.get(&identity) {
+                        let object = if compact && crate::plan::settled(d, &object) {
+                            Value::Null
+                        } else {
+                            object
+                        };
                         found.insert(identity, object);
                     }
                 }
@@ -277,7 +293,7 @@ pub async fn read_live(cluster: &Cluster, desired: &mut [Desired]) -> Result<Liv
             // A few objects not labelled as Kiln's may still exist (made by
             // someone else): look them up so that the plan says so.
             let missing: Vec<&&Identity> =
-                wanted.iter().filter(|i| !found.contains_key(**i)).collect();
+                wanted.keys().filter(|i| !found.contains_key(**i)).collect();
             if missing.len() <= 50 {
                 for identity in missing {
                     if let Ok(Some(object)) = cluster
@@ -489,7 +505,7 @@ async fn run_step(
         PatchStrategy::Merge => Write::Merge,
         PatchStrategy::Replace => Write::Replace,
     };
-    let mut body = desired.body();
+    let mut body = desired.body(&options.inventory);
     if let Some(live) = live {
         keep_ignored(&mut body, live, &desired.policies.ignore_fields);
     }
@@ -709,7 +725,7 @@ async fn prune_one(
             .round(k8s_openapi::jiff::Unit::Second)
             .map_err(|e| e.to_string())?;
         let patch = json!({"metadata": {
-            "labels": {MANAGED_BY: null, BLUEPRINT_LABEL: null, INSTANCE_LABEL: null, ORPHANED_LABEL: "true"},
+            "labels": {MANAGED_BY: null, BLUEPRINT_LABEL: null, INSTANCE_LABEL: null, INVENTORY_LABEL: null, ORPHANED_LABEL: "true"},
             "annotations": {
                 ORPHANED_AT: at.to_string(),
                 ORPHANED_REASON: crate::plan::orphan_reason(entry),

@@ -6,10 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kube::Resource as _;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    ApiResource, DeleteParams, DynamicObject, GetParams, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams, Preconditions,
 };
+use kube::core::Request;
 use kube::discovery::Scope;
 use serde_json::{Value, json};
 
@@ -126,12 +128,23 @@ impl Cluster {
         self.kinds.lock().ok().and_then(|k| k.get(key).cloned())
     }
 
-    fn api(&self, kind: &Kind, namespace: &str) -> Api<DynamicObject> {
-        if kind.namespaced {
-            Api::namespaced_with(self.client.clone(), namespace, &kind.resource)
-        } else {
-            Api::all_with(self.client.clone(), &kind.resource)
-        }
+    /// Requests for `kind` in `namespace` ("" for all namespaces or a
+    /// cluster-scoped kind).
+    fn requests(kind: &Kind, namespace: &str) -> Request {
+        let namespace = (kind.namespaced && !namespace.is_empty()).then_some(namespace);
+        Request::new(DynamicObject::url_path(&kind.resource, namespace))
+    }
+
+    /// Sends what `build` makes, retried; the answer as JSON.
+    async fn send(
+        &self,
+        build: impl Fn() -> Result<http::Request<Vec<u8>>, kube::core::request::Error>,
+    ) -> Result<Value, kube::Error> {
+        retry(|| async {
+            let request = build().map_err(kube::Error::BuildRequest)?;
+            self.client.request::<Value>(request).await
+        })
+        .await
     }
 
     /// Every object of `kind` matching `selector`, in `namespace` or in all.
@@ -141,25 +154,30 @@ impl Cluster {
         namespace: Option<&str>,
         selector: &str,
     ) -> Result<Vec<Value>> {
-        let api = match namespace {
-            Some(ns) if kind.namespaced => self.api(kind, ns),
-            _ => Api::all_with(self.client.clone(), &kind.resource),
-        };
+        let requests = Self::requests(kind, namespace.unwrap_or_default());
         let mut objects = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let params = ListParams {
                 label_selector: Some(selector.to_string()),
-                limit: Some(2000),
+                limit: Some(1000),
                 continue_token: token.clone(),
                 ..ListParams::default()
             };
-            let page = retry(|| api.list(&params)).await.map_err(|e| Error::Api {
-                what: format!("list {}", kind.resource.plural),
-                message: message(&e),
-            })?;
-            token = page.metadata.continue_.clone().filter(|t| !t.is_empty());
-            objects.extend(page.items.into_iter().map(|o| value(o, kind)));
+            let mut page = self
+                .send(|| requests.list(&params))
+                .await
+                .map_err(|e| Error::Api {
+                    what: format!("list {}", kind.resource.plural),
+                    message: message(&e),
+                })?;
+            token = page["metadata"]["continue"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            if let Some(Value::Array(items)) = page.get_mut("items").map(Value::take) {
+                objects.extend(items.into_iter().map(|o| value(o, kind)));
+            }
             if token.is_none() {
                 return Ok(objects);
             }
@@ -173,10 +191,16 @@ impl Cluster {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Value>, Failure> {
-        let api = self.api(kind, namespace);
-        match retry(|| api.get_opt(name)).await {
-            Ok(found) => Ok(found.map(|o| value(o, kind))),
-            Err(e) => Err(classify(&e)),
+        let requests = Self::requests(kind, namespace);
+        match self
+            .send(|| requests.get(name, &GetParams::default()))
+            .await
+        {
+            Ok(object) => Ok(Some(value(object, kind))),
+            Err(e) => match classify(&e) {
+                Failure::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
         }
     }
 
@@ -192,43 +216,37 @@ impl Cluster {
     ) -> Result<Value, Failure> {
         let namespace = body["metadata"]["namespace"].as_str().unwrap_or_default();
         let name = body["metadata"]["name"].as_str().unwrap_or_default();
-        let api = self.api(kind, namespace);
+        let requests = Self::requests(kind, namespace);
         let post = PostParams {
             dry_run,
             field_manager: Some(FIELD_MANAGER.into()),
         };
-        let object = |body: &Value| -> Result<DynamicObject, Failure> {
-            serde_json::from_value(body.clone()).map_err(|e| Failure::Other(e.to_string()))
+        let patch_params = |force: bool| PatchParams {
+            dry_run,
+            force,
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
         };
+        let bytes = |body: &Value| serde_json::to_vec(body).unwrap_or_default();
         let result = match (how, live) {
             (Write::Apply { force }, _) => {
-                let params = PatchParams {
-                    dry_run,
-                    force,
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..PatchParams::default()
-                };
-                let patch = Patch::Apply(body);
-                retry(|| api.patch(name, &params, &patch)).await
+                let (params, patch) = (patch_params(force), Patch::Apply(body));
+                self.send(|| requests.patch(name, &params, &patch)).await
             }
             (Write::Merge, Some(_)) => {
-                let params = PatchParams {
-                    dry_run,
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..PatchParams::default()
-                };
-                let patch = Patch::Merge(body);
-                retry(|| api.patch(name, &params, &patch)).await
+                let (params, patch) = (patch_params(false), Patch::Merge(body));
+                self.send(|| requests.patch(name, &params, &patch)).await
             }
             (Write::Replace, Some(live)) => {
                 let mut body = body.clone();
                 body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"].clone();
-                let object = object(&body)?;
-                retry(|| api.replace(name, &post, &object)).await
+                let data = bytes(&body);
+                self.send(|| requests.replace(name, &post, data.clone()))
+                    .await
             }
             (Write::Merge | Write::Replace, None) => {
-                let object = object(body)?;
-                retry(|| api.create(&post, &object)).await
+                let data = bytes(body);
+                self.send(|| requests.create(&post, data.clone())).await
             }
         };
         result.map(|o| value(o, kind)).map_err(|e| classify(&e))
@@ -242,13 +260,13 @@ impl Cluster {
         name: &str,
         patch: &Value,
     ) -> Result<(), Failure> {
-        let api = self.api(kind, namespace);
+        let requests = Self::requests(kind, namespace);
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PatchParams::default()
         };
         let patch = Patch::Merge(patch);
-        retry(|| api.patch(name, &params, &patch))
+        self.send(|| requests.patch(name, &params, &patch))
             .await
             .map(|_| ())
             .map_err(|e| classify(&e))
@@ -262,15 +280,15 @@ impl Cluster {
         name: &str,
         uid: &str,
     ) -> Result<(), Failure> {
-        let api = self.api(kind, namespace);
+        let requests = Self::requests(kind, namespace);
         let params = DeleteParams {
             preconditions: Some(Preconditions {
-                uid: Some(uid.to_string()),
+                uid: (!uid.is_empty()).then(|| uid.to_string()),
                 resource_version: None,
             }),
             ..DeleteParams::background()
         };
-        match retry(|| api.delete(name, &params)).await {
+        match self.send(|| requests.delete(name, &params)).await {
             Ok(_) => Ok(()),
             Err(e) => match classify(&e) {
                 Failure::NotFound(_) => Ok(()),
@@ -324,17 +342,12 @@ impl Cluster {
 
     /// Deletes a ConfigMap Kiln owns outright.
     pub async fn delete_config_map(&self, namespace: &str, name: &str) -> Result<()> {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), namespace, &config_map_kind().resource);
-        let params = DeleteParams::default();
-        match retry(|| api.delete(name, &params)).await {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(classify(&e), Failure::NotFound(_)) => Ok(()),
-            Err(e) => Err(Error::Api {
+        self.delete(&config_map_kind(), namespace, name, "")
+            .await
+            .map_err(|f| Error::Api {
                 what: format!("delete ConfigMap {namespace}/{name}"),
-                message: message(&e),
-            }),
-        }
+                message: f.to_string(),
+            })
     }
 
     /// Creates a namespace unless it exists.
@@ -366,8 +379,8 @@ fn config_map_kind() -> Kind {
 
 /// An object as a value, with the `apiVersion` and `kind` lists leave out,
 /// without `managedFields` (large, and never compared).
-fn value(object: DynamicObject, kind: &Kind) -> Value {
-    let Ok(Value::Object(fields)) = serde_json::to_value(object) else {
+fn value(object: Value, kind: &Kind) -> Value {
+    let Value::Object(fields) = object else {
         return Value::Null;
     };
     let mut map = serde_json::Map::with_capacity(fields.len() + 2);
@@ -435,5 +448,34 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: message.into(),
+            ..kube::core::Status::default()
+        }))
+    }
+
+    #[test]
+    fn overload_and_server_errors_are_retried_and_conflicts_are_reported() {
+        assert!(transient(&api(429, "too many requests")));
+        assert!(transient(&api(503, "unavailable")));
+        assert!(!transient(&api(409, "conflict")));
+        assert!(!transient(&api(422, "invalid")));
+        assert_eq!(
+            classify(&api(
+                409,
+                "Apply failed with 1 conflict: conflict with \"x\": .data.a"
+            )),
+            Failure::Conflict("Apply failed with 1 conflict: conflict with \"x\": .data.a".into())
+        );
+        assert!(matches!(classify(&api(404, "gone")), Failure::NotFound(_)));
     }
 }

@@ -18,6 +18,8 @@ use crate::{Error, Result};
 /// Kiln records the digest of what it applied here; an object whose digest
 /// matches and whose fields still hold the desired values needs no write.
 pub const DIGEST_ANNOTATION: &str = "kiln.dev/applied-digest";
+/// The inventory that applied an object: what Kiln lists its live objects by.
+pub const INVENTORY_LABEL: &str = "kiln.dev/inventory";
 
 /// The blueprint, instance and resource an object comes from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -136,15 +138,21 @@ impl Desired {
         })
     }
 
-    /// The body to send: the object with the digest annotation.
-    pub fn body(&self) -> Value {
+    /// The body to send: the object with the digest annotation and the
+    /// label of the inventory that applies it.
+    pub fn body(&self, inventory: &str) -> Value {
         let mut body = self.object.clone();
         if let Some(metadata) = body.get_mut("metadata").and_then(Value::as_object_mut) {
-            let annotations = metadata
-                .entry("annotations")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if let Some(annotations) = annotations.as_object_mut() {
-                annotations.insert(DIGEST_ANNOTATION.into(), self.digest.clone().into());
+            for (field, key, value) in [
+                ("annotations", DIGEST_ANNOTATION, &self.digest),
+                ("labels", INVENTORY_LABEL, &inventory.to_string()),
+            ] {
+                let map = metadata
+                    .entry(field)
+                    .or_insert_with(|| Value::Object(Default::default()));
+                if let Some(map) = map.as_object_mut() {
+                    map.insert(key.into(), value.clone().into());
+                }
             }
         }
         body
@@ -240,7 +248,7 @@ mod tests {
         assert_eq!(desired.policies.depends_on, ["namespace"]);
         assert!(desired.policies.wait_for_ready);
         assert_eq!(
-            desired.body()["metadata"]["annotations"][DIGEST_ANNOTATION],
+            desired.body("prod")["metadata"]["annotations"][DIGEST_ANNOTATION],
             desired.digest
         );
     }

@@ -55,7 +55,7 @@ pub async fn detect(
 ) -> Result<Vec<Drifted>> {
     let inventory =
         Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
-    let live = read_live(cluster, &mut desired).await?;
+    let live = read_live(cluster, &mut desired, &options.inventory, false).await?;
     let semaphore = tokio::sync::Semaphore::new(options.concurrency.max(1));
     let mut checks: FuturesUnordered<_> = desired
         .iter()
@@ -65,7 +65,7 @@ pub async fn detect(
             let semaphore = &semaphore;
             async move {
                 let _permit = semaphore.acquire().await;
-                (i, check(cluster, d, live).await)
+                (i, check(cluster, d, live, &options.inventory).await)
             }
         })
         .collect();
@@ -107,6 +107,7 @@ async fn check(
     cluster: &Cluster,
     desired: &Desired,
     live: Option<&Value>,
+    inventory: &str,
 ) -> Result<Option<Drifted>> {
     let drifted = |status, diff| Drifted {
         object: desired.identity.to_string(),
@@ -132,7 +133,7 @@ async fn check(
         PatchStrategy::Replace => Write::Replace,
     };
     let after = cluster
-        .write(&kind, &desired.body(), how, Some(live), true)
+        .write(&kind, &desired.body(inventory), how, Some(live), true)
         .await
         .map_err(|f| crate::Error::Api {
             what: format!("dry-run apply {}", desired.label()),

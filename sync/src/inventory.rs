@@ -2,7 +2,7 @@
 //! delete, and only that.
 //!
 //! An inventory is a set of ConfigMaps `kiln-inventory-<name>-<i>` in one
-//! namespace, labelled `kiln.dev/inventory: <name>`. Each holds one line per
+//! namespace, labelled `kiln.dev/inventory-of: <name>`. Each holds one line per
 //! object (group, version, kind, namespace, name, blueprint, instance,
 //! resource id, wave, deletion policy), tab-separated, sorted. Objects are
 //! spread over the shards by a hash of their identity, and the shard count
@@ -19,8 +19,9 @@ use crate::cluster::Cluster;
 use crate::desired::Owner;
 use crate::{Error, Result};
 
-/// The label that names an inventory on its ConfigMaps.
-pub const LABEL: &str = "kiln.dev/inventory";
+/// The label that names an inventory on its ConfigMaps (objects it applied
+/// carry `kiln.dev/inventory` instead).
+pub const LABEL: &str = "kiln.dev/inventory-of";
 /// The data key holding a shard's lines.
 const KEY: &str = "entries";
 /// What a shard may grow to before the count doubles.

@@ -88,8 +88,17 @@ pub struct Plan {
     pub waves: usize,
 }
 
-/// Live state the plan is made from: the desired objects that exist, as read.
+/// Live state the plan is made from: the desired objects that exist, as
+/// read, or `null` for one already known to be unchanged (see [`settled`]).
 pub type Live = HashMap<Identity, Value>;
+
+/// Whether `live` needs nothing: unchanged, nobody waits on it, no orphan
+/// marker. Such objects need not be kept in memory; a `null` stands for them.
+pub fn settled(desired: &Desired, live: &Value) -> bool {
+    !desired.policies.wait_for_ready
+        && live["metadata"]["labels"][ORPHANED_LABEL].is_null()
+        && action(desired, Some(live)) == Action::Unchanged
+}
 
 impl Plan {
     /// Decides every step. `prune` false leaves objects that left the tree.
@@ -327,6 +336,9 @@ fn action(desired: &Desired, live: Option<&Value>) -> Action {
     let Some(live) = live else {
         return Action::Create;
     };
+    if live.is_null() {
+        return Action::Unchanged;
+    }
     if desired.policies.creation == CreationPolicy::Once {
         return Action::Skip("creationPolicy Once and it exists".into());
     }
@@ -479,7 +491,7 @@ mod tests {
     }
 
     fn live_of(d: &Desired) -> Value {
-        let mut live = d.body();
+        let mut live = d.body("prod");
         live["metadata"]["uid"] = "u".into();
         live["metadata"]["resourceVersion"] = "1".into();
         live["status"] = json!({"phase": "Active"});

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use futures_util::StreamExt as _;
-use kiln_render::manifest::MANAGED_BY;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
@@ -14,22 +13,24 @@ use tokio::task::JoinHandle;
 
 use crate::Result;
 use crate::cluster::Cluster;
-use crate::desired::Desired;
+use crate::desired::{Desired, INVENTORY_LABEL};
 
-/// One watch per kind, each sending a note when an object Kiln manages
-/// changes.
+/// One watch per kind, each sending a note when an object of the inventory
+/// changes (or leaves it: a label removed).
 #[derive(Debug)]
 pub struct Watches {
     cluster: Cluster,
+    selector: String,
     changed: mpsc::Sender<()>,
     running: HashMap<(String, String), JoinHandle<()>>,
 }
 
 impl Watches {
     /// No watches yet; notes go to `changed`.
-    pub fn new(cluster: Cluster, changed: mpsc::Sender<()>) -> Self {
+    pub fn new(cluster: Cluster, inventory: &str, changed: mpsc::Sender<()>) -> Self {
         Self {
             cluster,
+            selector: format!("{INVENTORY_LABEL}={inventory}"),
             changed,
             running: HashMap::new(),
         }
@@ -48,7 +49,7 @@ impl Watches {
             let api: Api<DynamicObject> =
                 Api::all_with(self.cluster.client().clone(), &kind.resource);
             let changed = self.changed.clone();
-            let config = watcher::Config::default().labels(&format!("{MANAGED_BY}=kiln"));
+            let config = watcher::Config::default().labels(&self.selector);
             let task = tokio::spawn(async move {
                 let mut stream = watcher::watcher(api, config).default_backoff().boxed();
                 let mut listed = false;

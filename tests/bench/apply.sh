@@ -5,8 +5,9 @@
 # --server-side` of the same objects (its own namespaces, so both start
 # cold). Measures a cold apply, a no-op resync (and counts the writes the
 # API server saw during it), and a 1% change; then a ceiling: the same tree
-# under fresh names with 256 writes in flight, which is as much as this API
-# server takes on this machine. Needs a running environment:
+# under fresh names at 4, 64 and 256 writes in flight, the best of which
+# (or of the default run) is what this API server takes on this machine.
+# Needs a running environment:
 #   eval "$(tests/env up)"; tests/bench/apply.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -74,7 +75,7 @@ YAML
 }
 
 writes() { # writes the API server has answered so far, dry-runs excluded
-  "$kubectl" get --raw /metrics | awk '/^apiserver_request_total\{/ && /dry_run=""/ && /verb="(POST|PUT|PATCH|APPLY|DELETE)"/ { n += $NF } END { printf "%d\n", n }'
+  "$kubectl" get --raw /metrics | awk '/^apiserver_request_total\{/ && /dry_run=""/ && /verb="(POST|PUT|PATCH|APPLY|DELETE)"/ && /resource="(namespaces|configmaps|services|deployments)"/ { n += $NF } END { printf "%d\n", n }'
 }
 
 timed() { # label, command...: wall seconds and peak RSS
@@ -86,10 +87,9 @@ timed() { # label, command...: wall seconds and peak RSS
 }
 
 k=k$run; c=c$run; x=x$run
-config "$k"; config "$c"; config "$x"
+config "$k"; config "$c"
 "$kiln" render -f "$work/$k/kiln.yaml" --out "$work/$k/out" 2>/dev/null
 "$kiln" render -f "$work/$c/kiln.yaml" > "$work/$c/all.yaml"
-"$kiln" render -f "$work/$x/kiln.yaml" --out "$work/$x/out" 2>/dev/null
 echo "objects: $(grep -c '^---$' "$work/$c/all.yaml") per tree"
 
 timed "kiln apply (cold)" "$kiln" apply --dir "$work/$k/out" --inventory "$k"; kcold=$(cat "$work/last.wall")
@@ -112,6 +112,16 @@ timed "kiln apply (1% changed)" "$kiln" apply --dir "$work/$k/out" --inventory "
 grep -o 'applied [0-9]*' "$work/err.log" | sed 's/^/  kiln: /'
 timed "kubectl apply --server-side (1% changed)" "$kubectl" apply --server-side -f "$work/$c/changed.yaml"
 
-timed "ceiling: kiln apply --concurrency 256 (cold)" "$kiln" apply --dir "$work/$x/out" --inventory "$x" --concurrency 256; xcold=$(cat "$work/last.wall")
-awk -v k="$kcold" -v c="$ccold" -v x="$xcold" 'BEGIN {
-  printf "cold apply: kubectl / kiln = %.1fx; kiln at --concurrency 16 reaches %.0f%% of the ceiling\n", c / k, 100 * x / k }'
+# The ceiling: the best cold throughput this API server gives at any
+# concurrency, each run on fresh names.
+best=""
+for conc in 4 64 256; do
+  y=y$conc$run; config "$y"
+  "$kiln" render -f "$work/$y/kiln.yaml" --out "$work/$y/out" 2>/dev/null
+  timed "kiln apply --concurrency $conc (cold)" "$kiln" apply --dir "$work/$y/out" --inventory "$y" --concurrency "$conc"
+  wall=$(cat "$work/last.wall")
+  if [ -z "$best" ] || awk -v a="$wall" -v b="$best" 'BEGIN { exit !(a < b) }'; then best=$wall; fi
+done
+awk -v k="$kcold" -v c="$ccold" -v x="$best" 'BEGIN {
+  if (k < x) x = k
+  printf "cold apply: kubectl / kiln = %.1fx; kiln (--concurrency 16) runs at %.0f%% of the best throughput seen (%.0f objects/s)\n", c / k, 100 * x / k, 10 * '"$N"' / x }'

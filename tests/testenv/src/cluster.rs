@@ -1,10 +1,14 @@
 //! etcd, kube-apiserver and kube-controller-manager.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::process::{self, Tier, free_port, http_get, mkdir, spawn, wait_until, write};
+use crate::process::{
+    self, Tier, free_port, http_get, mkdir, spawn, spawn_child, wait_until, write,
+};
 use crate::{Error, KUBECTL_VAR, Result, random_hex};
 
 /// A running control plane (or an existing one named by a kubeconfig).
@@ -16,6 +20,19 @@ pub struct Cluster {
     pub kubectl: PathBuf,
     /// The API server's URL.
     pub server: String,
+    /// How to stop and start the API server again, for a cluster this
+    /// process started.
+    api_server: Option<Arc<ApiServer>>,
+}
+
+/// The running API server of a cluster this process started.
+#[derive(Debug)]
+struct ApiServer {
+    program: PathBuf,
+    args: Vec<OsString>,
+    root: PathBuf,
+    log: PathBuf,
+    child: Mutex<Option<Child>>,
 }
 
 impl Cluster {
@@ -42,6 +59,7 @@ impl Cluster {
             kubeconfig,
             kubectl,
             server,
+            api_server: None,
         })
     }
 
@@ -78,45 +96,49 @@ impl Cluster {
         )?;
 
         let log = dir.join("kube-apiserver.log");
-        spawn(
-            "kube-apiserver",
-            Tier::Server,
-            Command::new(bin.join("kube-apiserver"))
-                .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg("--advertise-address=127.0.0.1")
-                .arg(format!("--secure-port={port}"))
-                .arg(format!("--cert-dir={}", dir.join("serving").display()))
-                .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
-                .arg(format!(
-                    "--tls-private-key-file={}",
-                    pki.serving_key.display()
-                ))
-                .arg(format!("--client-ca-file={}", pki.ca_cert.display()))
-                .arg(format!(
-                    "--token-auth-file={}",
-                    dir.join("tokens.csv").display()
-                ))
-                .arg("--authorization-mode=RBAC")
-                .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-                .arg(format!(
-                    "--service-account-key-file={}",
-                    pki.sa_public.display()
-                ))
-                .arg(format!(
-                    "--service-account-signing-key-file={}",
-                    pki.sa_private.display()
-                ))
-                .arg("--service-cluster-ip-range=10.96.0.0/16")
-                .arg("--allow-privileged=true")
-                .arg("--profiling=false"),
-            root,
-            &log,
-        )?;
+        let mut command = Command::new(bin.join("kube-apiserver"));
+        command
+            .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--cert-dir={}", dir.join("serving").display()))
+            .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
+            .arg(format!(
+                "--tls-private-key-file={}",
+                pki.serving_key.display()
+            ))
+            .arg(format!("--client-ca-file={}", pki.ca_cert.display()))
+            .arg(format!(
+                "--token-auth-file={}",
+                dir.join("tokens.csv").display()
+            ))
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!(
+                "--service-account-key-file={}",
+                pki.sa_public.display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                pki.sa_private.display()
+            ))
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg("--allow-privileged=true")
+            .arg("--profiling=false");
+        let api_server = Arc::new(ApiServer {
+            program: bin.join("kube-apiserver"),
+            args: command.get_args().map(OsString::from).collect(),
+            root: root.to_path_buf(),
+            log: log.clone(),
+            child: Mutex::new(None),
+        });
+        api_server.start()?;
         let cluster = Self {
             kubeconfig,
             kubectl,
             server,
+            api_server: Some(api_server),
         };
         wait_until("kube-apiserver", &log, Duration::from_secs(90), || {
             cluster.kubectl_quiet(&["get", "--raw", "/readyz"])
@@ -159,6 +181,28 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Stops the API server (SIGTERM, as a rolling restart does), waits
+    /// `down` and starts it again on the same port and storage; returns when
+    /// it is ready. Only for a cluster this process started.
+    pub fn restart_api_server(&self, down: Duration) -> Result<()> {
+        let Some(api_server) = &self.api_server else {
+            return Err(Error::Failed {
+                name: "kube-apiserver".into(),
+                detail: "was not started by this process, so it cannot be restarted".into(),
+                log: String::new(),
+            });
+        };
+        api_server.stop();
+        std::thread::sleep(down);
+        api_server.start()?;
+        wait_until(
+            "kube-apiserver",
+            &api_server.log,
+            Duration::from_secs(90),
+            || self.kubectl_quiet(&["get", "--raw", "/readyz"]),
+        )
+    }
+
     /// A kubectl command pointed at this cluster.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(&self.kubectl);
@@ -173,6 +217,31 @@ impl Cluster {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
+    }
+}
+
+impl ApiServer {
+    fn start(&self) -> Result<()> {
+        let child = spawn_child(
+            "kube-apiserver",
+            Tier::Server,
+            Command::new(&self.program).args(&self.args),
+            &self.root,
+            &self.log,
+        )?;
+        if let Ok(mut slot) = self.child.lock() {
+            *slot = Some(child);
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        if let Ok(mut slot) = self.child.lock()
+            && let Some(mut child) = slot.take()
+        {
+            process::signal_group(child.id(), "TERM");
+            let _ = child.wait();
+        }
     }
 }
 

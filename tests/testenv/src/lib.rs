@@ -89,6 +89,25 @@ pub fn cluster() -> &'static Cluster {
     })
 }
 
+/// A cluster of this test binary's own, started on first use even when
+/// `KILN_TEST_KUBECONFIG` names another: one whose API server a test may
+/// restart ([`Cluster::restart_api_server`]).
+pub fn own_cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+    shared(&CLUSTER, "kube-apiserver", || {
+        let root = tempfile::Builder::new()
+            .prefix("kiln-testenv-own-")
+            .tempdir()
+            .map_err(|e| Error::Io {
+                what: "create a temporary directory".into(),
+                source: e,
+            })?
+            .keep();
+        process::start_watchdog(std::process::id(), &root)?;
+        Cluster::start(&root, &envtest_bin()?)
+    })
+}
+
 /// The PostgreSQL server shared by this test binary, started on first use.
 pub fn postgres() -> &'static Postgres {
     static POSTGRES: OnceLock<Result<Postgres, String>> = OnceLock::new();

@@ -53,6 +53,19 @@ pub(crate) fn spawn(
     root: &Path,
     log: &Path,
 ) -> Result<u32> {
+    // The child is reaped by whoever stops the group; dropping the handle
+    // neither waits for it nor kills it.
+    spawn_child(name, tier, cmd, root, log).map(|child| child.id())
+}
+
+/// As [`spawn`], keeping the handle so that the caller can stop and reap it.
+pub(crate) fn spawn_child(
+    name: &str,
+    tier: Tier,
+    cmd: &mut Command,
+    root: &Path,
+    log: &Path,
+) -> Result<std::process::Child> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -89,10 +102,7 @@ pub(crate) fn spawn(
         what: format!("record process group in {}", root.display()),
         source: e,
     })?;
-    // The child is reaped by whoever stops the group; dropping the handle
-    // neither waits for it nor kills it.
-    drop(child);
-    Ok(pid)
+    Ok(child)
 }
 
 /// Runs a short-lived command to completion, with its output in `log`; an exit
@@ -286,7 +296,7 @@ fn kill(signal: &str, group: u32) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn signal_group(group: u32, signal: &str) {
+pub(crate) fn signal_group(group: u32, signal: &str) {
     // A group that is already gone is not an error.
     kill(signal, group);
 }

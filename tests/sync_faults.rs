@@ -1,0 +1,132 @@
+//! Faults during an apply, on a cluster of this test binary's own: the API
+//! server restarting in the middle. Nothing is lost: the apply retries,
+//! finishes, and every object and the inventory are there.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::stderr;
+
+#[test]
+fn an_api_server_restart_in_the_middle_of_an_apply_loses_nothing() {
+    let cluster = kiln_testenv::own_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = kiln_testenv::unique_name("restart");
+    let n = 60;
+    std::fs::write(
+        dir.path().join("rows.yaml"),
+        (0..n)
+            .map(|i| format!("- {{id: t{i}}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let cfg = dir.path().join("kiln.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows}}\nspec: {{url: \"file:rows.yaml\", key: id}}\n---\n\
+             apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app}}\nspec:\n  source: rows\n  namespace: \"{prefix}-{{{{ key }}}}\"\n  resources:\n\
+             \x20\x20- id: namespace\n    template: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {{name: \"{prefix}-{{{{ key }}}}\"}}\n\
+             \x20\x20- id: one\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: one}}\n\
+             \x20\x20- id: two\n    dependsOn: [one]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: two}}\n\
+             \x20\x20- id: three\n    dependsOn: [two]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: three}}\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let render = common::kiln(&[
+        "render",
+        "-f",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(render.status.success(), "{}", stderr(&render));
+
+    // One write at a time, so that the apply is still going when the
+    // server goes away.
+    let apply = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "apply",
+            "--dir",
+            out.to_str().unwrap(),
+            "--concurrency",
+            "1",
+            "--inventory",
+            &prefix,
+        ])
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let namespaces = || {
+        let out = cluster
+            .kubectl()
+            .args(["get", "namespaces", "-o", "name"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .matches(&prefix)
+            .count()
+    };
+    let start = Instant::now();
+    while namespaces() < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the apply did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.restart_api_server(Duration::from_secs(2)).unwrap();
+    let result = apply.wait_with_output().unwrap();
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains(&format!("created {}", n * 4)),
+        "{}",
+        stderr(&result)
+    );
+    let objects = cluster
+        .kubectl()
+        .args([
+            "get",
+            "configmaps",
+            "-A",
+            "-o",
+            "name",
+            "-l",
+            "kiln.dev/blueprint=app",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&objects.stdout).lines().count(),
+        n * 3
+    );
+    let inventory = cluster
+        .kubectl()
+        .args([
+            "get",
+            "configmaps",
+            "-n",
+            "kiln-system",
+            "-l",
+            &format!("kiln.dev/inventory-of={prefix}"),
+            "-o",
+            "jsonpath={.items[*].data.entries}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&inventory.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count(),
+        n * 4
+    );
+}
