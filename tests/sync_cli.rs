@@ -841,3 +841,77 @@ fn a_namespace_deleted_under_kiln_is_created_again() {
         out.status.success() && get(&ns, "configmap", "config").is_some()
     });
 }
+
+#[test]
+fn sync_with_git_commits_applies_the_branch_and_holds_a_rollback_pin() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: \"{{ row.greeting }}\"}",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("gitsync", "- {id: a, greeting: hello}\n", &resources);
+    let repo = f.path("repo.git");
+    common::git(
+        f.dir.path(),
+        &["init", "-q", "--bare", repo.to_str().unwrap()],
+    );
+    let sync = || {
+        let mut args = vec![
+            "sync".to_string(),
+            "--once".into(),
+            "-f".into(),
+            f.path("cfg").display().to_string(),
+        ];
+        args.extend([
+            "--git".into(),
+            repo.display().to_string(),
+            "--branch".into(),
+            "rendered".into(),
+        ]);
+        args.extend(f.cluster_args());
+        kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let ns = f.ns("a");
+    let greeting = || get(&ns, "configmap", "config").unwrap()["data"]["greeting"].clone();
+
+    let out = sync();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("committed"), "{}", stderr(&out));
+    let first = common::git(&repo, &["rev-parse", "rendered"]);
+    assert_eq!(greeting(), "hello");
+
+    f.rows("- {id: a, greeting: goodbye}\n");
+    let out = sync();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(greeting(), "goodbye");
+
+    let out = kiln(&[
+        "rollback",
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "rendered",
+        "--to",
+        &first,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pinned = common::git(&repo, &["rev-parse", "rendered"]);
+    let out = sync();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pinned"), "{}", stderr(&out));
+    assert_eq!(
+        common::git(&repo, &["rev-parse", "rendered"]),
+        pinned,
+        "a pinned branch moved"
+    );
+    assert_eq!(
+        greeting(),
+        "hello",
+        "the rolled-back tree is what is applied"
+    );
+}
