@@ -442,6 +442,16 @@ where
     loop {
         match request().await {
             Err(e) if transient(&e) && tokio::time::Instant::now() + delay < deadline => {
+                // Once per process: a restart fails every request in flight.
+                static WARNED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the API server did not answer ({}); retrying for up to {}s",
+                        message(&e),
+                        RETRY_FOR.as_secs()
+                    );
+                }
                 tracing::debug!(error = %message(&e), delay_ms = delay.as_millis() as u64, "retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));

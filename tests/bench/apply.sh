@@ -5,7 +5,7 @@
 # --server-side` of the same objects (its own namespaces, so both start
 # cold). Measures a cold apply, a no-op resync (and counts the writes the
 # API server saw during it), and a 1% change; then a ceiling: the same tree
-# under fresh names at 4, 64 and 256 writes in flight, the best of which
+# under fresh names at 8 and 64 writes in flight, the best of which
 # (or of the default run) is what this API server takes on this machine.
 # Needs a running environment:
 #   eval "$(tests/env up)"; tests/bench/apply.sh
@@ -115,7 +115,7 @@ timed "kubectl apply --server-side (1% changed)" "$kubectl" apply --server-side 
 # The ceiling: the best cold throughput this API server gives at any
 # concurrency, each run on fresh names.
 best=""
-for conc in 4 64 256; do
+for conc in 8 64; do
   y=y$conc$run; config "$y"
   "$kiln" render -f "$work/$y/kiln.yaml" --out "$work/$y/out" 2>/dev/null
   timed "kiln apply --concurrency $conc (cold)" "$kiln" apply --dir "$work/$y/out" --inventory "$y" --concurrency "$conc"
