@@ -4,14 +4,13 @@
 //! (what may be created) and after (what exists).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use kiln_render::api::{ConflictPolicy, DeletionPolicy, PatchStrategy};
-use kiln_render::manifest::{BLUEPRINT_LABEL, INSTANCE_LABEL, Identity, MANAGED_BY};
+use kiln_render::manifest::Identity;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
@@ -19,13 +18,10 @@ use crate::cluster::{Cluster, Failure, Kind, Write};
 use crate::desired::{Desired, INVENTORY_LABEL};
 use crate::health::{Health, health};
 use crate::inventory::{Entry, Inventory};
-use crate::plan::{Action, Live, ORPHANED_LABEL, Plan, Prune, Step};
+use crate::plan::{Action, Live, ORPHANED_LABEL, Plan, Step};
+use crate::prune::{ORPHANED_AT, ORPHANED_REASON, prune};
+pub use crate::report::{Outcome, Report, Status};
 use crate::{Error, Result};
-
-/// When an object was orphaned.
-pub const ORPHANED_AT: &str = "kiln.dev/orphaned-at";
-/// Why an object was orphaned.
-pub const ORPHANED_REASON: &str = "kiln.dev/orphaned-reason";
 
 /// How an apply runs.
 #[derive(Debug, Clone)]
@@ -51,139 +47,6 @@ impl Default for Options {
             inventory_namespace: "kiln-system".into(),
             inventory: "default".into(),
         }
-    }
-}
-
-/// What happened to one object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Status {
-    /// Created.
-    Created,
-    /// Updated to a new desired state.
-    Updated,
-    /// Put back after an out-of-band change.
-    Corrected,
-    /// Nothing to do.
-    Unchanged,
-    /// Drift found and left (`--detect-only`).
-    Drifted,
-    /// Left alone (a policy, a failed dependency, a stop).
-    Skipped,
-    /// Failed.
-    Failed,
-    /// Deleted because it left the tree.
-    Pruned,
-    /// Kept because it left the tree with `deletionPolicy: Retain`.
-    Orphaned,
-}
-
-impl Status {
-    fn verb(self) -> &'static str {
-        match self {
-            Status::Created => "created",
-            Status::Updated => "updated",
-            Status::Corrected => "corrected",
-            Status::Unchanged => "unchanged",
-            Status::Drifted => "drifted",
-            Status::Skipped => "skipped",
-            Status::Failed => "failed",
-            Status::Pruned => "pruned",
-            Status::Orphaned => "orphaned",
-        }
-    }
-
-    /// Whether dependents may go ahead.
-    fn lets_dependents_go(self) -> bool {
-        matches!(
-            self,
-            Status::Created
-                | Status::Updated
-                | Status::Corrected
-                | Status::Unchanged
-                | Status::Drifted
-        )
-    }
-}
-
-/// One line of the report.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// What happened.
-    pub status: Status,
-    /// `Kind namespace/name (blueprint/instance/resource)`.
-    pub object: String,
-    /// Why, for failures and skips.
-    pub detail: String,
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.status.verb(), self.object)?;
-        if !self.detail.is_empty() {
-            write!(f, ": {}", self.detail)?;
-        }
-        Ok(())
-    }
-}
-
-/// What an apply did.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    /// Every object's outcome: steps in plan order, then prunes.
-    pub outcomes: Vec<Outcome>,
-    /// Objects that left the tree but were not pruned, and why.
-    pub postponed: Option<String>,
-}
-
-impl Report {
-    /// How many objects ended with each status.
-    pub fn counts(&self) -> BTreeMap<Status, usize> {
-        let mut counts = BTreeMap::new();
-        for o in &self.outcomes {
-            *counts.entry(o.status).or_default() += 1;
-        }
-        counts
-    }
-
-    /// How many ended with `status`.
-    pub fn count(&self, status: Status) -> usize {
-        self.outcomes.iter().filter(|o| o.status == status).count()
-    }
-
-    /// Whether anything failed.
-    pub fn failed(&self) -> bool {
-        self.count(Status::Failed) > 0
-    }
-
-    /// Every outcome but the unchanged ones.
-    pub fn lines(&self) -> impl Iterator<Item = &Outcome> {
-        self.outcomes
-            .iter()
-            .filter(|o| o.status != Status::Unchanged)
-    }
-
-    /// `applied 3 (created 2, updated 1, corrected 0), unchanged 7, ...`.
-    pub fn summary(&self) -> String {
-        let c = |s| self.count(s);
-        let applied = c(Status::Created) + c(Status::Updated) + c(Status::Corrected);
-        let mut line = format!(
-            "applied {applied} (created {}, updated {}, corrected {}), unchanged {}, failed {}, skipped {}, pruned {}, orphaned {}",
-            c(Status::Created),
-            c(Status::Updated),
-            c(Status::Corrected),
-            c(Status::Unchanged),
-            c(Status::Failed),
-            c(Status::Skipped),
-            c(Status::Pruned),
-            c(Status::Orphaned),
-        );
-        if c(Status::Drifted) > 0 {
-            line.push_str(&format!(", drifted {}", c(Status::Drifted)));
-        }
-        if let Some(why) = &self.postponed {
-            line.push_str(&format!("; {why}"));
-        }
-        line
     }
 }
 
@@ -439,7 +302,10 @@ pub async fn execute(
 
     let mut after: Vec<Entry> = desired_entries;
     if plan.prune.is_empty() {
+        // nothing left the tree
     } else if report.failed() || *stop.borrow() {
+        // A failed apply may be half a rename: keep the old objects until
+        // the new ones exist.
         report.postponed = Some(format!(
             "{} objects that left the tree are kept until an apply succeeds",
             plan.prune.len()
@@ -649,100 +515,6 @@ async fn wait_ready(
             .ok()
             .flatten();
     }
-}
-
-/// Prunes, deepest wave first, each wave concurrently. Returns the entries
-/// that stay in the inventory (the deletions that failed).
-async fn prune(
-    cluster: &Cluster,
-    prune: &[Prune],
-    semaphore: &Semaphore,
-    report: &mut Report,
-) -> Vec<Entry> {
-    let mut kept = Vec::new();
-    let mut start = 0;
-    while start < prune.len() {
-        let wave = prune[start].entry.wave;
-        let end = prune[start..]
-            .iter()
-            .position(|p| p.entry.wave != wave)
-            .map_or(prune.len(), |p| start + p);
-        let mut running: FuturesUnordered<_> = prune[start..end]
-            .iter()
-            .map(|p| async move {
-                let _permit = semaphore.acquire().await;
-                (p, prune_one(cluster, p).await)
-            })
-            .collect();
-        while let Some((p, result)) = running.next().await {
-            let object = format!("{} ({})", p.entry.identity, p.entry.owner);
-            match result {
-                Ok(Some(status)) => report.outcomes.push(Outcome {
-                    status,
-                    object,
-                    detail: String::new(),
-                }),
-                Ok(None) => {}
-                Err(detail) => {
-                    kept.push(p.entry.clone());
-                    report.outcomes.push(Outcome {
-                        status: Status::Failed,
-                        object,
-                        detail,
-                    });
-                }
-            }
-        }
-        start = end;
-    }
-    kept
-}
-
-async fn prune_one(
-    cluster: &Cluster,
-    prune: &Prune,
-) -> std::result::Result<Option<Status>, String> {
-    let entry = &prune.entry;
-    let id = &entry.identity;
-    let Some(kind) = cluster
-        .kind(&entry.api_version(), &id.kind)
-        .await
-        .map_err(|e| e.to_string())?
-    else {
-        return Ok(None); // the kind is gone, and its objects with it
-    };
-    let live = match cluster.get(&kind, &id.namespace, &id.name).await {
-        Ok(Some(live)) => live,
-        Ok(None) => return Ok(Some(Status::Pruned)),
-        Err(f) => return Err(f.to_string()),
-    };
-    if live["metadata"]["labels"][MANAGED_BY] != "kiln" {
-        tracing::warn!(object = %id, "no longer labelled {MANAGED_BY}=kiln: left alone and dropped from the inventory");
-        return Ok(None);
-    }
-    if prune.retain {
-        let at = k8s_openapi::jiff::Timestamp::now()
-            .round(k8s_openapi::jiff::Unit::Second)
-            .map_err(|e| e.to_string())?;
-        let patch = json!({"metadata": {
-            "labels": {MANAGED_BY: null, BLUEPRINT_LABEL: null, INSTANCE_LABEL: null, INVENTORY_LABEL: null, ORPHANED_LABEL: "true"},
-            "annotations": {
-                ORPHANED_AT: at.to_string(),
-                ORPHANED_REASON: crate::plan::orphan_reason(entry),
-            },
-        }});
-        cluster
-            .patch_metadata(&kind, &id.namespace, &id.name, &patch)
-            .await
-            .map_err(|f| f.to_string())?;
-        return Ok(Some(Status::Orphaned));
-    }
-    let uid = live["metadata"]["uid"].as_str().unwrap_or_default();
-    cluster
-        .delete(&kind, &id.namespace, &id.name, uid)
-        .await
-        .map_err(|f| f.to_string())?;
-    Ok(Some(Status::Pruned))
 }
 
 /// Prepares and executes in one go.

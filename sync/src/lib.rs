@@ -16,6 +16,8 @@ pub mod health;
 pub mod inventory;
 pub mod metrics;
 pub mod plan;
+pub mod prune;
+pub mod report;
 pub mod watch;
 
 /// What went wrong while talking to a cluster.

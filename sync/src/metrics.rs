@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
-use crate::apply::{Report, Status};
+use crate::report::{Report, Status};
 
 /// Upper bounds of the duration histograms, in seconds.
 const BUCKETS: [f64; 12] = [

@@ -1,0 +1,137 @@
+//! What an apply did, object by object, and in sum.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// What happened to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Status {
+    /// Created.
+    Created,
+    /// Updated to a new desired state.
+    Updated,
+    /// Put back after an out-of-band change.
+    Corrected,
+    /// Nothing to do.
+    Unchanged,
+    /// Drift found and left (`--detect-only`).
+    Drifted,
+    /// Left alone (a policy, a failed dependency, a stop).
+    Skipped,
+    /// Failed.
+    Failed,
+    /// Deleted because it left the tree.
+    Pruned,
+    /// Kept because it left the tree with `deletionPolicy: Retain`.
+    Orphaned,
+}
+
+impl Status {
+    fn verb(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Updated => "updated",
+            Status::Corrected => "corrected",
+            Status::Unchanged => "unchanged",
+            Status::Drifted => "drifted",
+            Status::Skipped => "skipped",
+            Status::Failed => "failed",
+            Status::Pruned => "pruned",
+            Status::Orphaned => "orphaned",
+        }
+    }
+
+    /// Whether dependents may go ahead.
+    pub(crate) fn lets_dependents_go(self) -> bool {
+        matches!(
+            self,
+            Status::Created
+                | Status::Updated
+                | Status::Corrected
+                | Status::Unchanged
+                | Status::Drifted
+        )
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What happened.
+    pub status: Status,
+    /// `Kind namespace/name (blueprint/instance/resource)`.
+    pub object: String,
+    /// Why, for failures and skips.
+    pub detail: String,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status.verb(), self.object)?;
+        if !self.detail.is_empty() {
+            write!(f, ": {}", self.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Every object's outcome: steps in plan order, then prunes.
+    pub outcomes: Vec<Outcome>,
+    /// Objects that left the tree but were not pruned, and why.
+    pub postponed: Option<String>,
+}
+
+impl Report {
+    /// How many objects ended with each status.
+    pub fn counts(&self) -> BTreeMap<Status, usize> {
+        let mut counts = BTreeMap::new();
+        for o in &self.outcomes {
+            *counts.entry(o.status).or_default() += 1;
+        }
+        counts
+    }
+
+    /// How many ended with `status`.
+    pub fn count(&self, status: Status) -> usize {
+        self.outcomes.iter().filter(|o| o.status == status).count()
+    }
+
+    /// Whether anything failed.
+    pub fn failed(&self) -> bool {
+        self.count(Status::Failed) > 0
+    }
+
+    /// Every outcome but the unchanged ones.
+    pub fn lines(&self) -> impl Iterator<Item = &Outcome> {
+        self.outcomes
+            .iter()
+            .filter(|o| o.status != Status::Unchanged)
+    }
+
+    /// `applied 3 (created 2, updated 1, corrected 0), unchanged 7, ...`.
+    pub fn summary(&self) -> String {
+        let c = |s| self.count(s);
+        let applied = c(Status::Created) + c(Status::Updated) + c(Status::Corrected);
+        let mut line = format!(
+            "applied {applied} (created {}, updated {}, corrected {}), unchanged {}, failed {}, skipped {}, pruned {}, orphaned {}",
+            c(Status::Created),
+            c(Status::Updated),
+            c(Status::Corrected),
+            c(Status::Unchanged),
+            c(Status::Failed),
+            c(Status::Skipped),
+            c(Status::Pruned),
+            c(Status::Orphaned),
+        );
+        if c(Status::Drifted) > 0 {
+            line.push_str(&format!(", drifted {}", c(Status::Drifted)));
+        }
+        if let Some(why) = &self.postponed {
+            line.push_str(&format!("; {why}"));
+        }
+        line
+    }
+}
