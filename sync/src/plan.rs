@@ -392,8 +392,53 @@ fn subset(desired: &Value, live: &Value, path: &mut String, ignore: &[String]) -
                 })
         }
         (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
-        (d, l) => d == l,
+        (d, l) if d == l => true,
+        // The server stores resource quantities canonically: `cpu: 0.5`
+        // comes back as "500m", `1024Mi` as "1Gi".
+        (d, Value::String(l)) if is_quantity_path(path) => {
+            let d = match d {
+                Value::Number(n) => n.as_f64(),
+                Value::String(s) => quantity(s),
+                _ => None,
+            };
+            d.is_some() && d == quantity(l)
+        }
+        _ => false,
     }
+}
+
+fn is_quantity_path(path: &str) -> bool {
+    ["/requests/", "/limits/", "/hard/", "/capacity/"]
+        .iter()
+        .any(|p| path.contains(p))
+}
+
+/// A Kubernetes quantity's value: `500m`, `1.5`, `2Gi`, `1e3`.
+fn quantity(text: &str) -> Option<f64> {
+    const SUFFIXES: [(&str, f64); 15] = [
+        ("Ki", 1024.0),
+        ("Mi", 1_048_576.0),
+        ("Gi", 1_073_741_824.0),
+        ("Ti", 1_099_511_627_776.0),
+        ("Pi", 1_125_899_906_842_624.0),
+        ("Ei", 1_152_921_504_606_846_976.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let text = text.trim();
+    for (suffix, factor) in SUFFIXES {
+        if let Some(number) = text.strip_suffix(suffix) {
+            return number.parse::<f64>().ok().map(|n| n * factor);
+        }
+    }
+    text.parse::<f64>().ok()
 }
 
 /// Empty maps and lists are dropped by the server.
