@@ -914,4 +914,17 @@ fn sync_with_git_commits_applies_the_branch_and_holds_a_rollback_pin() {
         "hello",
         "the rolled-back tree is what is applied"
     );
+
+    let out = kiln(&[
+        "resume",
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "rendered",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = sync();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("committed"), "{}", stderr(&out));
+    assert_eq!(greeting(), "goodbye", "after resume the rows rule again");
 }

@@ -315,7 +315,12 @@ async fn pass(
                 if !args.allow_plaintext_secrets {
                     publish::check_secrets(&rendered)?;
                 }
-                tokio::task::block_in_place(|| commit(target, &tree, &inputs, state))?;
+                let pinned = tokio::task::block_in_place(|| commit(target, &tree, &inputs, state))?;
+                if pinned {
+                    // Render again next time: after `kiln resume` the same
+                    // rows must be committed.
+                    return tokio::task::block_in_place(|| read_tip(target, state));
+                }
             }
             None => {
                 if let Some(old) = &state.tree
@@ -335,7 +340,14 @@ async fn pass(
     Ok(())
 }
 
-fn commit(target: &Target, tree: &Tree, inputs: &Inputs, state: &mut State) -> anyhow::Result<()> {
+/// Commits the render unless a rollback pins the branch; says whether it
+/// does.
+fn commit(
+    target: &Target,
+    tree: &Tree,
+    inputs: &Inputs,
+    state: &mut State,
+) -> anyhow::Result<bool> {
     let repo = &target.repo;
     let refname = repo.branch_ref(target.options.branch.as_deref())?;
     let tip = repo.tip(&refname)?;
@@ -348,7 +360,7 @@ fn commit(target: &Target, tree: &Tree, inputs: &Inputs, state: &mut State) -> a
             );
             state.pinned_reported = true;
         }
-        return Ok(());
+        return Ok(true);
     }
     state.pinned_reported = false;
     let published = publish::publish(repo, tree, inputs, &target.options)?;
@@ -363,7 +375,7 @@ fn commit(target: &Target, tree: &Tree, inputs: &Inputs, state: &mut State) -> a
             repo.update_work_tree(&target.options.path)?;
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Reads the branch's tree when its tip moved (a render, a rollback, a
