@@ -35,8 +35,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             print_plan(&prepared.plan, args.format)?;
             return Ok(Outcome::Clean);
         }
-        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-        let stopper = super::sync::stop_on_signal(_stop_tx);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let stopper = super::sync::stop_on_signal(stop_tx);
         let report = apply::execute(&cluster, prepared, &options, &stop).await?;
         stopper.abort();
         print_report(&report, args.format)?;
