@@ -454,6 +454,10 @@ async fn run_step(
     if step.wait
         && let Err(why) = wait_ready(cluster, &kind, desired, current).await
     {
+        let why = match status {
+            Status::Unchanged => why,
+            written => format!("{} but {why}", written.verb()),
+        };
         return outcome(Status::Failed, why);
     }
     outcome(status, String::new())

@@ -20,18 +20,27 @@ pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> Result
     };
     let config = match kubeconfig {
         Some(path) => {
-            let file =
-                Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig { source })?;
+            let file = Kubeconfig::read_from(path).map_err(|e| Error::Kubeconfig {
+                message: e.to_string(),
+            })?;
             Config::from_custom_kubeconfig(file, &options)
                 .await
-                .map_err(|source| Error::Kubeconfig { source })?
+                .map_err(|e| Error::Kubeconfig {
+                    message: e.to_string(),
+                })?
         }
-        None if context.is_some() => Config::from_kubeconfig(&options)
-            .await
-            .map_err(|source| Error::Kubeconfig { source })?,
-        None => Config::infer()
-            .await
-            .map_err(|source| Error::NoConfig { source })?,
+        None if context.is_some() => {
+            Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| Error::Kubeconfig {
+                    message: e.to_string(),
+                })?
+        }
+        None => Config::infer().await.map_err(|e| Error::NoConfig {
+            message: e.to_string(),
+        })?,
     };
-    kube::Client::try_from(config).map_err(|source| Error::Client { source })
+    kube::Client::try_from(config).map_err(|e| Error::Client {
+        message: e.to_string(),
+    })
 }

@@ -24,23 +24,16 @@ pub mod watch;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The kubeconfig could not be read or has no usable context.
-    #[error("failed to load kubeconfig: {source}")]
-    Kubeconfig {
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
+    #[error("failed to load kubeconfig: {message}")]
+    Kubeconfig { message: String },
     /// No configuration was found at all (no kubeconfig, not in a cluster).
-    #[error("no cluster configuration found: {source}")]
-    NoConfig {
-        #[source]
-        source: kube::config::InferConfigError,
-    },
+    #[error(
+        "no cluster configuration found (no --kubeconfig, KUBECONFIG, ~/.kube/config or in-cluster service account): {message}"
+    )]
+    NoConfig { message: String },
     /// The client could not be built from a valid configuration.
-    #[error("failed to create a Kubernetes client: {source}")]
-    Client {
-        #[source]
-        source: kube::Error,
-    },
+    #[error("failed to create a Kubernetes client: {message}")]
+    Client { message: String },
     /// A file of the tree to apply is not a valid object.
     #[error("{origin}: {message}")]
     InvalidObject { origin: String, message: String },

@@ -27,7 +27,8 @@ pub enum Status {
 }
 
 impl Status {
-    fn verb(self) -> &'static str {
+    /// The status as a past participle: `created`, `pruned`.
+    pub fn verb(self) -> &'static str {
         match self {
             Status::Created => "created",
             Status::Updated => "updated",
