@@ -576,6 +576,14 @@ fn prune_deletes_what_left_the_tree_retains_what_says_so_and_adopts_it_back() {
             .contains("instance b, resource keep")
     );
     assert!(get("", "namespace", &b).is_some());
+    assert!(
+        !meta["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|m| m["manager"] == "kiln"),
+        "Kiln still owns fields of an orphan: {meta}"
+    );
 
     f.rows("- {id: a}\n- {id: b}\n");
     f.render();

@@ -204,6 +204,39 @@ impl Cluster {
         }
     }
 
+    /// Hands the object's fields back: removes every `managedFields` entry of
+    /// Kiln's (leaving other managers' alone), so that whoever takes the
+    /// object over next does not conflict with Kiln.
+    pub async fn release(&self, kind: &Kind, namespace: &str, name: &str) -> Result<(), Failure> {
+        let requests = Self::requests(kind, namespace);
+        let object = self
+            .send(|| requests.get(name, &GetParams::default()))
+            .await
+            .map_err(|e| classify(&e))?;
+        let entries = object["metadata"]["managedFields"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut others: Vec<Value> = entries
+            .into_iter()
+            .filter(|m| m["manager"] != FIELD_MANAGER)
+            .collect();
+        if others.is_empty() {
+            // An empty list means "leave as is"; one empty entry clears them.
+            others.push(json!({}));
+        }
+        let patch = json!({"metadata": {
+            "managedFields": others,
+            "resourceVersion": object["metadata"]["resourceVersion"],
+        }});
+        let patch = Patch::Merge(&patch);
+        let params = PatchParams::default();
+        self.send(|| requests.patch(name, &params, &patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| classify(&e))
+    }
+
     /// Writes `body` as `how` says; `live` is the object as last read (for
     /// merge and replace, which must know whether it exists).
     pub async fn write(

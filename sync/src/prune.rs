@@ -104,6 +104,10 @@ async fn prune_one(
             .patch_metadata(&kind, &id.namespace, &id.name, &patch)
             .await
             .map_err(|f| f.to_string())?;
+        cluster
+            .release(&kind, &id.namespace, &id.name)
+            .await
+            .map_err(|f| format!("orphaned, but failed to give up its fields: {f}"))?;
         return Ok(Some(Status::Orphaned));
     }
     let uid = live["metadata"]["uid"].as_str().unwrap_or_default();
