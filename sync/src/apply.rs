@@ -371,10 +371,15 @@ async fn run_step(
         PatchStrategy::Merge => Write::Merge,
         PatchStrategy::Replace => Write::Replace,
     };
-    let mut body = desired.body(&options.inventory);
-    if let Some(live) = live {
-        keep_ignored(&mut body, live, &desired.policies.ignore_fields);
-    }
+    // Built only for the steps that send it: a resync of an unchanged tree
+    // copies no object.
+    let body = || {
+        let mut body = desired.body(&options.inventory);
+        if let Some(live) = live {
+            keep_ignored(&mut body, live, &desired.policies.ignore_fields);
+        }
+        body
+    };
     let written = match &step.action {
         Action::Unchanged => None,
         Action::Skip(why) => return outcome(Status::Skipped, why.clone()),
@@ -382,6 +387,7 @@ async fn run_step(
             return outcome(Status::Drifted, "deleted out of band".into());
         }
         Action::Create | Action::Update => {
+            let body = body();
             let _permit = semaphore.acquire().await;
             match cluster.write(&kind, &body, how, live, false).await {
                 Ok(object) => Some((
@@ -410,6 +416,7 @@ async fn run_step(
                 Write::Apply { .. } => Write::Apply { force: true },
                 other => other,
             };
+            let body = body();
             let _permit = semaphore.acquire().await;
             let after = match cluster.write(&kind, &body, how, live, true).await {
                 Ok(after) => after,

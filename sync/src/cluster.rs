@@ -357,7 +357,6 @@ impl Cluster {
 
     /// Applies a ConfigMap Kiln owns outright.
     pub async fn apply_config_map(&self, namespace: &str, name: &str, body: &Value) -> Result<()> {
-        let _ = name;
         self.write(
             &config_map_kind(),
             body,

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -233,9 +232,4 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
             let _ = stream.shutdown().await;
         });
     }
-}
-
-/// Binds `addr`, so that a bad address fails before the loop starts.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -482,14 +482,6 @@ fn fold_string_data(object: &mut Value) {
     }
 }
 
-/// Why a retained object was orphaned, for its marker.
-pub fn orphan_reason(entry: &Entry) -> String {
-    format!(
-        "no longer rendered by blueprint {}, instance {}, resource {}",
-        entry.owner.blueprint, entry.owner.instance, entry.owner.resource
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

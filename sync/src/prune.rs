@@ -97,7 +97,7 @@ async fn prune_one(
             "labels": {MANAGED_BY: null, BLUEPRINT_LABEL: null, INSTANCE_LABEL: null, INVENTORY_LABEL: null, ORPHANED_LABEL: "true"},
             "annotations": {
                 ORPHANED_AT: at.to_string(),
-                ORPHANED_REASON: crate::plan::orphan_reason(entry),
+                ORPHANED_REASON: orphan_reason(entry),
             },
         }});
         cluster
@@ -116,4 +116,12 @@ async fn prune_one(
         .await
         .map_err(|f| f.to_string())?;
     Ok(Some(Status::Pruned))
+}
+
+/// Why a retained object was orphaned, for its marker.
+pub fn orphan_reason(entry: &Entry) -> String {
+    format!(
+        "no longer rendered by blueprint {}, instance {}, resource {}",
+        entry.owner.blueprint, entry.owner.instance, entry.owner.resource
+    )
 }

@@ -1,6 +1,5 @@
 //! What an apply did, object by object, and in sum.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 /// What happened to one object.
@@ -86,15 +85,6 @@ pub struct Report {
 }
 
 impl Report {
-    /// How many objects ended with each status.
-    pub fn counts(&self) -> BTreeMap<Status, usize> {
-        let mut counts = BTreeMap::new();
-        for o in &self.outcomes {
-            *counts.entry(o.status).or_default() += 1;
-        }
-        counts
-    }
-
     /// How many ended with `status`.
     pub fn count(&self, status: Status) -> usize {
         self.outcomes.iter().filter(|o| o.status == status).count()
