@@ -99,6 +99,10 @@ struct State {
     rows: BTreeMap<String, Vec<Row>>,
     inputs: Option<Inputs>,
     tip: Option<String>,
+    /// Whether a source was read since the last pass.
+    read_any: bool,
+    /// The last commit this loop made.
+    committed: Option<String>,
     tree: Option<Tree>,
     desired: Option<Vec<Desired>>,
     pinned_reported: bool,
@@ -158,7 +162,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let metrics = Metrics::default();
         let server = match args.metrics_addr {
             Some(addr) => {
-                let listener = metrics::bind(addr)
+                let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("--metrics-addr {addr}"))?;
                 Some(tokio::spawn(metrics::serve(listener, metrics.clone())))
@@ -173,6 +177,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             rows: BTreeMap::new(),
             inputs: None,
             tip: None,
+            read_any: false,
+            committed: None,
             tree: None,
             desired: None,
             pinned_reported: false,
@@ -186,6 +192,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     Ok(rows) => {
                         metrics.source_rows(&p.name, rows.len());
                         state.rows.insert(p.name.clone(), rows);
+                        state.read_any = true;
                     }
                     Err(e) => {
                         metrics.source_error(&p.name);
@@ -302,9 +309,13 @@ async fn pass(
     {
         anyhow::bail!("not every source has been read yet");
     }
-    let inputs = Inputs::digest(blueprints, config, &state.rows);
-    let fresh = state.inputs.as_ref() != Some(&inputs);
-    if fresh {
+    // Rows not read again since the last render cannot have changed: a pass
+    // started by a watch need not hash them.
+    let read_any = std::mem::take(&mut state.read_any);
+    let inputs = (read_any || state.inputs.is_none())
+        .then(|| Inputs::digest(blueprints, config, &state.rows))
+        .filter(|inputs| state.inputs.as_ref() != Some(inputs));
+    if let Some(inputs) = inputs {
         let started = std::time::Instant::now();
         let rendered =
             tokio::task::block_in_place(|| render::render(blueprints, config, &state.rows, true))?;
@@ -315,12 +326,7 @@ async fn pass(
                 if !args.allow_plaintext_secrets {
                     publish::check_secrets(&rendered)?;
                 }
-                let pinned = tokio::task::block_in_place(|| commit(target, &tree, &inputs, state))?;
-                if pinned {
-                    // Render again next time: after `kiln resume` the same
-                    // rows must be committed.
-                    return tokio::task::block_in_place(|| read_tip(target, state));
-                }
+                tokio::task::block_in_place(|| commit(target, &tree, &inputs, state))?;
             }
             None => {
                 if let Some(old) = &state.tree
@@ -340,14 +346,8 @@ async fn pass(
     Ok(())
 }
 
-/// Commits the render unless a rollback pins the branch; says whether it
-/// does.
-fn commit(
-    target: &Target,
-    tree: &Tree,
-    inputs: &Inputs,
-    state: &mut State,
-) -> anyhow::Result<bool> {
+/// Commits the render unless a rollback pins the branch.
+fn commit(target: &Target, tree: &Tree, inputs: &Inputs, state: &mut State) -> anyhow::Result<()> {
     let repo = &target.repo;
     let refname = repo.branch_ref(target.options.branch.as_deref())?;
     let tip = repo.tip(&refname)?;
@@ -360,10 +360,11 @@ fn commit(
             );
             state.pinned_reported = true;
         }
-        return Ok(true);
+        return Ok(());
     }
     state.pinned_reported = false;
     let published = publish::publish(repo, tree, inputs, &target.options)?;
+    state.committed = published.commit.clone();
     if let Some(commit) = &published.commit {
         eprintln!(
             "committed {} to {}: {}",
@@ -375,7 +376,7 @@ fn commit(
             repo.update_work_tree(&target.options.path)?;
         }
     }
-    Ok(false)
+    Ok(())
 }
 
 /// Reads the branch's tree when its tip moved (a render, a rollback, a
@@ -395,6 +396,11 @@ fn read_tip(target: &Target, state: &mut State) -> anyhow::Result<()> {
     };
     let tree = repo.read_tree(&dir)?;
     state.desired = Some(desired::from_tree(&tree)?);
+    // Someone else moved the branch (a rollback, a resume): what was last
+    // rendered says nothing about it, so the next pass renders again.
+    if state.tip.is_some() && state.committed.as_deref() != Some(id.as_str()) {
+        state.inputs = None;
+    }
     state.tip = Some(id);
     Ok(())
 }
