@@ -686,6 +686,20 @@ fn drift_cluster_reports_edits_to_managed_fields_but_not_ignored_ones() {
     assert_eq!(statuses, ["missing", "changed"], "{report}");
 }
 
+/// A Namespace and a ConfigMap `config` saying hello.
+fn greeting_resources() -> String {
+    [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: hello}",
+        ),
+    ]
+    .concat()
+}
+
 fn http_get(addr: &str, path: &str) -> String {
     let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
         return String::new();
@@ -711,16 +725,7 @@ fn terminate(child: &Child) {
 
 #[test]
 fn sync_puts_an_out_of_band_edit_back_serves_metrics_and_stops_on_sigterm() {
-    let resources = [
-        NAMESPACE.to_string(),
-        config_map(
-            "config",
-            "config",
-            "    dependsOn: [namespace]\n",
-            "{greeting: hello}",
-        ),
-    ]
-    .concat();
+    let resources = greeting_resources();
     let f = Fixture::new("sync", "- {id: a}\n", &resources);
     let addr = free_addr();
     let sync = f.spawn("sync", &["--metrics-addr", &addr]);
@@ -782,16 +787,7 @@ fn sync_puts_an_out_of_band_edit_back_serves_metrics_and_stops_on_sigterm() {
 
 #[test]
 fn sync_detect_only_reports_drift_and_leaves_it() {
-    let resources = [
-        NAMESPACE.to_string(),
-        config_map(
-            "config",
-            "config",
-            "    dependsOn: [namespace]\n",
-            "{greeting: hello}",
-        ),
-    ]
-    .concat();
+    let resources = greeting_resources();
     let f = Fixture::new("detect", "- {id: a}\n", &resources);
     let mut args = vec![
         "sync".to_string(),

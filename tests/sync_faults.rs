@@ -17,26 +17,14 @@ fn an_api_server_restart_in_the_middle_of_an_apply_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = kiln_testenv::unique_name("restart");
     let n = 60;
-    std::fs::write(
-        dir.path().join("rows.yaml"),
-        (0..n)
-            .map(|i| format!("- {{id: t{i}}}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
-    let cfg = dir.path().join("kiln.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows}}\nspec: {{url: \"file:rows.yaml\", key: id}}\n---\n\
-             apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app}}\nspec:\n  source: rows\n  namespace: \"{prefix}-{{{{ key }}}}\"\n  resources:\n\
-             \x20\x20- id: namespace\n    template: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {{name: \"{prefix}-{{{{ key }}}}\"}}\n\
-             \x20\x20- id: one\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: one}}\n\
-             \x20\x20- id: two\n    dependsOn: [one]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: two}}\n\
-             \x20\x20- id: three\n    dependsOn: [two]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: three}}\n"
-        ),
-    )
-    .unwrap();
+    let cfg = common::tenants(
+        dir.path(),
+        &prefix,
+        n,
+        "  - id: one\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: one}\n\
+         \x20\x20- id: two\n    dependsOn: [one]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: two}\n\
+         \x20\x20- id: three\n    dependsOn: [two]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: three}\n",
+    );
     let out = dir.path().join("out");
     let render = common::kiln(&[
         "render",

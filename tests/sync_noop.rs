@@ -45,27 +45,15 @@ fn writes(resources: &[&str]) -> u64 {
 fn a_second_apply_of_the_same_tree_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = kiln_testenv::unique_name("noop");
-    let cfg = dir.path().join("kiln.yaml");
-    std::fs::write(
-        dir.path().join("rows.yaml"),
-        (0..20)
-            .map(|i| format!("- {{id: t{i}}}\n"))
-            .collect::<String>(),
-    )
-    .unwrap();
-    std::fs::write(
-        &cfg,
-        format!(
-            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows}}\nspec: {{url: \"file:rows.yaml\", key: id}}\n---\n\
-             apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app}}\nspec:\n  source: rows\n  namespace: \"{prefix}-{{{{ key }}}}\"\n  resources:\n\
-             \x20\x20- id: namespace\n    template: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {{name: \"{prefix}-{{{{ key }}}}\"}}\n\
-             \x20\x20- id: config\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: config}}\n      data: {{key: \"{{{{ key }}}}\"}}\n\
-             \x20\x20- id: secret\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: Secret\n      metadata: {{name: secret}}\n      stringData: {{password: \"{{{{ key }}}}\"}}\n\
-             \x20\x20- id: service\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: Service\n      metadata: {{name: web}}\n      spec: {{ports: [{{port: 80}}], selector: {{app: web}}}}\n\
-             \x20\x20- id: app\n    dependsOn: [config]\n    template: |\n      apiVersion: apps/v1\n      kind: Deployment\n      metadata: {{name: web}}\n      spec:\n        replicas: 0\n        selector: {{matchLabels: {{app: web}}}}\n        template:\n          metadata: {{labels: {{app: web}}}}\n          spec:\n            containers:\n            - name: web\n              image: nginx\n              resources: {{requests: {{cpu: 0.5, memory: 64Mi}}}}\n"
-        ),
-    )
-    .unwrap();
+    let cfg = common::tenants(
+        dir.path(),
+        &prefix,
+        20,
+        "  - id: config\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: config}\n      data: {key: \"{{ key }}\"}\n\
+         \x20\x20- id: secret\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: Secret\n      metadata: {name: secret}\n      stringData: {password: \"{{ key }}\"}\n\
+         \x20\x20- id: service\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: Service\n      metadata: {name: web}\n      spec: {ports: [{port: 80}], selector: {app: web}}\n\
+         \x20\x20- id: app\n    dependsOn: [config]\n    template: |\n      apiVersion: apps/v1\n      kind: Deployment\n      metadata: {name: web}\n      spec:\n        replicas: 0\n        selector: {matchLabels: {app: web}}\n        template:\n          metadata: {labels: {app: web}}\n          spec:\n            containers:\n            - name: web\n              image: nginx\n              resources: {requests: {cpu: 0.5, memory: 64Mi}}\n",
+    );
     let out_dir = dir.path().join("out");
     let render = kiln(&[
         "render",

@@ -41,3 +41,25 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     assert!(output.status.success(), "git {args:?}: {}", stderr(&output));
     stdout(&output).trim_end().to_string()
 }
+
+/// Writes `kiln.yaml` into `dir`: a file source of `rows` rows (`t0`,
+/// `t1`, ...) and a blueprint `app` whose instances each get a Namespace
+/// `<prefix>-<key>` and then `resources` (YAML list items). Returns its path.
+pub fn tenants(dir: &Path, prefix: &str, rows: usize, resources: &str) -> std::path::PathBuf {
+    let rows: String = (0..rows).map(|i| format!("- {{id: t{i}}}\n")).collect();
+    std::fs::write(dir.join("rows.yaml"), rows).unwrap();
+    let config = dir.join("kiln.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows}}\n\
+             spec: {{url: \"file:rows.yaml\", key: id}}\n---\n\
+             apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app}}\n\
+             spec:\n  source: rows\n  namespace: \"{prefix}-{{{{ key }}}}\"\n  resources:\n\
+             \x20\x20- id: namespace\n    template: |\n      apiVersion: v1\n      kind: Namespace\n      \
+             metadata: {{name: \"{prefix}-{{{{ key }}}}\"}}\n{resources}"
+        ),
+    )
+    .unwrap();
+    config
+}

@@ -95,16 +95,7 @@ pub fn cluster() -> &'static Cluster {
 pub fn own_cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
     shared(&CLUSTER, "kube-apiserver", || {
-        let root = tempfile::Builder::new()
-            .prefix("kiln-testenv-own-")
-            .tempdir()
-            .map_err(|e| Error::Io {
-                what: "create a temporary directory".into(),
-                source: e,
-            })?
-            .keep();
-        process::start_watchdog(std::process::id(), &root)?;
-        Cluster::start(&root, &envtest_bin()?)
+        Cluster::start(&watched_tempdir("kiln-testenv-own-")?, &envtest_bin()?)
     })
 }
 
@@ -259,26 +250,27 @@ pub fn envtest_bin() -> Result<PathBuf> {
 /// them by the watchdog when the binary exits.
 fn shared_root() -> Result<PathBuf> {
     static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let root = ROOT.get_or_init(|| {
-        let make = || -> Result<PathBuf> {
-            let dir = tempfile::Builder::new()
-                .prefix("kiln-testenv-")
-                .tempdir()
-                .map_err(|e| Error::Io {
-                    what: "create a temporary directory".into(),
-                    source: e,
-                })?
-                .keep();
-            process::start_watchdog(std::process::id(), &dir)?;
-            Ok(dir)
-        };
-        make().map_err(|e| e.to_string())
-    });
+    let root = ROOT.get_or_init(|| watched_tempdir("kiln-testenv-").map_err(|e| e.to_string()));
     root.clone().map_err(|detail| Error::Failed {
         name: "test environment".into(),
         detail,
         log: String::new(),
     })
+}
+
+/// A temporary directory the watchdog removes, with every server started
+/// under it, when this process exits.
+fn watched_tempdir(prefix: &str) -> Result<PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| Error::Io {
+            what: "create a temporary directory".into(),
+            source: e,
+        })?
+        .keep();
+    process::start_watchdog(std::process::id(), &dir)?;
+    Ok(dir)
 }
 
 fn shared<T>(
