@@ -29,7 +29,8 @@ start=$(date +%s)
 cd "$here"
 build() { # output-name package
   echo "envtest: building $1" >&2
-  go build -trimpath -ldflags='-s -w' -o "$bin.partial/$1" "$2"
+  go build -trimpath -ldflags='-s -w' -o "$bin.partial/$1" "$2" ||
+    { echo "envtest: building $1 from $2 failed (go $(go env GOVERSION), GOPROXY=$(go env GOPROXY))" >&2; exit 2; }
 }
 build etcd go.etcd.io/etcd/server/v3
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
