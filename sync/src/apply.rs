@@ -234,6 +234,7 @@ pub async fn execute(
         .map(|s| entry(&s.desired, s.wave))
         .collect();
 
+    let retries_before = cluster.retries();
     // Record first what this apply may create, so that a crash leaves no
     // object Kiln made but does not know of.
     let mut before: Vec<Entry> = inventory.entries.clone();
@@ -297,7 +298,7 @@ pub async fn execute(
     }
     let mut report = Report {
         outcomes: outcomes.into_iter().flatten().collect(),
-        postponed: None,
+        ..Report::default()
     };
 
     let mut after: Vec<Entry> = desired_entries;
@@ -316,6 +317,7 @@ pub async fn execute(
         after.extend(kept);
     }
     inventory.write(cluster, after).await?;
+    report.retries = cluster.retries() - retries_before;
     Ok(report)
 }
 

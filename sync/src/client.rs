@@ -40,6 +40,11 @@ pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> Result
             message: e.to_string(),
         })?,
     };
+    // One retry policy, Kiln's own (`cluster::retry`): bounded in time,
+    // jittered, counted and reported. The client's built-in layer would retry
+    // 429s out of sight, up to 15 times, before Kiln's even saw them.
+    let mut config = config;
+    config.default_retry = false;
     kube::Client::try_from(config).map_err(|e| Error::Client {
         message: e.to_string(),
     })

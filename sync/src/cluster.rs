@@ -3,6 +3,7 @@
 //! Kiln to slow down.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ pub enum Failure {
     Conflict(String),
     /// 404.
     NotFound(String),
+    /// 403: the identity Kiln runs as may not do this. The server's message
+    /// names the user, verb, resource and namespace.
+    Forbidden(String),
     /// Anything else, after retries.
     Other(String),
 }
@@ -36,7 +40,10 @@ pub enum Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Conflict(m) | Failure::NotFound(m) | Failure::Other(m) => f.write_str(m),
+            Failure::Conflict(m)
+            | Failure::NotFound(m)
+            | Failure::Forbidden(m)
+            | Failure::Other(m) => f.write_str(m),
         }
     }
 }
@@ -69,6 +76,35 @@ pub enum Write {
 pub struct Cluster {
     client: kube::Client,
     kinds: Arc<Mutex<HashMap<(String, String), Kind>>>,
+    retries: Arc<Retries>,
+}
+
+/// How often requests were retried, by why.
+#[derive(Debug, Default)]
+pub struct Retries {
+    throttled: AtomicU64,
+    unavailable: AtomicU64,
+    warned: AtomicBool,
+}
+
+/// A reading of [`Retries`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryCount {
+    /// Answers 429 (API Priority and Fairness, max-in-flight) that were
+    /// retried.
+    pub throttled: u64,
+    /// Transport errors and 5xx answers that were retried.
+    pub unavailable: u64,
+}
+
+impl std::ops::Sub for RetryCount {
+    type Output = RetryCount;
+    fn sub(self, earlier: RetryCount) -> RetryCount {
+        RetryCount {
+            throttled: self.throttled.saturating_sub(earlier.throttled),
+            unavailable: self.unavailable.saturating_sub(earlier.unavailable),
+        }
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -83,6 +119,15 @@ impl Cluster {
         Self {
             client,
             kinds: Arc::default(),
+            retries: Arc::default(),
+        }
+    }
+
+    /// How many requests were retried so far, by why.
+    pub fn retries(&self) -> RetryCount {
+        RetryCount {
+            throttled: self.retries.throttled.load(Ordering::Relaxed),
+            unavailable: self.retries.unavailable.load(Ordering::Relaxed),
         }
     }
 
@@ -100,7 +145,10 @@ impl Cluster {
         }
         let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
         let gvk = GroupVersionKind::gvk(group, version, kind);
-        let found = retry(|| kube::discovery::pinned_kind(&self.client, &gvk)).await;
+        let found = retry(&self.retries, || {
+            kube::discovery::pinned_kind(&self.client, &gvk)
+        })
+        .await;
         let found = match found {
             Ok((resource, caps)) => Some(Kind {
                 resource,
@@ -140,7 +188,7 @@ impl Cluster {
         &self,
         build: impl Fn() -> Result<http::Request<Vec<u8>>, kube::core::request::Error>,
     ) -> Result<Value, kube::Error> {
-        retry(|| async {
+        retry(&self.retries, || async {
             let request = build().map_err(kube::Error::BuildRequest)?;
             self.client.request::<Value>(request).await
         })
@@ -388,8 +436,18 @@ impl Cluster {
             resource: ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
             namespaced: false,
         };
-        if matches!(self.get(&kind, "", name).await, Ok(Some(_))) {
-            return Ok(());
+        match self.get(&kind, "", name).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            // Least privilege: an identity confined to its namespaces may not
+            // read Namespaces. Its writes into a missing one fail and say so.
+            Err(Failure::Forbidden(_)) => return Ok(()),
+            Err(f) => {
+                return Err(Error::Api {
+                    what: format!("read namespace {name}"),
+                    message: f.to_string(),
+                });
+            }
         }
         let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
         self.write(&kind, &body, Write::Apply { force: false }, None, false)
@@ -445,6 +503,7 @@ pub fn message(error: &kube::Error) -> String {
 fn classify(error: &kube::Error) -> Failure {
     match error {
         kube::Error::Api(status) if status.code == 404 => Failure::NotFound(message(error)),
+        kube::Error::Api(status) if status.code == 403 => Failure::Forbidden(message(error)),
         kube::Error::Api(status) if status.code == 409 && status.message.contains("conflict") => {
             Failure::Conflict(message(error))
         }
@@ -463,34 +522,61 @@ fn transient(error: &kube::Error) -> bool {
 }
 
 /// Runs `request` until it succeeds, fails for good, or [`RETRY_FOR`]
-/// passes, backing off from 100 ms to 5 s.
-async fn retry<T, F, Fut>(mut request: F) -> Result<T, kube::Error>
+/// passes, backing off from 100 ms to 5 s with full jitter, so that writes
+/// throttled together do not come back together. Counts every retry.
+async fn retry<T, F, Fut>(retries: &Retries, mut request: F) -> Result<T, kube::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, kube::Error>>,
 {
     let deadline = tokio::time::Instant::now() + RETRY_FOR;
-    let mut delay = Duration::from_millis(100);
+    let mut ceiling = Duration::from_millis(100);
     loop {
         match request().await {
-            Err(e) if transient(&e) && tokio::time::Instant::now() + delay < deadline => {
-                // Once per process: a restart fails every request in flight.
-                static WARNED: std::sync::atomic::AtomicBool =
-                    std::sync::atomic::AtomicBool::new(false);
-                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            Err(e) if transient(&e) => {
+                let delay = jitter(ceiling);
+                if tokio::time::Instant::now() + delay >= deadline {
+                    return Err(e);
+                }
+                let throttled = matches!(&e, kube::Error::Api(s) if s.code == 429);
+                let counter = if throttled {
+                    &retries.throttled
+                } else {
+                    &retries.unavailable
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                // Once per client: a restart fails every request in flight,
+                // and a throttled identity sees many 429s at once.
+                if !retries.warned.swap(true, Ordering::Relaxed) {
+                    let why = if throttled {
+                        "the API server asks Kiln to slow down"
+                    } else {
+                        "the API server did not answer"
+                    };
                     tracing::warn!(
-                        "the API server did not answer ({}); retrying for up to {}s",
+                        "{why} ({}); retrying for up to {}s",
                         message(&e),
                         RETRY_FOR.as_secs()
                     );
                 }
                 tracing::debug!(error = %message(&e), delay_ms = delay.as_millis() as u64, "retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                ceiling = (ceiling * 2).min(Duration::from_secs(5));
             }
             other => return other,
         }
     }
+}
+
+/// A delay between a tenth of `ceiling` and `ceiling`, drawn afresh each
+/// call.
+fn jitter(ceiling: Duration) -> Duration {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    // Each RandomState is seeded anew: enough randomness to spread retries.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    let fraction = (hasher.finish() % 1000) as f64 / 1000.0;
+    ceiling.mul_f64(0.1 + 0.9 * fraction)
 }
 
 #[cfg(test)]
@@ -519,5 +605,22 @@ mod tests {
             Failure::Conflict("Apply failed with 1 conflict: conflict with \"x\": .data.a".into())
         );
         assert!(matches!(classify(&api(404, "gone")), Failure::NotFound(_)));
+        assert!(matches!(
+            classify(&api(403, "configmaps is forbidden")),
+            Failure::Forbidden(_)
+        ));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_tenth_and_the_ceiling_and_varies() {
+        let ceiling = Duration::from_millis(1000);
+        let delays: Vec<Duration> = (0..50).map(|_| jitter(ceiling)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_millis(100) && *d <= ceiling)
+        );
+        let first = delays[0];
+        assert!(delays.iter().any(|d| *d != first), "{delays:?}");
     }
 }

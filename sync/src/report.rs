@@ -82,6 +82,9 @@ pub struct Report {
     pub outcomes: Vec<Outcome>,
     /// Objects that left the tree but were not pruned, and why.
     pub postponed: Option<String>,
+    /// Requests the API server throttled or failed for a moment, each
+    /// retried until it went through.
+    pub retries: crate::cluster::RetryCount,
 }
 
 impl Report {
@@ -119,6 +122,13 @@ impl Report {
         );
         if c(Status::Drifted) > 0 {
             line.push_str(&format!(", drifted {}", c(Status::Drifted)));
+        }
+        let r = self.retries;
+        if r.throttled > 0 || r.unavailable > 0 {
+            line.push_str(&format!(
+                "; retried {} requests throttled by the API server (429) and {} it did not answer",
+                r.throttled, r.unavailable
+            ));
         }
         if let Some(why) = &self.postponed {
             line.push_str(&format!("; {why}"));
