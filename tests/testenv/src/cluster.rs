@@ -11,11 +11,22 @@ use crate::process::{
 };
 use crate::{Error, KUBECTL_VAR, Result, random_hex};
 
+/// The user name of the cluster's identity outside `system:masters`.
+pub const LIMITED_USER: &str = "kiln-limited";
+/// The group of that identity, which its FlowSchema matches.
+pub const LIMITED_GROUP: &str = "kiln:limited";
+
 /// A running control plane (or an existing one named by a kubeconfig).
 #[derive(Debug, Clone)]
 pub struct Cluster {
     /// A kubeconfig whose current context is an identity in `system:masters`.
     pub kubeconfig: PathBuf,
+    /// A kubeconfig for [`LIMITED_USER`]: not in `system:masters`, no
+    /// permission but what every authenticated user has until a test grants
+    /// it some with RBAC, and throttled hard by API Priority and Fairness
+    /// (a priority level of its own with the fewest seats, rejecting with 429
+    /// what does not fit). `None` for an existing cluster started without it.
+    pub limited_kubeconfig: Option<PathBuf>,
     /// The kubectl built from the same Kubernetes release as the API server.
     pub kubectl: PathBuf,
     /// The API server's URL.
@@ -59,6 +70,7 @@ impl Cluster {
             kubeconfig,
             kubectl,
             server,
+            limited_kubeconfig: std::env::var_os(crate::LIMITED_KUBECONFIG_VAR).map(PathBuf::from),
             api_server: None,
         })
     }
@@ -76,18 +88,26 @@ impl Cluster {
         let server = format!("https://127.0.0.1:{port}");
         let admin_token = random_hex(16);
         let manager_token = random_hex(16);
-        // token,user,uid,"groups": both identities are cluster administrators.
+        let limited_token = random_hex(16);
+        // token,user,uid,"groups": two cluster administrators, and one
+        // identity that starts with no rights.
         write(
             &dir.join("tokens.csv"),
             format!(
                 "{admin_token},kiln-admin,kiln-admin,\"system:masters\"\n\
-                 {manager_token},kiln-controller-manager,kiln-controller-manager,\"system:masters\"\n"
+                 {manager_token},kiln-controller-manager,kiln-controller-manager,\"system:masters\"\n\
+                 {limited_token},{LIMITED_USER},{LIMITED_USER},\"{LIMITED_GROUP}\"\n"
             ),
         )?;
         let kubeconfig = dir.join("kubeconfig");
         write(
             &kubeconfig,
             kubeconfig_yaml(&server, &pki.ca_cert, &admin_token),
+        )?;
+        let limited_kubeconfig = dir.join("limited.kubeconfig");
+        write(
+            &limited_kubeconfig,
+            kubeconfig_yaml(&server, &pki.ca_cert, &limited_token),
         )?;
         let manager_kubeconfig = dir.join("controller-manager.kubeconfig");
         write(
@@ -138,11 +158,13 @@ impl Cluster {
             kubeconfig,
             kubectl,
             server,
+            limited_kubeconfig: Some(limited_kubeconfig),
             api_server: Some(api_server),
         };
         wait_until("kube-apiserver", &log, Duration::from_secs(90), || {
             cluster.kubectl_quiet(&["get", "--raw", "/readyz"])
         })?;
+        cluster.throttle_limited_identity(&dir)?;
 
         let log = dir.join("kube-controller-manager.log");
         spawn(
@@ -200,6 +222,41 @@ impl Cluster {
             &api_server.log,
             Duration::from_secs(90),
             || self.kubectl_quiet(&["get", "--raw", "/readyz"]),
+        )
+    }
+
+    /// Gives [`LIMITED_GROUP`] a priority level of its own: one nominal
+    /// concurrency share (the smallest; a few seats of the server's 600),
+    /// nothing lent or borrowed, and requests that find no free seat
+    /// rejected at once with 429 instead of queued.
+    fn throttle_limited_identity(&self, dir: &Path) -> Result<()> {
+        let manifest = dir.join("limited-flowcontrol.yaml");
+        write(
+            &manifest,
+            format!(
+                "apiVersion: flowcontrol.apiserver.k8s.io/v1\n\
+                 kind: PriorityLevelConfiguration\n\
+                 metadata: {{name: {LIMITED_USER}}}\n\
+                 spec:\n  type: Limited\n  limited:\n    nominalConcurrencyShares: 1\n    \
+                 lendablePercent: 0\n    borrowingLimitPercent: 0\n    limitResponse: {{type: Reject}}\n\
+                 ---\n\
+                 apiVersion: flowcontrol.apiserver.k8s.io/v1\n\
+                 kind: FlowSchema\n\
+                 metadata: {{name: {LIMITED_USER}}}\n\
+                 spec:\n  priorityLevelConfiguration: {{name: {LIMITED_USER}}}\n  matchingPrecedence: 500\n  \
+                 distinguisherMethod: {{type: ByUser}}\n  rules:\n  \
+                 - subjects: [{{kind: Group, group: {{name: \"{LIMITED_GROUP}\"}}}}]\n    \
+                 resourceRules: [{{verbs: [\"*\"], apiGroups: [\"*\"], resources: [\"*\"], namespaces: [\"*\"], clusterScope: true}}]\n    \
+                 nonResourceRules: [{{verbs: [\"*\"], nonResourceURLs: [\"*\"]}}]\n"
+            ),
+        )?;
+        let log = dir.join("limited-flowcontrol.log");
+        process::run(
+            "kubectl apply (FlowSchema of the limited identity)",
+            self.kubectl()
+                .args(["apply", "--server-side", "-f"])
+                .arg(&manifest),
+            &log,
         )
     }
 

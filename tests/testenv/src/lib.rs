@@ -10,9 +10,14 @@
 //! stops them all when the binary exits, however it exits. Tests isolate
 //! themselves with [`unique_name`]: their own namespace, their own database.
 //!
+//! The cluster has two identities: an administrator in `system:masters`, and
+//! [`LIMITED_USER`], which has only the rights a test grants it and which API
+//! Priority and Fairness throttles hard (see [`Cluster::limited_kubeconfig`]).
+//!
 //! When `KILN_TEST_KUBECONFIG`, `KILN_TEST_POSTGRES_URL` or
 //! `KILN_TEST_MYSQL_URL` is set (as `tests/env up` prints them), the servers
-//! they name are used instead of starting new ones.
+//! they name are used instead of starting new ones
+//! (`KILN_TEST_LIMITED_KUBECONFIG` names the limited identity's kubeconfig).
 
 mod cluster;
 mod mariadb;
@@ -25,7 +30,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, LIMITED_GROUP, LIMITED_USER};
 pub use mariadb::MariaDb;
 pub use postgres::Postgres;
 
@@ -75,6 +80,9 @@ pub const KUBECONFIG_VAR: &str = "KILN_TEST_KUBECONFIG";
 pub const POSTGRES_VAR: &str = "KILN_TEST_POSTGRES_URL";
 /// The environment variable naming an existing MariaDB or MySQL server.
 pub const MYSQL_VAR: &str = "KILN_TEST_MYSQL_URL";
+/// The environment variable naming a kubeconfig for the cluster's limited
+/// identity ([`LIMITED_USER`]), when an existing cluster is used.
+pub const LIMITED_KUBECONFIG_VAR: &str = "KILN_TEST_LIMITED_KUBECONFIG";
 /// The environment variable naming the kubectl that goes with the cluster.
 pub const KUBECTL_VAR: &str = "KILN_TEST_KUBECTL";
 
@@ -192,13 +200,21 @@ impl Environment {
         format!(
             "export KUBECONFIG={kubeconfig}\n\
              export {KUBECONFIG_VAR}={kubeconfig}\n\
+             export {LIMITED_KUBECONFIG_VAR}={limited}\n\
              export {KUBECTL_VAR}={kubectl}\n\
              export {POSTGRES_VAR}='{postgres}'\n\
              export {MYSQL_VAR}='{mysql}'\n\
              # kubectl: {kubectl}\n\
+             # as {LIMITED_USER} (not an administrator; throttled): kubectl --kubeconfig ${LIMITED_KUBECONFIG_VAR}\n\
              # psql \"${POSTGRES_VAR}\"\n\
              # {mariadb}\n",
             kubectl = self.cluster.kubectl.display(),
+            limited = self
+                .cluster
+                .limited_kubeconfig
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display(),
             postgres = self.postgres.url,
             mysql = self.mariadb.url,
             mariadb = self.mariadb.client_command(),
