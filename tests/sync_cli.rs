@@ -932,3 +932,41 @@ fn sync_with_git_commits_applies_the_branch_and_holds_a_rollback_pin() {
     assert!(stderr(&out).contains("committed"), "{}", stderr(&out));
     assert_eq!(greeting(), "goodbye", "after resume the rows rule again");
 }
+
+#[test]
+fn an_object_that_was_never_created_is_not_reported_pruned() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{\"{{ row.k }}\": x}",
+        ),
+    ]
+    .concat();
+    // The API server refuses b's ConfigMap: "bad key!" is not a valid key.
+    let f = Fixture::new(
+        "never",
+        "- {id: a, k: good}\n- {id: b, k: \"bad key!\"}\n",
+        &resources,
+    );
+    f.render();
+    let out = f.apply(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("created 3"), "{}", stderr(&out));
+    assert!(get(&f.ns("b"), "configmap", "config").is_none());
+
+    // b leaves: its Namespace is pruned; its ConfigMap never existed, so the
+    // report does not claim it was.
+    f.rows("- {id: a, k: good}\n");
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pruned 1,"), "{}", stderr(&out));
+    assert!(
+        !stdout(&out).contains(&format!("pruned ConfigMap {}/config", f.ns("b"))),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -58,5 +58,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     for problem in &problems {
         eprintln!("error: {problem}");
     }
-    anyhow::bail!("{} problems found", problems.len())
+    match problems.len() {
+        1 => anyhow::bail!("1 problem found"),
+        n => anyhow::bail!("{n} problems found"),
+    }
 }

@@ -82,7 +82,12 @@ async fn prune_one(
     };
     let live = match cluster.get(&kind, &id.namespace, &id.name).await {
         Ok(Some(live)) => live,
-        Ok(None) => return Ok(Some(Status::Pruned)),
+        // Never created (its apply failed after the inventory named it), or
+        // deleted by someone else: nothing was pruned, and the entry goes.
+        Ok(None) => {
+            tracing::debug!(object = %id, "already gone: dropped from the inventory");
+            return Ok(None);
+        }
         Err(f) => return Err(f.to_string()),
     };
     if live["metadata"]["labels"][MANAGED_BY] != "kiln" {
