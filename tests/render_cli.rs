@@ -337,6 +337,76 @@ fn template_output_that_is_not_one_object_is_refused() {
 }
 
 #[test]
+fn lists_and_names_that_are_not_path_segments_are_refused() {
+    // A List would carry a Secret (or anything) past the checks made on one
+    // object: its items get no labels, no namespace, no guard.
+    let list = "  - id: config\n    template: |\n      apiVersion: v1\n      kind: List\n      metadata: {name: l}\n      items:\n      - {apiVersion: v1, kind: Secret, metadata: {name: s}, stringData: {password: hunter2}}\n";
+    let typed_list = list.replace("kind: List", "kind: SecretList");
+    let items = list.replace("kind: List", "kind: ConfigMap");
+    for (template, kind) in [
+        (list, "List"),
+        (typed_list.as_str(), "SecretList"),
+        (items.as_str(), "ConfigMap"),
+    ] {
+        assert_refused(
+            &[
+                ("source.yaml", SOURCE),
+                ("tenants.json", TENANTS),
+                ("bp.yaml", &blueprint(template)),
+            ],
+            &[
+                "blueprint web",
+                "resource config",
+                "row acme",
+                &format!("is a {kind}"),
+                "never a list",
+            ],
+        );
+    }
+    for (name, why) in [
+        ("\"../../etc\"", "contains '/'"),
+        ("\"a..b\"", "contains '..'"),
+        ("\"a%2fb\"", "contains '/' or '%'"),
+        ("\"a b\"", "white space"),
+    ] {
+        let template = format!(
+            "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: {name}}}\n"
+        );
+        assert_refused(
+            &[
+                ("source.yaml", SOURCE),
+                ("tenants.json", TENANTS),
+                ("bp.yaml", &blueprint(&template)),
+            ],
+            &["resource config", "row acme", "metadata.name", why],
+        );
+    }
+    let namespace = "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: c, namespace: \"../kube-system\"}\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(namespace)),
+        ],
+        &[
+            "resource config",
+            "row acme",
+            "metadata.namespace",
+            "DNS label",
+        ],
+    );
+    let from_row = blueprint(CONFIG_MAP).replace("tenant-{{ key }}", "{{ row.plan }}/x");
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &from_row),
+        ],
+        &["row acme", "spec.namespace", "\"pro/x\" is not a DNS label"],
+    );
+}
+
+#[test]
 fn unreachable_database_is_refused_without_printing_the_password() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -432,7 +502,10 @@ fn keys_that_collide_as_dns_labels_are_refused() {
         &[
             ("source.yaml", SOURCE),
             ("tenants.json", tenants),
-            ("bp.yaml", &blueprint(per_key)),
+            (
+                "bp.yaml",
+                &blueprint(per_key).replace("{{ key }}\"\n  resources", "{{ key | dns_label }}\"\n  resources"),
+            ),
         ],
         &["rows Acme and acme both map to instance acme"],
     );

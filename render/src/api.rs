@@ -99,6 +99,44 @@ pub struct BlueprintSpec {
     #[schemars(length(max = 256))]
     #[x_kube(validation = Rule::new("size(self) > 0").message("a blueprint needs at least one resource"))]
     pub resources: Vec<ResourceSpec>,
+    /// Bounds on rendering one object, so that a runaway template fails
+    /// instead of hanging or filling memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<RenderLimits>,
+}
+
+/// Bounds on rendering one object (one resource for one row).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RenderLimits {
+    /// Template instructions (loop iterations, expressions, filter calls)
+    /// one object may take; default 10,000,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("fuel must be at least 1"))]
+    pub fuel: Option<u64>,
+    /// Bytes of template output one object may take; default 1,048,576
+    /// (1 MiB: the API server stores objects up to about 1.5 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxObjectBytes must be at least 1"))]
+    pub max_object_bytes: Option<u64>,
+}
+
+impl RenderLimits {
+    /// The default template instruction budget per object.
+    pub const DEFAULT_FUEL: u64 = 10_000_000;
+    /// The default output budget per object.
+    pub const DEFAULT_MAX_OBJECT_BYTES: u64 = 1024 * 1024;
+
+    /// The instruction budget.
+    pub fn fuel(&self) -> u64 {
+        self.fuel.unwrap_or(Self::DEFAULT_FUEL)
+    }
+
+    /// The output budget.
+    pub fn max_object_bytes(&self) -> u64 {
+        self.max_object_bytes
+            .unwrap_or(Self::DEFAULT_MAX_OBJECT_BYTES)
+    }
 }
 
 /// One object of a blueprint: its template, dependencies and policies.

@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod pack;
 mod parallel;
 pub mod policy;
+pub mod printed;
 pub mod publish;
 pub mod render;
 pub mod repo;

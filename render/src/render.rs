@@ -13,7 +13,7 @@ use crate::graph::{self, Graph};
 use crate::manifest::{self, Identity, Scopes, Stamp};
 use crate::policy::Policies;
 use crate::source::Row;
-use crate::template::{Failure, Templates, dns_label};
+use crate::template::{Failure, Output, Templates, dns_label};
 use crate::{Error, Result, yaml};
 
 /// One blueprint, compiled: its templates and dependency graph.
@@ -108,7 +108,8 @@ fn compile_one(blueprint: &Named<BlueprintSpec>) -> Result<Compiled, Vec<Error>>
     }
     let graph = graph::build(&blueprint.spec.resources)
         .map_err(|e| e.into_iter().map(&at).collect::<Vec<_>>());
-    let templates = Templates::compile(sources).map_err(|failures| {
+    let limits = blueprint.spec.limits.clone().unwrap_or_default();
+    let templates = Templates::compile(sources, &limits).map_err(|failures| {
         failures
             .into_iter()
             .map(|(template, failure)| {
@@ -325,14 +326,38 @@ fn render_row(
     let namespace = match blueprint.spec.namespace {
         Some(_) => {
             let ctx = context! { row => row_value.clone(), key => &row.key, blueprint => &blueprint.name, source => source };
-            let text = blueprint
+            let output = blueprint
                 .templates
                 .render(NAMESPACE_TEMPLATE, &ctx)
                 .map_err(|f| fail("(namespace)", "spec.namespace", f))?;
+            let text = output.printed.expand(&output.text).map_err(|message| {
+                fail(
+                    "(namespace)",
+                    "spec.namespace",
+                    Failure {
+                        message,
+                        location: None,
+                    },
+                )
+            })?;
             Some(text.trim().to_string()).filter(|n| !n.is_empty())
         }
         None => None,
     };
+    if let Some(ns) = namespace.as_deref()
+        && !crate::template::is_dns_label(ns)
+    {
+        return Err(fail(
+            "(namespace)",
+            "spec.namespace",
+            Failure {
+                message: format!(
+                    "the namespace {ns:?} is not a DNS label (lowercase letters, digits and '-', at most 63; the dns_label filter makes one)"
+                ),
+                location: None,
+            },
+        ));
+    }
     let ctx = context! {
         row => row_value,
         key => &row.key,
@@ -346,14 +371,14 @@ fn render_row(
     for &r in &blueprint.graph.order {
         let resource = &blueprint.spec.resources[r];
         let template = &blueprint.template_names[r];
-        let text = blueprint
+        let output = blueprint
             .templates
             .render(template, &ctx)
             .map_err(|f| fail(&resource.id, template, f))?;
-        if text.trim().is_empty() {
+        if output.text.trim().is_empty() {
             continue;
         }
-        let mut object = parse_object(&text).map_err(|message| {
+        let mut object = parse_object(&output).map_err(|message| {
             fail(
                 &resource.id,
                 template,
@@ -402,12 +427,14 @@ fn render_row(
     ))
 }
 
-/// Parses a template's output as exactly one Kubernetes object.
-fn parse_object(text: &str) -> std::result::Result<Map<String, Value>, String> {
+/// Parses a template's output as exactly one Kubernetes object, then puts
+/// back what the template printed (see [`crate::printed`]): the structure is
+/// the template's alone.
+fn parse_object(output: &Output) -> std::result::Result<Map<String, Value>, String> {
     let mut documents: Vec<Value> =
-        yaml::from_rendered(text, "the output").map_err(|e| e.to_string())?;
+        yaml::from_rendered(&output.text, "the output").map_err(|e| e.to_string())?;
     documents.retain(|d| !d.is_null());
-    let object = match documents.len() {
+    let mut object = match documents.len() {
         1 => documents.remove(0),
         n => {
             return Err(format!(
@@ -415,6 +442,7 @@ fn parse_object(text: &str) -> std::result::Result<Map<String, Value>, String> {
             ));
         }
     };
+    output.printed.resolve(&mut object)?;
     let Value::Object(object) = object else {
         return Err(format!(
             "rendered {}, not a mapping with apiVersion, kind and metadata.name",
@@ -429,14 +457,49 @@ fn parse_object(text: &str) -> std::result::Result<Map<String, Value>, String> {
             return Err(format!("the rendered object has no {field}"));
         }
     }
-    let name = object
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str);
-    if name.is_none_or(str::is_empty) {
+    let kind = object["kind"].as_str().unwrap_or_default();
+    if kind.ends_with("List") || object.contains_key("items") {
+        // A container would carry objects past every check made on one:
+        // its items get no labels, no namespace, no Secret guard.
+        return Err(format!(
+            "the rendered object is a {kind}: a resource renders one object, never a list of them (give each its own resource)"
+        ));
+    }
+    let metadata = object.get("metadata");
+    let name = metadata.and_then(|m| m.get("name")).and_then(Value::as_str);
+    let Some(name) = name.filter(|n| !n.is_empty()) else {
         return Err("the rendered object has no metadata.name".into());
+    };
+    if let Some(why) = invalid_name(name) {
+        return Err(format!("metadata.name {name:?} {why}"));
+    }
+    if let Some(namespace) = metadata.and_then(|m| m.get("namespace")) {
+        match namespace.as_str() {
+            Some(ns) if crate::template::is_dns_label(ns) => {}
+            _ => {
+                return Err(format!(
+                    "metadata.namespace {namespace} is not a DNS label (lowercase letters, digits and '-', at most 63)"
+                ));
+            }
+        }
     }
     Ok(object)
+}
+
+/// Why `name` cannot name an object, if it cannot: the API server takes it as
+/// a path segment, and Kiln as part of file names and inventory lines.
+fn invalid_name(name: &str) -> Option<&'static str> {
+    if name.len() > 253 {
+        Some("is longer than 253 characters")
+    } else if name.contains('/') || name.contains('%') {
+        Some("contains '/' or '%'")
+    } else if name.contains("..") || name == "." {
+        Some("contains '..' or is '.'")
+    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("contains white space or a control character")
+    } else {
+        None
+    }
 }
 
 fn kind_of(value: &Value) -> &'static str {

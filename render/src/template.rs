@@ -11,6 +11,8 @@ use minijinja::value::Value;
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 use sha2::{Digest, Sha256};
 
+use crate::api::RenderLimits;
+use crate::printed::{self, Printed, Quoted, Structure};
 use crate::yaml;
 
 /// The longest DNS label.
@@ -61,6 +63,7 @@ pub fn hex(bytes: &[u8]) -> String {
 #[derive(Debug, Clone)]
 pub struct Templates {
     env: Arc<Environment<'static>>,
+    limits: RenderLimits,
 }
 
 /// Where a template came from, for error messages.
@@ -90,10 +93,15 @@ impl std::fmt::Display for Failure {
 }
 
 impl Templates {
-    /// Compiles `(name, source)` pairs; the first error of each template is
-    /// returned with its name.
-    pub fn compile(templates: Vec<(String, String)>) -> Result<Self, Vec<(String, Failure)>> {
+    /// Compiles `(name, source)` pairs, each render bounded by `limits`; the
+    /// first error of each template is returned with its name.
+    pub fn compile(
+        templates: Vec<(String, String)>,
+        limits: &RenderLimits,
+    ) -> Result<Self, Vec<(String, Failure)>> {
         let mut env = environment();
+        // Fuel is counted per render: every object gets the whole budget.
+        env.set_fuel(Some(limits.fuel()));
         let mut errors = Vec::new();
         for (name, source) in templates {
             if let Err(e) = env.add_template_owned(name.clone(), source.clone()) {
@@ -101,18 +109,88 @@ impl Templates {
             }
         }
         if errors.is_empty() {
-            Ok(Self { env: Arc::new(env) })
+            Ok(Self {
+                env: Arc::new(env),
+                limits: limits.clone(),
+            })
         } else {
             Err(errors)
         }
     }
 
-    /// Renders template `name` with `context`.
-    pub fn render(&self, name: &str, context: &Value) -> Result<String, Failure> {
+    /// Renders template `name` with `context`, within the limits. What the
+    /// template printed is in the output as tokens (see [`crate::printed`]).
+    pub fn render(&self, name: &str, context: &Value) -> Result<Output, Failure> {
         let template = self.env.get_template(name).map_err(|e| failure(&e, ""))?;
-        template
-            .render(context)
-            .map_err(|e| failure(&e, template.source()))
+        let max = self.limits.max_object_bytes();
+        let mut out = Bounded {
+            text: Vec::new(),
+            max: usize::try_from(max).unwrap_or(usize::MAX),
+            exceeded: false,
+        };
+        let (result, printed) = printed::capture(out.max, || {
+            template.render_captured_to(context, &mut out).map(|_| ())
+        });
+        match result {
+            Ok(_) => {}
+            Err(_) if out.exceeded || printed.exceeded() => {
+                return Err(Failure {
+                    message: format!(
+                        "the template rendered more than {max} bytes for one object (raise spec.limits.maxObjectBytes if that is meant)"
+                    ),
+                    location: Some(name.to_string()),
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                return Err(Failure {
+                    message: format!(
+                        "the template took more than {} instructions for one object (a runaway loop? raise spec.limits.fuel if that is meant)",
+                        self.limits.fuel()
+                    ),
+                    location: failure(&e, template.source()).location,
+                });
+            }
+            Err(e) => return Err(failure(&e, template.source())),
+        }
+        let text = String::from_utf8(out.text).map_err(|_| Failure {
+            message: "the template rendered bytes that are not UTF-8".into(),
+            location: Some(name.to_string()),
+        })?;
+        Ok(Output { text, printed })
+    }
+}
+
+/// What a template rendered: text in which every printed value is a token,
+/// and the values the tokens stand for.
+#[derive(Debug)]
+pub struct Output {
+    /// The rendered text, with tokens.
+    pub text: String,
+    /// What the tokens stand for.
+    pub printed: Printed,
+}
+
+/// Template output that refuses to grow past `max` bytes, printed values
+/// included.
+struct Bounded {
+    text: Vec<u8>,
+    max: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        // Counted as the object will be, with printed values spelled out.
+        if printed::spelled_len(self.text.len().saturating_add(bytes.len())) > self.max {
+            self.exceeded = true;
+            return Err(std::io::Error::other("output limit reached"));
+        }
+        self.text.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -139,14 +217,18 @@ fn environment() -> Environment<'static> {
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     // Output is YAML, not HTML.
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-    // NULL columns must read back as YAML null, not the string "none".
-    env.set_formatter(|out, state, value| {
-        if value.is_none() {
-            out.write_str("null").map_err(minijinja::Error::from)
-        } else {
-            minijinja::escape_formatter(out, state, value)
-        }
+    // Printed values never become YAML syntax (see crate::printed); NULL
+    // columns read back as YAML null, not the string "none".
+    env.set_formatter(|out, _state, value| {
+        out.write_str(&printed::format(value)?)
+            .map_err(minijinja::Error::from)
     });
+    env.add_filter("indent", indent);
+    // HTML escaping has no place in YAML, and minijinja's marks its result
+    // safe (printed as YAML text): here `escape` is plain text, printed as
+    // every other string is.
+    env.add_filter("escape", |v: String| v);
+    env.add_filter("e", |v: String| v);
     env.add_filter("dns_label", |v: String| dns_label(&v));
     env.add_filter("to_yaml", to_yaml);
     env.add_filter("to_json", to_json);
@@ -166,13 +248,47 @@ fn invalid(message: String) -> minijinja::Error {
     minijinja::Error::new(ErrorKind::InvalidOperation, message)
 }
 
-fn to_yaml(value: Value) -> Result<String, minijinja::Error> {
-    let text = yaml::to_string(&value).map_err(|e| invalid(format!("to_yaml: {e}")))?;
-    Ok(text.trim_end_matches('\n').to_string())
+fn to_yaml(value: Value) -> Result<Value, minijinja::Error> {
+    let structure = serde_json::to_value(&value).map_err(|e| invalid(format!("to_yaml: {e}")))?;
+    let text = yaml::to_string(&structure).map_err(|e| invalid(format!("to_yaml: {e}")))?;
+    let text = text.trim_end_matches('\n').to_string();
+    Ok(Value::from_object(Structure::yaml(structure, text)))
 }
 
-fn to_json(value: Value) -> Result<String, minijinja::Error> {
-    serde_json::to_string(&value).map_err(|e| invalid(format!("to_json: {e}")))
+fn to_json(value: Value) -> Result<Value, minijinja::Error> {
+    let structure = serde_json::to_value(&value).map_err(|e| invalid(format!("to_json: {e}")))?;
+    Ok(Value::from_object(Structure::json(structure)))
+}
+
+/// Jinja's `indent`: every line but the first (unless `first`) and blank
+/// ones (unless `blank`) gets `width` spaces. A structure stays one: its
+/// token stands for the whole of it wherever it is printed.
+fn indent(
+    value: Value,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+) -> Result<Value, minijinja::Error> {
+    let pad = " ".repeat(width.unwrap_or(4));
+    let text = match value.downcast_object_ref::<Structure>() {
+        Some(structure) => structure.text().to_string(),
+        None => value.to_string(),
+    };
+    let mut out = String::with_capacity(text.len() + pad.len() * 8);
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let wanted = if i == 0 { first.unwrap_or(false) } else { true };
+        if wanted && (!line.is_empty() || blank.unwrap_or(false)) {
+            out.push_str(&pad);
+        }
+        out.push_str(line);
+    }
+    Ok(match value.downcast_object_ref::<Structure>() {
+        Some(structure) => Value::from_object(structure.with_text(out)),
+        None => Value::from(out),
+    })
 }
 
 fn from_json(text: String) -> Result<Value, minijinja::Error> {
@@ -189,15 +305,17 @@ fn b64decode(text: String) -> Result<String, minijinja::Error> {
         .map_err(|_| invalid("b64decode: the decoded bytes are not UTF-8".into()))
 }
 
-/// A YAML double-quoted scalar (JSON string syntax is valid YAML); none
-/// quotes as the empty string, as Helm's `quote` does with nil.
-fn quote(value: Value) -> Result<String, minijinja::Error> {
+/// One string, whatever it holds: printed, it is a YAML string with exactly
+/// this text (JSON from `to_json` included); as text for other filters, it is
+/// double-quoted as in JSON. None quotes as the empty string, as Helm's
+/// `quote` does with nil.
+fn quote(value: Value) -> Value {
     let text = match value.as_str() {
         Some(s) => s.to_string(),
         None if value.is_none() || value.is_undefined() => String::new(),
         None => value.to_string(),
     };
-    serde_json::to_string(&text).map_err(|e| invalid(format!("quote: {e}")))
+    Value::from_object(Quoted::new(text))
 }
 
 fn required(value: Value, message: Option<String>) -> Result<Value, minijinja::Error> {
@@ -217,10 +335,87 @@ mod tests {
     use super::*;
     use minijinja::context;
 
+    /// The rendered text with every printed value spelled out.
     fn render(source: &str, ctx: Value) -> Result<String, Failure> {
-        let t = Templates::compile(vec![("t.j2".into(), source.into())])
+        render_with(source, ctx, RenderLimits::default())
+    }
+
+    fn render_within(source: &str, limits: RenderLimits) -> Result<String, Failure> {
+        render_with(source, Value::UNDEFINED, limits)
+    }
+
+    fn render_with(source: &str, ctx: Value, limits: RenderLimits) -> Result<String, Failure> {
+        let t = Templates::compile(vec![("t.j2".into(), source.into())], &limits)
             .map_err(|mut e| e.remove(0).1)?;
-        t.render("t.j2", &ctx)
+        let output = t.render("t.j2", &ctx)?;
+        Ok(output.printed.expand(&output.text).unwrap())
+    }
+
+    #[test]
+    fn a_runaway_loop_runs_out_of_fuel_instead_of_hanging() {
+        let err = render_within(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            RenderLimits::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("more than 10000000 instructions"),
+            "{err}"
+        );
+        assert!(err.message.contains("spec.limits.fuel"), "{err}");
+        // A budget that fits lets the same kind of loop finish.
+        let fits = render_within(
+            "{% for i in range(100) %}{% for j in range(100) %}{% endfor %}{% endfor %}ok",
+            RenderLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(fits, "ok");
+        let tight = render_within(
+            "{% for i in range(100) %}{% endfor %}",
+            RenderLimits {
+                fuel: Some(10),
+                ..RenderLimits::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            tight.message.contains("more than 10 instructions"),
+            "{tight}"
+        );
+    }
+
+    #[test]
+    fn output_past_the_limit_is_refused_without_being_held() {
+        let err = render_within(
+            "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+            RenderLimits {
+                fuel: Some(u64::MAX),
+                ..RenderLimits::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.message.contains("more than 1048576 bytes"), "{err}");
+        assert!(err.message.contains("spec.limits.maxObjectBytes"), "{err}");
+        let small = render_within(
+            "{{ 'x' * 11 }}",
+            RenderLimits {
+                max_object_bytes: Some(10),
+                ..RenderLimits::default()
+            },
+        )
+        .unwrap_err();
+        assert!(small.message.contains("more than 10 bytes"), "{small}");
+        assert_eq!(
+            render_within(
+                "{{ 'x' * 10 }}",
+                RenderLimits {
+                    max_object_bytes: Some(10),
+                    ..RenderLimits::default()
+                },
+            )
+            .unwrap(),
+            "x".repeat(10)
+        );
     }
 
     #[test]
@@ -260,11 +455,24 @@ mod tests {
             render("{{ (row.doc | from_json).x[1] }}", ctx.clone()).unwrap(),
             "2"
         );
+        // Printed, quote is the string itself; as text, it is JSON-quoted.
         assert_eq!(
             render("{{ 'say \"hi\"' | quote }}", ctx.clone()).unwrap(),
-            r#""say \"hi\"""#
+            r#"say "hi""#
         );
-        assert_eq!(render("{{ none | quote }}", ctx.clone()).unwrap(), r#""""#);
+        assert_eq!(
+            render("{{ ('say \"hi\"' | quote) ~ '!' }}", ctx.clone()).unwrap(),
+            r#""say \"hi\""!"#
+        );
+        assert_eq!(render("{{ none | quote }}", ctx.clone()).unwrap(), "");
+        assert_eq!(
+            render("{{ row.tags | to_yaml | indent(2, true) }}", ctx.clone()).unwrap(),
+            "- a\n- b"
+        );
+        assert_eq!(
+            render("{{ 'a\nb\n\nc' | indent(2) }}", ctx.clone()).unwrap(),
+            "a\n  b\n\n  c"
+        );
         assert_eq!(
             render("{{ row.tags | to_yaml }}", ctx.clone()).unwrap(),
             "- a\n- b"
