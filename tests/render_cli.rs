@@ -504,7 +504,10 @@ fn keys_that_collide_as_dns_labels_are_refused() {
             ("tenants.json", tenants),
             (
                 "bp.yaml",
-                &blueprint(per_key).replace("{{ key }}\"\n  resources", "{{ key | dns_label }}\"\n  resources"),
+                &blueprint(per_key).replace(
+                    "{{ key }}\"\n  resources",
+                    "{{ key | dns_label }}\"\n  resources",
+                ),
             ),
         ],
         &["rows Acme and acme both map to instance acme"],
@@ -560,4 +563,43 @@ fn validate_reports_every_problem() {
 
     let output = kiln(&["validate", "-f", demo().to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn a_runaway_template_fails_instead_of_hanging() {
+    let nested = "  - id: config\n    template: |\n      {% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(nested)),
+        ],
+        &[
+            "blueprint web",
+            "resource config",
+            "row acme",
+            "more than 10000000 instructions",
+            "spec.limits.fuel",
+        ],
+    );
+    let huge = "  - id: config\n    template: |\n      {% for i in range(100000) %}{{ row.plan }}{{ range(100) | join(',') }}{% endfor %}\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(huge)),
+        ],
+        &["resource config", "row acme", "more than 1048576 bytes"],
+    );
+    // The Blueprint sets its own budget.
+    let small =
+        blueprint(CONFIG_MAP).replace("  resources:\n", "  limits: {fuel: 3}\n  resources:\n");
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &small),
+        ],
+        &["blueprint web", "row acme", "more than 3 instructions"],
+    );
 }
