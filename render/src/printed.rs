@@ -45,7 +45,6 @@ impl Spelling {
 /// The values one render printed, by token.
 #[derive(Debug, Default)]
 pub struct Printed {
-    nonce: String,
     values: Vec<(Spelling, Value)>,
     /// Bytes of the printed values so far, and how many they may take.
     bytes: usize,
@@ -75,7 +74,6 @@ fn nonce() -> &'static str {
 pub(crate) fn capture<T>(limit: usize, render: impl FnOnce() -> T) -> (T, Printed) {
     CURRENT.with(|c| {
         *c.borrow_mut() = Some(Printed {
-            nonce: nonce().to_string(),
             limit,
             ..Printed::default()
         });
@@ -194,7 +192,7 @@ fn token(
         }
         let n = printed.values.len();
         printed.values.push((spelling, value()));
-        let token = format!("{OPEN}{}{}{n}{CLOSE}", printed.nonce, spelling.digit());
+        let token = format!("{OPEN}{}{}{n}{CLOSE}", nonce(), spelling.digit());
         printed.token_bytes += token.len();
         Ok(Some(token))
     })
@@ -276,7 +274,7 @@ impl Printed {
     }
 
     fn get(&self, inner: &str) -> Option<(Spelling, &Value)> {
-        let (spelling, n) = parse(inner, &self.nonce)?;
+        let (spelling, n) = parse(inner, nonce())?;
         let (stored, value) = self.values.get(n)?;
         (*stored == spelling).then_some((spelling, value))
     }
@@ -302,6 +300,12 @@ impl Printed {
             Value::Array(items) => {
                 for item in items {
                     self.resolve(item)?;
+                }
+            }
+            // Keys rarely hold tokens: rebuild a mapping only when one does.
+            Value::Object(map) if !map.keys().any(|k| k.contains(OPEN)) => {
+                for field in map.values_mut() {
+                    self.resolve(field)?;
                 }
             }
             Value::Object(map) => {
