@@ -540,13 +540,28 @@ fn prune_deletes_what_left_the_tree_retains_what_says_so_and_adopts_it_back() {
 
     f.rows("- {id: a}\n");
     f.render();
-    let plan = f.apply(&["--dry-run"]);
+    let plan = f.apply(&["--dry-run", "--allow-mass-delete"]);
     assert!(
         stdout(&plan).contains(&format!("prune ConfigMap {b}/config")),
         "{}",
         stdout(&plan)
     );
+    // Half the inventory's instances: the deletion guard refuses, in one
+    // line, and writes nothing.
     let out = f.apply(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let line = stderr(&out);
+    assert!(
+        line.contains(&format!(
+            "inventory {}: refusing to remove 1 of 2 instances",
+            f.prefix
+        )) && line.contains("app/b")
+            && line.contains("--allow-mass-delete"),
+        "{line}"
+    );
+    assert_eq!(line.trim().lines().count(), 1, "{line}");
+    assert!(get(&b, "configmap", "config").is_some());
+    let out = f.apply(&["--allow-mass-delete"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("pruned 1, orphaned 2"),
@@ -961,7 +976,7 @@ fn an_object_that_was_never_created_is_not_reported_pruned() {
     // report does not claim it was.
     f.rows("- {id: a, k: good}\n");
     f.render();
-    let out = f.apply(&[]);
+    let out = f.apply(&["--allow-mass-delete"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("pruned 1,"), "{}", stderr(&out));
     assert!(
@@ -969,4 +984,200 @@ fn an_object_that_was_never_created_is_not_reported_pruned() {
         "{}",
         stdout(&out)
     );
+}
+
+/// Runs `kiln sync --once` on the fixture's configuration.
+fn sync_once(f: &Fixture, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "sync".to_string(),
+        "--once".into(),
+        "-f".into(),
+        f.path("cfg").display().to_string(),
+    ];
+    args.extend(f.cluster_args());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn sync_without_git_refuses_a_mass_deletion_across_restarts() {
+    let f = Fixture::new(
+        "restart",
+        "- {id: a}\n- {id: b}\n- {id: c}\n- {id: d}\n- {id: e}\n",
+        &greeting_resources(),
+    );
+    let out = sync_once(&f, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = ["a", "b", "c", "d", "e"];
+    let present = |key: &str| get(&f.ns(key), "configmap", "config").is_some();
+    assert!(all.iter().all(|k| present(k)));
+
+    // The process that saw five instances is gone; a new one sees two.
+    f.rows("- {id: a}\n- {id: b}\n");
+    let out = sync_once(&f, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "inventory {}: refusing to remove 3 of 5 instances",
+            f.prefix
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(all.iter().all(|k| present(k)), "a refused sync deleted");
+
+    // A long-running sync started in that state refuses pass after pass,
+    // and keeps running.
+    let sync = f.spawn("sync", &[]);
+    std::thread::sleep(Duration::from_secs(4));
+    terminate(&sync);
+    let out = finish(sync);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refusing to remove 3 of 5 instances"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(all.iter().all(|k| present(k)), "a refused sync deleted");
+
+    // Every instance gone at once is refused whatever the threshold.
+    f.rows("[]\n");
+    let out = sync_once(&f, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refusing to remove all 5 instances"),
+        "{}",
+        stderr(&out)
+    );
+
+    f.rows("- {id: a}\n- {id: b}\n");
+    let out = sync_once(&f, &["--allow-mass-delete"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(present("a") && present("b"));
+    assert!(!present("c") && !present("d") && !present("e"));
+}
+
+#[test]
+fn prune_deletes_only_what_kiln_made_and_no_namespace_holding_strangers() {
+    let resources = [
+        "  - id: namespace\n    template: |\n      apiVersion: v1\n      kind: Namespace\n      metadata:\n        name: \"NS\"\n        annotations: {kiln.dev/delete-with-contents: \"{{ row.purge }}\"}\n",
+        &config_map("config", "config", "", "{greeting: hello}"),
+    ]
+    .concat();
+    let rows = |keys: &[&str]| {
+        keys.iter()
+            .map(|k| format!("- {{id: {k}, purge: \"{}\"}}\n", *k == "e"))
+            .collect::<String>()
+    };
+    let f = Fixture::new("made", &rows(&["a", "b", "c", "d", "e"]), &resources);
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (b, c, d, e) = (f.ns("b"), f.ns("c"), f.ns("d"), f.ns("e"));
+    let uid = |o: &Value| o["metadata"]["uid"].as_str().unwrap().to_string();
+
+    // b: Kiln's ConfigMap deleted by hand and made again, by hand, with
+    // every label Kiln puts on it.
+    kubectl_ok(&["delete", "configmap", "config", "-n", &b]);
+    kubectl_ok(&["create", "configmap", "config", "-n", &b]);
+    let inventory_label = format!("kiln.dev/inventory={}", f.prefix);
+    kubectl_ok(&[
+        "label",
+        "configmap",
+        "config",
+        "-n",
+        &b,
+        "app.kubernetes.io/managed-by=kiln",
+        "kiln.dev/blueprint=app",
+        "kiln.dev/instance=b",
+        &inventory_label,
+    ]);
+    let hand_made = uid(&get(&b, "configmap", "config").unwrap());
+    // c: someone took Kiln's ConfigMap over by removing its label.
+    kubectl_ok(&[
+        "label",
+        "configmap",
+        "config",
+        "-n",
+        &c,
+        "app.kubernetes.io/managed-by-",
+    ]);
+    // d and e: a Secret nobody told Kiln about; e's Namespace says its
+    // contents may go with it.
+    for ns in [&d, &e] {
+        kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            "hand-made",
+            "-n",
+            ns,
+            "--from-literal=k=v",
+        ]);
+    }
+
+    f.rows(&rows(&["a"]));
+    f.render();
+    let out = f.apply(&["--allow-mass-delete"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = stdout(&out);
+
+    let left = get(&b, "configmap", "config").expect("the hand-made ConfigMap was deleted");
+    assert_eq!(uid(&left), hand_made);
+    assert!(
+        report.contains(&format!("skipped ConfigMap {b}/config"))
+            && report.contains("re-created by someone else"),
+        "{report}"
+    );
+    assert!(get(&c, "configmap", "config").is_some());
+    assert!(
+        report.contains(&format!("skipped ConfigMap {c}/config"))
+            && report.contains("no longer labelled"),
+        "{report}"
+    );
+    // b, c and d hold what Kiln did not make: orphaned, not deleted, and
+    // the report says why.
+    for (ns, stranger) in [
+        (&b, "ConfigMap config"),
+        (&c, "ConfigMap config"),
+        (&d, "Secret hand-made"),
+    ] {
+        let namespace =
+            get("", "namespace", ns).expect("a Namespace holding strangers was deleted");
+        assert!(
+            namespace["metadata"]["deletionTimestamp"].is_null(),
+            "{namespace}"
+        );
+        assert_eq!(namespace["metadata"]["labels"]["kiln.dev/orphaned"], "true");
+        assert!(
+            namespace["metadata"]["annotations"]["kiln.dev/orphaned-reason"]
+                .as_str()
+                .unwrap()
+                .contains(stranger),
+            "{namespace}"
+        );
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with(&format!("orphaned Namespace {ns} "))
+                    && l.contains("not deleted: it holds objects")
+                    && l.contains(stranger)),
+            "{report}"
+        );
+    }
+    assert!(get(&d, "secret", "hand-made").is_some());
+    assert!(
+        get(&d, "configmap", "config").is_none(),
+        "d's ConfigMap was Kiln's"
+    );
+    // e said so: deleted with its contents.
+    assert!(
+        get("", "namespace", &e).is_none_or(|n| !n["metadata"]["deletionTimestamp"].is_null()),
+        "e's Namespace was not deleted"
+    );
+    assert!(
+        report.contains(&format!("pruned Namespace {e}")),
+        "{report}"
+    );
+    assert!(get(&f.ns("a"), "configmap", "config").is_some());
 }

@@ -19,6 +19,14 @@ pub struct Args {
     /// Leave objects that left the tree in the cluster (and the inventory).
     #[arg(long)]
     no_prune: bool,
+    /// Let this apply remove more of the inventory's instances than
+    /// --max-delete-percent allows, or all of them.
+    #[arg(long)]
+    allow_mass_delete: bool,
+    /// The share of the inventory's instances one apply may remove.
+    #[arg(long, value_name = "PERCENT", default_value_t = kiln_render::publish::DEFAULT_MAX_DELETE_PERCENT,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    max_delete_percent: u32,
     /// text (people) or json (programs), on stdout.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -28,6 +36,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let desired = args.tree.desired()?;
     let mut options = args.cluster.options("default")?;
     options.prune = !args.no_prune;
+    options.allow_mass_delete = args.allow_mass_delete;
+    options.max_delete_percent = args.max_delete_percent;
     super::runtime()?.block_on(async {
         let cluster = args.cluster.connect().await?;
         let prepared = apply::prepare(&cluster, desired, &options).await?;

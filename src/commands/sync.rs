@@ -11,8 +11,11 @@ use kiln_render::publish::{self, DEFAULT_MAX_DELETE_PERCENT, Inputs};
 use kiln_render::source::{self, Row};
 use kiln_render::tree::{self, Tree};
 use kiln_render::{history, render};
+use kiln_sync::apply::Options;
 use kiln_sync::apply::{self, Status};
+use kiln_sync::cluster::Cluster;
 use kiln_sync::desired::{self, Desired};
+use kiln_sync::inventory::Inventory;
 use kiln_sync::metrics::{self, Metrics};
 use kiln_sync::watch::Watches;
 use tokio::sync::{mpsc, watch};
@@ -103,7 +106,6 @@ struct State {
     read_any: bool,
     /// The last commit this loop made.
     committed: Option<String>,
-    tree: Option<Tree>,
     desired: Option<Vec<Desired>>,
     pinned_reported: bool,
 }
@@ -136,6 +138,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .cluster
         .options(pipeline.as_ref().map_or("default", |p| p.name.as_str()))?;
     options.detect_only = args.detect_only;
+    options.allow_mass_delete = args.allow_mass_delete;
+    options.max_delete_percent = max_delete;
 
     let mut polled = Vec::new();
     for name in blueprints
@@ -179,7 +183,6 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             tip: None,
             read_any: false,
             committed: None,
-            tree: None,
             desired: None,
             pinned_reported: false,
         };
@@ -212,7 +215,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 &config,
                 &blueprints,
                 git.as_ref(),
-                max_delete,
+                (&cluster, &options),
                 &mut state,
                 &metrics,
             )
@@ -296,7 +299,7 @@ async fn pass(
     config: &Config,
     blueprints: &[render::Compiled],
     git: Option<&Target>,
-    max_delete: u32,
+    (cluster, options): (&Cluster, &Options),
     state: &mut State,
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
@@ -319,23 +322,33 @@ async fn pass(
         let started = std::time::Instant::now();
         let rendered =
             tokio::task::block_in_place(|| render::render(blueprints, config, &state.rows, true))?;
-        let tree = tree::build(&rendered)?;
-        metrics.rendered(started.elapsed());
         match git {
             Some(target) => {
+                let tree = tree::build(&rendered)?;
+                metrics.rendered(started.elapsed());
                 if !args.allow_plaintext_secrets {
                     publish::check_secrets(&rendered)?;
                 }
                 tokio::task::block_in_place(|| commit(target, &tree, &inputs, state))?;
             }
             None => {
-                if let Some(old) = &state.tree
-                    && !args.allow_mass_delete
-                {
-                    publish::check_deletions(&tree::Summary::between(old, &tree), max_delete)?;
+                metrics.rendered(started.elapsed());
+                let desired = desired::from_rendered(&rendered)?;
+                // The guard compares with the inventory, not with the last
+                // render: it holds across restarts, and a refused render
+                // keeps the last desired state of this process (if any).
+                if !args.no_prune && !args.allow_mass_delete {
+                    let inventory =
+                        Inventory::read(cluster, &options.inventory_namespace, &options.inventory)
+                            .await?;
+                    kiln_sync::guard::check(
+                        &options.inventory,
+                        &inventory.entries,
+                        &desired,
+                        options.max_delete_percent,
+                    )?;
                 }
-                state.desired = Some(desired::from_rendered(&rendered)?);
-                state.tree = Some(tree);
+                state.desired = Some(desired);
             }
         }
         state.inputs = Some(inputs);

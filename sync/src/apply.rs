@@ -18,7 +18,7 @@ use crate::cluster::{Cluster, Failure, Kind, Write};
 use crate::desired::{Desired, INVENTORY_LABEL};
 use crate::health::{Health, health};
 use crate::inventory::{Entry, Inventory};
-use crate::plan::{Action, Live, ORPHANED_LABEL, Plan, Step};
+use crate::plan::{Action, Live, ORPHANED_LABEL, Plan, Step, live_uid};
 use crate::prune::{ORPHANED_AT, ORPHANED_REASON, prune};
 pub use crate::report::{Outcome, Report, Status};
 use crate::{Error, Result};
@@ -36,6 +36,11 @@ pub struct Options {
     pub inventory_namespace: String,
     /// The inventory's name.
     pub inventory: String,
+    /// Let one apply remove more than `max_delete_percent` of the
+    /// inventory's instances, or all of them.
+    pub allow_mass_delete: bool,
+    /// `deletionGuard.maxPercent`.
+    pub max_delete_percent: u32,
 }
 
 impl Default for Options {
@@ -46,6 +51,8 @@ impl Default for Options {
             detect_only: false,
             inventory_namespace: "kiln-system".into(),
             inventory: "default".into(),
+            allow_mass_delete: false,
+            max_delete_percent: kiln_render::publish::DEFAULT_MAX_DELETE_PERCENT,
         }
     }
 }
@@ -69,17 +76,15 @@ pub async fn prepare(
 ) -> Result<Prepared> {
     let inventory =
         Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
-    let live = read_live(cluster, &mut desired, &options.inventory, true).await?;
-    if desired.is_empty() && options.prune && !inventory.entries.is_empty() {
-        return Err(Error::InvalidPlan {
-            message: format!(
-                "the tree has no objects and inventory {} holds {}: refusing to prune everything (pass --no-prune, or delete the inventory's ConfigMaps in {} to forget them)",
-                options.inventory,
-                inventory.entries.len(),
-                options.inventory_namespace
-            ),
-        });
+    if options.prune && !options.allow_mass_delete {
+        crate::guard::check(
+            &options.inventory,
+            &inventory.entries,
+            &desired,
+            options.max_delete_percent,
+        )?;
     }
+    let live = read_live(cluster, &mut desired, &options.inventory, true).await?;
     let plan = Plan::new(desired, &live, &inventory.entries, options.prune)?;
     Ok(Prepared {
         plan,
@@ -92,7 +97,7 @@ pub async fn prepare(
 /// objects that have none to `default` and dropping it from cluster-scoped
 /// ones, as kubectl does.
 ///
-/// With `compact`, objects that need nothing are kept as `null` (see
+/// With `compact`, objects that need nothing are kept as their uid (see
 /// [`crate::plan::settled`]), so that a resync of a large tree holds
 /// little of it in memory.
 pub async fn read_live(
@@ -145,7 +150,7 @@ pub async fn read_live(
                     let identity = identity_of(&object, &kind);
                     if let Some(d) = wanted.get(&identity) {
                         let object = if compact && crate::plan::settled(d, &object) {
-                            Value::Null
+                            Value::String(live_uid(&object).unwrap_or_default().to_string())
                         } else {
                             object
                         };
@@ -228,17 +233,28 @@ pub async fn execute(
         .iter()
         .map(|e| e.identity.clone())
         .collect();
-    let desired_entries: Vec<Entry> = plan
+    // The uids Kiln recorded after writing: an object keeps its own until
+    // Kiln writes it again.
+    let known: HashMap<&Identity, &str> = inventory
+        .entries
+        .iter()
+        .map(|e| (&e.identity, e.uid.as_str()))
+        .collect();
+    let mut desired_entries: Vec<Entry> = plan
         .steps
         .iter()
-        .map(|s| entry(&s.desired, s.wave))
+        .map(|s| {
+            let uid = known.get(&s.desired.identity).copied().unwrap_or_default();
+            entry(&s.desired, s.wave, uid.to_string())
+        })
         .collect();
+    drop(known);
 
     let retries_before = cluster.retries();
     // Record first what this apply may create, so that a crash leaves no
     // object Kiln made but does not know of.
-    let mut before: Vec<Entry> = inventory.entries.clone();
-    before.extend(desired_entries.iter().cloned());
+    let mut before: Vec<Entry> = desired_entries.clone();
+    before.extend(inventory.entries.iter().cloned());
     inventory.write(cluster, before).await?;
 
     let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
@@ -285,14 +301,21 @@ pub async fn execute(
                 && inventoried.contains(&step.desired.identity);
             let semaphore = semaphore.clone();
             running.push(async move {
-                let outcome =
+                let (outcome, uid) =
                     run_step(cluster, step, live, options, missing_drift, &semaphore).await;
-                (i, outcome)
+                (i, outcome, uid)
             });
         }
-        while let Some((i, outcome)) = running.next().await {
+        while let Some((i, outcome, uid)) = running.next().await {
             statuses[i] = Some(outcome.status);
             outcomes[i] = Some(outcome);
+            // A write gives the uid; an unchanged object gives it only to an
+            // inventory that had none (written before uids were recorded).
+            if let Some(uid) = uid
+                && (statuses[i] != Some(Status::Unchanged) || desired_entries[i].uid.is_empty())
+            {
+                desired_entries[i].uid = uid;
+            }
         }
         start = end;
     }
@@ -313,7 +336,18 @@ pub async fn execute(
         ));
         after.extend(plan.prune.iter().map(|p| p.entry.clone()));
     } else {
-        let kept = prune(cluster, &plan.prune, &semaphore, &mut report).await;
+        // A retained object is no longer Kiln's: deleting its Namespace
+        // would delete what Retain promised to keep.
+        let mut ours: crate::prune::Ours = inventory
+            .entries
+            .iter()
+            .chain(&after)
+            .map(|e| (e.identity.clone(), e.uid.clone()))
+            .collect();
+        for p in plan.prune.iter().filter(|p| p.retain) {
+            ours.remove(&p.entry.identity);
+        }
+        let kept = prune(cluster, &plan.prune, ours, &semaphore, &mut report).await;
         after.extend(kept);
     }
     inventory.write(cluster, after).await?;
@@ -321,7 +355,7 @@ pub async fn execute(
     Ok(report)
 }
 
-fn entry(desired: &Desired, wave: usize) -> Entry {
+fn entry(desired: &Desired, wave: usize, uid: String) -> Entry {
     let version = desired
         .api_version
         .rsplit_once('/')
@@ -333,6 +367,7 @@ fn entry(desired: &Desired, wave: usize) -> Entry {
         owner: desired.owner.clone(),
         wave,
         retain: desired.policies.deletion == DeletionPolicy::Retain,
+        uid,
     }
 }
 
@@ -343,12 +378,15 @@ async fn run_step(
     options: &Options,
     missing_drift: bool,
     semaphore: &Semaphore,
-) -> Outcome {
+) -> (Outcome, Option<String>) {
     let desired = &step.desired;
-    let outcome = |status: Status, detail: String| Outcome {
-        status,
-        object: desired.label(),
-        detail,
+    let outcome = |status: Status, detail: String| {
+        let outcome = Outcome {
+            status,
+            object: desired.label(),
+            detail,
+        };
+        (outcome, None)
     };
     let kind = match cluster
         .kind(&desired.api_version, &desired.identity.kind)
@@ -439,6 +477,16 @@ async fn run_step(
     let (status, current) = match written {
         Some((status, object)) => (status, Some(object)),
         None => (Status::Unchanged, live.cloned()),
+    };
+    // The uid of what Kiln wrote (or found unchanged), for the inventory.
+    let uid = current.as_ref().and_then(live_uid).map(str::to_string);
+    let outcome = |status: Status, detail: String| {
+        let outcome = Outcome {
+            status,
+            object: desired.label(),
+            detail,
+        };
+        (outcome, uid.clone())
     };
     if step.adopt {
         let patch = json!({"metadata": {

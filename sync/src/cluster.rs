@@ -76,6 +76,7 @@ pub enum Write {
 pub struct Cluster {
     client: kube::Client,
     kinds: Arc<Mutex<HashMap<(String, String), Kind>>>,
+    namespaced: Arc<tokio::sync::OnceCell<Vec<Kind>>>,
     retries: Arc<Retries>,
 }
 
@@ -119,6 +120,7 @@ impl Cluster {
         Self {
             client,
             kinds: Arc::default(),
+            namespaced: Arc::default(),
             retries: Arc::default(),
         }
     }
@@ -170,6 +172,66 @@ impl Cluster {
             kinds.insert(key, kind.clone());
         }
         Ok(found)
+    }
+
+    /// Every namespaced kind the server lists (events aside), discovered
+    /// once.
+    pub async fn namespaced_kinds(&self) -> Result<&[Kind]> {
+        let kinds = self
+            .namespaced
+            .get_or_try_init(|| async {
+                let discovery = kube::Discovery::new(self.client.clone());
+                let discovery = match discovery.run_aggregated().await {
+                    Ok(found) => found,
+                    // Servers before aggregated discovery: one request per group.
+                    Err(_) => kube::Discovery::new(self.client.clone())
+                        .run()
+                        .await
+                        .map_err(|e| Error::Api {
+                            what: "discover the server's kinds".into(),
+                            message: message(&e),
+                        })?,
+                };
+                let mut kinds = Vec::new();
+                for group in discovery.groups() {
+                    for (resource, caps) in group.recommended_resources() {
+                        if caps.scope == Scope::Namespaced
+                            && caps.supports_operation(kube::discovery::verbs::LIST)
+                            && resource.plural != "events"
+                        {
+                            kinds.push(Kind {
+                                resource,
+                                namespaced: true,
+                            });
+                        }
+                    }
+                }
+                Ok::<_, Error>(kinds)
+            })
+            .await?;
+        Ok(kinds)
+    }
+
+    /// The metadata of up to `limit` objects of `kind` in `namespace`.
+    pub async fn list_metadata(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        limit: u32,
+    ) -> Result<Vec<Value>, Failure> {
+        let requests = Self::requests(kind, namespace);
+        let params = ListParams {
+            limit: Some(limit),
+            ..ListParams::default()
+        };
+        let mut page = self
+            .send(|| requests.list_metadata(&params))
+            .await
+            .map_err(|e| classify(&e))?;
+        Ok(match page.get_mut("items").map(Value::take) {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        })
     }
 
     fn cached(&self, key: &(String, String)) -> Option<Kind> {

@@ -4,7 +4,10 @@
 //! An inventory is a set of ConfigMaps `kiln-inventory-<name>-<i>` in one
 //! namespace, labelled `kiln.dev/inventory-of: <name>`. Each holds one line per
 //! object (group, version, kind, namespace, name, blueprint, instance,
-//! resource id, wave, deletion policy), tab-separated, sorted. Objects are
+//! resource id, wave, deletion policy, uid), tab-separated, sorted. The uid
+//! is the object's as Kiln saw it after writing it (empty until then, and in
+//! inventories written before it was recorded): prune deletes only that
+//! object, never one of the same name someone else made since. Objects are
 //! spread over the shards by a hash of their identity, and the shard count
 //! (a power of two) grows so that no shard passes 256 KiB: 100,000 objects
 //! take 64 shards of about 180 KiB, far from the 1 MiB limit of an object.
@@ -40,6 +43,8 @@ pub struct Entry {
     pub wave: usize,
     /// `deletionPolicy: Retain`.
     pub retain: bool,
+    /// The uid of the object Kiln wrote; empty when not known yet.
+    pub uid: String,
 }
 
 impl Entry {
@@ -47,7 +52,7 @@ impl Entry {
         let i = &self.identity;
         let o = &self.owner;
         format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             i.group,
             self.version,
             i.kind,
@@ -57,13 +62,15 @@ impl Entry {
             o.instance,
             o.resource,
             self.wave,
-            if self.retain { "Retain" } else { "Delete" }
+            if self.retain { "Retain" } else { "Delete" },
+            self.uid
         )
     }
 
     fn parse(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.split('\t').collect();
-        if f.len() != 10 {
+        // Ten fields: written before uids were recorded.
+        if f.len() != 10 && f.len() != 11 {
             return None;
         }
         Some(Self {
@@ -81,6 +88,7 @@ impl Entry {
             },
             wave: f[8].parse().ok()?,
             retain: f[9] == "Retain",
+            uid: f.get(10).map_or_else(String::new, |u| (*u).to_string()),
         })
     }
 
@@ -200,9 +208,10 @@ impl Inventory {
 
     /// Makes `entries` the inventory, writing only the shards that change
     /// and deleting shards no longer used. Returns how many were written.
+    /// Of two entries for one object, the first given is kept.
     pub async fn write(&mut self, cluster: &Cluster, mut entries: Vec<Entry>) -> Result<usize> {
-        entries.sort();
-        entries.dedup();
+        entries.sort_by(|a, b| a.identity.cmp(&b.identity));
+        entries.dedup_by(|later, first| later.identity == first.identity);
         let shards = encode(&self.name, &entries, self.stored.len());
         let mut writes = 0;
         if shards.iter().any(|(n, t)| self.stored.get(n) != Some(t)) {
@@ -259,6 +268,7 @@ mod tests {
             },
             wave: 1,
             retain: i.is_multiple_of(2),
+            uid: format!("0c8a6f0e-2b7c-4a55-9d2e-{i:012}"),
         }
     }
 
@@ -278,9 +288,21 @@ mod tests {
         let entries: Vec<Entry> = (0..100_000).map(entry).collect();
         let shards = encode("prod", &entries, 0);
         let largest = shards.values().map(String::len).max().unwrap();
-        assert!(largest < 512 * 1024, "largest shard {largest} bytes");
-        assert!(shards.len() <= 64, "{} shards", shards.len());
+        assert!(largest <= 256 * 1024, "largest shard {largest} bytes");
+        assert_eq!(shards.len(), 64);
         assert_eq!(decode(shards.values()).unwrap().len(), 100_000);
+    }
+
+    #[test]
+    fn a_line_written_before_uids_reads_with_none() {
+        let line = "apps\tv1\tDeployment\tt-1\tapp\tweb\tt1\tapp\t1\tDelete";
+        let entries = decode([&format!("{line}\n")]).unwrap();
+        assert_eq!(entries[0].uid, "");
+        assert_eq!(entries[0].identity.name, "app");
+        let mut with_uid = entries[0].clone();
+        with_uid.uid = "5e1f".into();
+        assert_eq!(Entry::parse(&with_uid.line()), Some(with_uid));
+        assert_eq!(Entry::parse("apps\tv1\tDeployment"), None);
     }
 
     #[test]

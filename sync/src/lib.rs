@@ -12,6 +12,7 @@ pub mod client;
 pub mod cluster;
 pub mod desired;
 pub mod drift;
+pub mod guard;
 pub mod health;
 pub mod inventory;
 pub mod metrics;
@@ -40,6 +41,9 @@ pub enum Error {
     /// The objects to apply cannot be ordered or are contradictory.
     #[error("{message}")]
     InvalidPlan { message: String },
+    /// A deletion guard refused: the message says why and what to pass.
+    #[error("{message}")]
+    Refused { message: String },
     /// An API request failed for good (after retries where they make sense).
     #[error("failed to {what}: {message}")]
     Api { what: String, message: String },

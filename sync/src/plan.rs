@@ -89,11 +89,20 @@ pub struct Plan {
 }
 
 /// Live state the plan is made from: the desired objects that exist, as
-/// read, or `null` for one already known to be unchanged (see [`settled`]).
+/// read, or only their uid (a string) for one already known to be unchanged
+/// (see [`settled`]).
 pub type Live = HashMap<Identity, Value>;
 
+/// The uid of a live object, or of a settled one kept as its uid alone.
+pub fn live_uid(live: &Value) -> Option<&str> {
+    live.as_str()
+        .or_else(|| live["metadata"]["uid"].as_str())
+        .filter(|u| !u.is_empty())
+}
+
 /// Whether `live` needs nothing: unchanged, nobody waits on it, no orphan
-/// marker. Such objects need not be kept in memory; a `null` stands for them.
+/// marker. Such objects need not be kept in memory; their uid stands for
+/// them.
 pub fn settled(desired: &Desired, live: &Value) -> bool {
     !desired.policies.wait_for_ready
         && live["metadata"]["labels"][ORPHANED_LABEL].is_null()
@@ -336,7 +345,7 @@ fn action(desired: &Desired, live: Option<&Value>) -> Action {
     let Some(live) = live else {
         return Action::Create;
     };
-    if live.is_null() {
+    if live.is_string() {
         return Action::Unchanged;
     }
     if desired.policies.creation == CreationPolicy::Once {
@@ -613,6 +622,7 @@ mod tests {
             owner: Owner::default(),
             wave,
             retain,
+            uid: String::new(),
         };
         let inventory = vec![
             entry("config", 1, false),

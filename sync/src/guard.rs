@@ -1,0 +1,30 @@
+//! The deletion guard of every path that prunes: what the inventory holds
+//! (what Kiln applied, in this process or any earlier one) against what is
+//! about to be applied. The same rule as a render into Git: never every
+//! instance, never more than `deletionGuard.maxPercent` of them, unless
+//! the person asks with `--allow-mass-delete`.
+
+use std::collections::BTreeMap;
+
+use kiln_render::tree::Summary;
+
+use crate::desired::Desired;
+use crate::inventory::Entry;
+use crate::{Error, Result};
+
+/// Refuses to apply `desired` when it would remove too many of the
+/// instances (`blueprint/instance`) the inventory `name` holds.
+pub fn check(name: &str, inventory: &[Entry], desired: &[Desired], max_percent: u32) -> Result<()> {
+    let before: BTreeMap<String, ()> = inventory
+        .iter()
+        .map(|e| (format!("{}/{}", e.owner.blueprint, e.owner.instance), ()))
+        .collect();
+    let after: BTreeMap<String, ()> = desired
+        .iter()
+        .map(|d| (format!("{}/{}", d.owner.blueprint, d.owner.instance), ()))
+        .collect();
+    let summary = Summary::of_instances(&before, &after);
+    kiln_render::publish::check_deletions(&summary, max_percent).map_err(|e| Error::Refused {
+        message: format!("inventory {name}: {e}"),
+    })
+}
