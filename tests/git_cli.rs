@@ -816,3 +816,170 @@ fn unchanged_inputs_skip_the_render_and_a_changed_source_spec_does_not() {
     assert!(rendered(&project));
     assert_eq!(commits(&repo), 2);
 }
+
+/// A non-bare repository whose checked-out `main` has `project` rendered
+/// under `out/`; returns its path and the render's arguments.
+fn checked_out_render(work: &Path, project: &Project) -> (PathBuf, Vec<String>) {
+    let repo = work.join("checkout");
+    git(work, &["init", "-q", "-b", "main", repo.to_str().unwrap()]);
+    let args: Vec<String> = [
+        "render",
+        "-f",
+        project.arg(),
+        "--git",
+        repo.to_str().unwrap(),
+        "--path",
+        "out",
+    ]
+    .map(String::from)
+    .to_vec();
+    let output = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    (repo, args)
+}
+
+#[test]
+fn a_checkout_left_behind_by_an_interrupted_render_is_brought_up_to_date() {
+    let work = tempfile::tempdir().unwrap();
+    let project = Project::new(&[("acme", 1), ("globex", 1), ("initech", 1)], false);
+    let (repo, args) = checked_out_render(work.path(), &project);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let before = git(&repo, &["rev-parse", "main"]);
+
+    // The state a render stopped after moving the branch leaves: Kiln's
+    // commit at the tip, the index and work tree half old, half new.
+    let next = work.path().join("next.git");
+    git(
+        &repo,
+        &["clone", "-q", "--bare", ".", next.to_str().unwrap()],
+    );
+    project.rows(&[("acme", 2), ("globex", 2), ("umbrella", 1)]);
+    let mut elsewhere = vec![
+        "render",
+        "-f",
+        project.arg(),
+        "--git",
+        next.to_str().unwrap(),
+    ];
+    elsewhere.extend(["--branch", "main", "--path", "out", "--allow-mass-delete"]);
+    let output = kiln(&elsewhere);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    git(
+        &repo,
+        &[
+            "fetch",
+            "-q",
+            "--update-head-ok",
+            next.to_str().unwrap(),
+            "main:main",
+        ],
+    );
+    let tip = git(&repo, &["rev-parse", "main"]);
+    assert_ne!(tip, before);
+    // acme's file is new on disk and in the index; globex's only on disk;
+    // umbrella's appeared; initech's is still there.
+    for file in ["out/web/acme/config.yaml", "out/web/globex/config.yaml"] {
+        let content = git(&repo, &["show", &format!("main:{file}")]);
+        std::fs::write(repo.join(file), format!("{content}\n")).unwrap();
+    }
+    git(&repo, &["add", "out/web/acme/config.yaml"]);
+    std::fs::create_dir_all(repo.join("out/web/umbrella")).unwrap();
+    let content = git(&repo, &["show", "main:out/web/umbrella/config.yaml"]);
+    std::fs::write(
+        repo.join("out/web/umbrella/config.yaml"),
+        format!("{content}\n"),
+    )
+    .unwrap();
+    let stale = git(&repo, &["status", "--porcelain"]);
+    assert!(stale.contains("out/web/initech"), "{stale}");
+
+    // A person's edit among them is refused, and the message says how to
+    // set it aside.
+    std::fs::write(repo.join("out/web/globex/namespace.yaml"), "mine\n").unwrap();
+    let output = kiln(&args);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("uncommitted changes under out/")
+            && message.contains("stash push --include-untracked -- out"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("out/web/globex/namespace.yaml")).unwrap(),
+        "mine\n"
+    );
+
+    // Without it, the next render (nothing changed: it would say "up to
+    // date") first finishes the checkout, and says so.
+    git(&repo, &["checkout", "--", "out/web/globex/namespace.yaml"]);
+    let output = kiln(&args);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!("up to Kiln's commit {}", &tip[..12]))
+            && message.contains("under out/"),
+        "{message}"
+    );
+    assert_eq!(git(&repo, &["status", "--porcelain"]), "");
+    assert_eq!(git(&repo, &["rev-parse", "main"]), tip);
+    assert!(!repo.join("out/web/initech").exists());
+    git(&repo, &["diff", "--exit-code", "main", "--", "out"]);
+}
+
+#[test]
+fn a_render_killed_while_it_updates_a_checkout_is_repaired_by_the_next() {
+    let work = tempfile::tempdir().unwrap();
+    let project = Project::new(&[("acme", 1)], false);
+    let (repo, args) = checked_out_render(work.path(), &project);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut many = tenants(3000);
+    many.push(("acme".to_string(), 1));
+    project.rows(&as_refs(&many));
+    let tip_file = repo.join(".git/refs/heads/main");
+    let before = std::fs::read_to_string(&tip_file).unwrap();
+    // Kill the render the moment the branch moves, while the work tree
+    // follows; repeat until a kill lands in that window.
+    let mut hit = false;
+    for _ in 0..20 {
+        let _ = std::fs::remove_file(project.path().join("tenants.db"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        loop {
+            if std::fs::read_to_string(&tip_file).unwrap_or_default() != before {
+                let _ = child.kill();
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let _ = child.wait();
+        let moved = std::fs::read_to_string(&tip_file).unwrap_or_default() != before;
+        if moved && !git(&repo, &["status", "--porcelain"]).is_empty() {
+            hit = true;
+            break;
+        }
+        if moved {
+            // It finished first: go back and try again.
+            git(&repo, &["reset", "-q", "--hard", before.trim()]);
+        }
+    }
+    assert!(
+        hit,
+        "no kill landed between the branch moving and the work tree following"
+    );
+    let _ = std::fs::remove_file(project.path().join("tenants.db"));
+    let output = kiln(&args);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("up to Kiln's commit"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(git(&repo, &["status", "--porcelain"]), "");
+    assert!(repo.join("out/web/t2999/config.yaml").exists());
+}

@@ -1181,3 +1181,75 @@ fn prune_deletes_only_what_kiln_made_and_no_namespace_holding_strangers() {
     );
     assert!(get(&f.ns("a"), "configmap", "config").is_some());
 }
+
+#[test]
+fn sync_with_git_never_commits_over_an_uncommitted_edit_of_a_checkout() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: \"{{ row.greeting }}\"}",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("checkout", "- {id: a, greeting: hello}\n", &resources);
+    let repo = f.path("checkout");
+    common::git(
+        f.dir.path(),
+        &["init", "-q", "-b", "main", repo.to_str().unwrap()],
+    );
+    let out = kiln(&[
+        "render",
+        "-f",
+        f.path("cfg").to_str().unwrap(),
+        "--git",
+        repo.to_str().unwrap(),
+        "--path",
+        "out",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let file = repo.join("out/app/a/config.yaml");
+    let edited = format!("{}# mine\n", std::fs::read_to_string(&file).unwrap());
+    std::fs::write(&file, &edited).unwrap();
+    let tip = common::git(&repo, &["rev-parse", "main"]);
+
+    f.rows("- {id: a, greeting: goodbye}\n");
+    let mut args = vec![
+        "sync".to_string(),
+        "--once".into(),
+        "-f".into(),
+        f.path("cfg").display().to_string(),
+    ];
+    args.extend(
+        [
+            "--git",
+            repo.to_str().unwrap(),
+            "--branch",
+            "main",
+            "--path",
+            "out",
+        ]
+        .map(String::from),
+    );
+    args.extend(f.cluster_args());
+    let out = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("uncommitted changes under out/")
+            && stderr(&out).contains("out/app/a/config.yaml"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        edited,
+        "the edit is gone"
+    );
+    assert_eq!(
+        common::git(&repo, &["rev-parse", "main"]),
+        tip,
+        "sync committed"
+    );
+}

@@ -163,10 +163,35 @@ fn git_order(name: &str, tree: bool) -> Vec<u8> {
     key
 }
 
+fn checkout_error(file: &Path, error: &std::io::Error) -> Error {
+    Error::Git {
+        message: format!("cannot bring {} up to date: {error}", file.display()),
+    }
+}
+
 pub(crate) fn git(error: git2::Error) -> Error {
     Error::Git {
         message: error.message().to_string(),
     }
+}
+
+/// What [`Repo::recover_work_tree`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing to do: the branch is not checked out, its tip is not Kiln's
+    /// commit for the path, or nothing under the path differs from it.
+    Nothing,
+    /// Files under the path were behind Kiln's commit and were brought up
+    /// to it.
+    Recovered {
+        /// How many.
+        files: usize,
+        /// The commit.
+        tip: String,
+    },
+    /// The tip is Kiln's commit, and something under the path holds what
+    /// neither it nor its parent holds: someone's edit.
+    Edited,
 }
 
 /// A repository Kiln renders into.
@@ -681,28 +706,127 @@ impl Repo {
     /// Refuses when the work tree or index has changes under `path` that a
     /// commit would leave stale or overwrite.
     pub fn check_clean(&self, path: &str) -> Result<()> {
+        let dirty = self.dirty(path)?;
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Refused {
+            message: format!(
+                "{}: the checked-out work tree has uncommitted changes under {}/ ({}); commit or discard them first (`git -C {} stash push --include-untracked -- {}` sets them aside), or render into a bare repository",
+                self.location.display(),
+                crate::history::path_label(path),
+                crate::abbreviate(&dirty, 3),
+                self.location.display(),
+                crate::history::path_label(path)
+            ),
+        })
+    }
+
+    /// Finishes the checkout of an interrupted render: when the checked-out
+    /// branch's tip is Kiln's commit for `path` and every changed file under
+    /// `path` (in the index and the work tree) holds what that commit or its
+    /// parent holds there, Kiln moved the branch and was stopped before the
+    /// work tree followed. Those files are brought up to the tip; returns
+    /// how many, and the tip. When a changed file holds anything else (a
+    /// person's edit) nothing is touched and the answer says so.
+    pub fn recover_work_tree(&self, refname: &str, path: &str) -> Result<Recovery> {
+        if !self.checked_out(refname) {
+            return Ok(Recovery::Nothing);
+        }
+        let Some(tip) = self.tip(refname)? else {
+            return Ok(Recovery::Nothing);
+        };
+        let dirty = self.dirty(path)?;
+        if dirty.is_empty() {
+            return Ok(Recovery::Nothing);
+        }
+        if crate::history::record(&tip, path).is_none() {
+            return Ok(Recovery::Nothing);
+        }
+        let Some(workdir) = self.git.workdir().map(Path::to_path_buf) else {
+            return Ok(Recovery::Nothing);
+        };
+        let tip_tree = tip.tree().map_err(git)?;
+        let parent_tree = match tip.parent(0) {
+            Ok(parent) => Some(parent.tree().map_err(git)?),
+            Err(_) => None,
+        };
+        let blob = |tree: Option<&git2::Tree<'_>>, file: &str| {
+            tree.and_then(|t| t.get_path(Path::new(file)).ok())
+                .filter(|e| e.kind() == Some(git2::ObjectType::Blob))
+                .map(|e| e.id())
+        };
+        let mut index = self.git.index().map_err(git)?;
+        for file in &dirty {
+            let ours = [
+                blob(Some(&tip_tree), file),
+                blob(parent_tree.as_ref(), file),
+            ];
+            let staged = index.get_path(Path::new(file), 0).map(|e| e.id);
+            let on_disk = workdir.join(file);
+            let written = if on_disk.is_file() {
+                Some(Oid::hash_file(git2::ObjectType::Blob, &on_disk).map_err(git)?)
+            } else if on_disk.exists() {
+                return Ok(Recovery::Edited);
+            } else {
+                None
+            };
+            if !ours.contains(&staged) || !ours.contains(&written) {
+                return Ok(Recovery::Edited);
+            }
+        }
+        for file in &dirty {
+            let on_disk = workdir.join(file);
+            match blob(Some(&tip_tree), file) {
+                Some(id) => {
+                    let content = self.git.find_blob(id).map_err(git)?;
+                    if let Some(dir) = on_disk.parent() {
+                        std::fs::create_dir_all(dir).map_err(|e| checkout_error(&on_disk, &e))?;
+                    }
+                    std::fs::write(&on_disk, content.content())
+                        .map_err(|e| checkout_error(&on_disk, &e))?;
+                    index.add_path(Path::new(file)).map_err(git)?;
+                }
+                None => {
+                    if on_disk.exists() {
+                        std::fs::remove_file(&on_disk).map_err(|e| checkout_error(&on_disk, &e))?;
+                    }
+                    // Directories it leaves empty go too, as a checkout does.
+                    let root = workdir.join(path);
+                    let mut dir = on_disk.parent();
+                    while let Some(d) = dir.filter(|d| d.starts_with(&root) && *d != root) {
+                        if std::fs::remove_dir(d).is_err() {
+                            break;
+                        }
+                        dir = d.parent();
+                    }
+                    if index.get_path(Path::new(file), 0).is_some() {
+                        index.remove_path(Path::new(file)).map_err(git)?;
+                    }
+                }
+            }
+        }
+        index.write().map_err(git)?;
+        Ok(Recovery::Recovered {
+            files: dirty.len(),
+            tip: tip.id().to_string(),
+        })
+    }
+
+    /// Paths under `path` whose index or work tree differs from HEAD
+    /// (untracked files included).
+    fn dirty(&self, path: &str) -> Result<Vec<String>> {
         let mut options = git2::StatusOptions::new();
         options.include_untracked(true).recurse_untracked_dirs(true);
         if !path.is_empty() {
             options.pathspec(path);
         }
         let statuses = self.git.statuses(Some(&mut options)).map_err(git)?;
-        let dirty: Vec<String> = statuses
+        Ok(statuses
             .iter()
             .filter(|s| !s.status().is_ignored())
             .filter_map(|s| s.path().ok().map(str::to_string))
-            .collect();
-        if dirty.is_empty() {
-            return Ok(());
-        }
-        Err(Error::Refused {
-            message: format!(
-                "{}: the checked-out work tree has uncommitted changes under {}/ ({}); commit or discard them first, or render into a bare repository",
-                self.location.display(),
-                crate::history::path_label(path),
-                crate::abbreviate(&dirty, 3)
-            ),
-        })
+            .collect())
     }
 
     /// Brings the index and work tree under `path` to HEAD after Kiln moved

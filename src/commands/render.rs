@@ -258,6 +258,7 @@ fn commit(
         let emitted = format!("emit {:?} {:?}", args.emit, args.repo_url);
         loaded.inputs = loaded.inputs.with(&emitted);
     }
+    let checked_out = target.recover_work_tree()?;
     // Nothing that shapes the tree changed since Kiln's last render here:
     // the same tree would come out, so skip rendering it.
     if let Some(published) = publish::up_to_date(&target.repo, &target.options, &loaded.inputs)? {
@@ -290,8 +291,6 @@ fn commit(
         publish::check_secrets(&rendering.rendered)?;
     }
     let repo = &target.repo;
-    let refname = repo.branch_ref(options.branch.as_deref())?;
-    let checked_out = repo.checked_out(&refname);
     if checked_out {
         repo.check_clean(&options.path)?;
     }

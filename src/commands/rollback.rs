@@ -22,8 +22,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let mut target = target::resolve(&args.git, None)?;
     target.options.author = args.author.clone();
     let repo = &target.repo;
-    let refname = repo.branch_ref(target.options.branch.as_deref())?;
-    let checked_out = repo.checked_out(&refname);
+    let checked_out = target.recover_work_tree()?;
     if checked_out {
         repo.check_clean(&target.options.path)?;
     }

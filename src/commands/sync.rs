@@ -376,6 +376,12 @@ fn commit(target: &Target, tree: &Tree, inputs: &Inputs, state: &mut State) -> a
         return Ok(());
     }
     state.pinned_reported = false;
+    // As `kiln render --git` does: never commit over someone's uncommitted
+    // edit of a checked-out work tree (the update after the commit would
+    // discard it).
+    if target.recover_work_tree()? {
+        repo.check_clean(&target.options.path)?;
+    }
     let published = publish::publish(repo, tree, inputs, &target.options)?;
     state.committed = published.commit.clone();
     if let Some(commit) = &published.commit {

@@ -7,7 +7,7 @@ use anyhow::bail;
 use kiln_render::api::PipelineSpec;
 use kiln_render::config::{Config, Named};
 use kiln_render::publish::{DEFAULT_MAX_DELETE_PERCENT, Options};
-use kiln_render::repo::Repo;
+use kiln_render::repo::{Recovery, Repo};
 
 /// The repository, branch and directory.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,6 +30,35 @@ pub struct Target {
     pub repo: Repo,
     /// Options for kiln-render's Git functions.
     pub options: Options,
+}
+
+impl Target {
+    /// Before Kiln touches a checked-out branch: finishes the work-tree
+    /// update of a render that was stopped after it moved the branch, and
+    /// says so. Returns whether the branch is checked out (then a commit
+    /// must first pass [`Repo::check_clean`]). When Kiln's commit is at the
+    /// tip and the work tree holds someone's edits, refuses at once: even
+    /// a render with nothing to commit must not leave it half updated.
+    pub fn recover_work_tree(&self) -> anyhow::Result<bool> {
+        let repo = &self.repo;
+        let refname = repo.branch_ref(self.options.branch.as_deref())?;
+        if !repo.checked_out(&refname) {
+            return Ok(false);
+        }
+        let path = &self.options.path;
+        match repo.recover_work_tree(&refname, path)? {
+            Recovery::Nothing => {}
+            Recovery::Recovered { files, tip } => eprintln!(
+                "{}: brought {files} files under {}/ up to Kiln's commit {} on {}: a render was stopped before the work tree followed it",
+                repo.location.display(),
+                kiln_render::history::path_label(path),
+                &tip[..12],
+                refname.trim_start_matches("refs/heads/")
+            ),
+            Recovery::Edited => repo.check_clean(path)?,
+        }
+        Ok(true)
+    }
 }
 
 /// The Pipeline a command follows: the one named, else the only one.
