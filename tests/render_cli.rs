@@ -602,4 +602,64 @@ fn a_runaway_template_fails_instead_of_hanging() {
         ],
         &["blueprint web", "row acme", "more than 3 instructions"],
     );
+    // A flag raises it for one run.
+    let dir = project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        ("bp.yaml", &small),
+    ]);
+    let output = kiln(&[
+        "render",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--fuel",
+        "100000",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn a_render_has_an_output_budget_per_blueprint() {
+    // 400 kB per object, well under the 1 MiB an object may take; two rows
+    // pass the render's 500 kB.
+    let big = "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: cfg}\n      data: {blob: \"{% for i in range(40000) %}0123456789{% endfor %}\"}\n";
+    let limited = blueprint(big).replace(
+        "  resources:\n",
+        "  limits: {maxRenderBytes: 500000}\n  resources:\n",
+    );
+    let files = [
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        ("bp.yaml", limited.as_str()),
+    ];
+    assert_refused(
+        &files,
+        &[
+            "blueprint web",
+            "resource config",
+            "row globex",
+            "passed 500000 bytes in this render",
+            "spec.limits.maxRenderBytes",
+        ],
+    );
+    let dir = project(&files);
+    let output = kiln(&["validate", "-f", dir.path().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("passed 500000 bytes"),
+        "{}",
+        stderr(&output)
+    );
+    let out = dir.path().join("out");
+    let output = kiln(&[
+        "render",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-render-bytes",
+        "1000000",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(read_tree(&out).contains_key("web/globex/config.yaml"));
 }

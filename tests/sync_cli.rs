@@ -1253,3 +1253,62 @@ fn sync_with_git_never_commits_over_an_uncommitted_edit_of_a_checkout() {
         "sync committed"
     );
 }
+
+#[test]
+fn a_render_over_budget_fails_the_pass_and_sync_keeps_the_last_good_state() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: \"{% for i in range(row.n) %}x{% endfor %}\"}",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("budget", "- {id: a, n: 3}\n- {id: b, n: 3}\n", &resources);
+    let sync = f.spawn("sync", &["--max-object-bytes", "2000"]);
+    let greeting =
+        |key: &str| get(&f.ns(key), "configmap", "config").map(|c| c["data"]["greeting"].clone());
+    eventually("the first sync", Duration::from_secs(60), || {
+        greeting("a") == Some("xxx".into()) && greeting("b") == Some("xxx".into())
+    });
+
+    // a's row now makes an object of 5,000 bytes: the whole render fails.
+    f.rows("- {id: a, n: 5000}\n- {id: b, n: 4}\n");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        greeting("b"),
+        Some("xxx".into()),
+        "a failed render was applied"
+    );
+    // The last good state is still what the loop holds to.
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "config",
+        "-n",
+        &f.ns("a"),
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"edited"}}"#,
+    ]);
+    eventually("the edit put back", Duration::from_secs(30), || {
+        greeting("a") == Some("xxx".into())
+    });
+
+    f.rows("- {id: a, n: 2}\n- {id: b, n: 2}\n");
+    eventually("the fixed rows applied", Duration::from_secs(30), || {
+        greeting("a") == Some("xx".into()) && greeting("b") == Some("xx".into())
+    });
+    terminate(&sync);
+    let out = finish(sync);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(
+        log.contains("resource config, row a")
+            && log.contains("more than 2000 bytes")
+            && log.contains("keeping the last desired state"),
+        "{log}"
+    );
+}

@@ -105,7 +105,9 @@ pub struct BlueprintSpec {
     pub limits: Option<RenderLimits>,
 }
 
-/// Bounds on rendering one object (one resource for one row).
+/// Bounds on rendering: one object (one resource for one row), and all of
+/// a blueprint's objects in one render. Flags of the same names raise them
+/// for one run.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RenderLimits {
@@ -119,6 +121,11 @@ pub struct RenderLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("maxObjectBytes must be at least 1"))]
     pub max_object_bytes: Option<u64>,
+    /// Bytes of template output all of the blueprint's objects may take in
+    /// one render; default 268,435,456 (256 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxRenderBytes must be at least 1"))]
+    pub max_render_bytes: Option<u64>,
 }
 
 impl RenderLimits {
@@ -126,6 +133,8 @@ impl RenderLimits {
     pub const DEFAULT_FUEL: u64 = 10_000_000;
     /// The default output budget per object.
     pub const DEFAULT_MAX_OBJECT_BYTES: u64 = 1024 * 1024;
+    /// The default output budget of one render, per blueprint.
+    pub const DEFAULT_MAX_RENDER_BYTES: u64 = 256 * 1024 * 1024;
 
     /// The instruction budget.
     pub fn fuel(&self) -> u64 {
@@ -136,6 +145,21 @@ impl RenderLimits {
     pub fn max_object_bytes(&self) -> u64 {
         self.max_object_bytes
             .unwrap_or(Self::DEFAULT_MAX_OBJECT_BYTES)
+    }
+
+    /// The output budget of one render.
+    pub fn max_render_bytes(&self) -> u64 {
+        self.max_render_bytes
+            .unwrap_or(Self::DEFAULT_MAX_RENDER_BYTES)
+    }
+
+    /// These limits with every one `raised` sets in its place.
+    pub fn overridden_by(&self, raised: &RenderLimits) -> RenderLimits {
+        RenderLimits {
+            fuel: raised.fuel.or(self.fuel),
+            max_object_bytes: raised.max_object_bytes.or(self.max_object_bytes),
+            max_render_bytes: raised.max_render_bytes.or(self.max_render_bytes),
+        }
     }
 }
 

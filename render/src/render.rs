@@ -2,6 +2,7 @@
 //! templates, on every core, into canonical objects.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use minijinja::Value as Context;
 use minijinja::context;
@@ -177,6 +178,24 @@ pub struct Rendered {
     pub instances: Vec<Instance>,
 }
 
+/// What a blueprint's objects may take in one render, and what they took.
+struct Budget {
+    spent: AtomicU64,
+    limit: u64,
+}
+
+impl Budget {
+    /// Counts `bytes` of output; false once the render is over budget.
+    fn spend(&self, bytes: usize) -> bool {
+        let bytes = bytes as u64;
+        self.spent.fetch_add(bytes, Ordering::Relaxed) + bytes <= self.limit
+    }
+
+    fn exhausted(&self) -> bool {
+        self.spent.load(Ordering::Relaxed) > self.limit
+    }
+}
+
 /// One row's objects, stamped and serialised.
 struct Stamped {
     blueprint: usize,
@@ -204,8 +223,18 @@ fn render_pass(
             .get(&blueprint.spec.source)
             .map(|r| r.iter().filter(|r| r.active).collect())
             .unwrap_or_default();
-        let results =
-            crate::parallel::map(active, |row| render_row(b, blueprint, config, row, scopes));
+        let budget = Budget {
+            spent: AtomicU64::new(0),
+            limit: blueprint
+                .spec
+                .limits
+                .clone()
+                .unwrap_or_default()
+                .max_render_bytes(),
+        };
+        let results = crate::parallel::map(active, |row| {
+            render_row(b, blueprint, config, row, scopes, &budget)
+        });
         for result in results {
             match result {
                 Ok((row, found)) => {
@@ -304,7 +333,19 @@ fn render_row(
     config: &Config,
     row: &Row,
     scopes: &Scopes,
+    budget: &Budget,
 ) -> Result<(Stamped, Vec<Map<String, Value>>)> {
+    let name = dns_label(&row.key);
+    if budget.exhausted() {
+        // The row that went over budget reports it; the rest stop here.
+        let stamped = Stamped {
+            blueprint: b,
+            key: row.key.clone(),
+            name,
+            objects: Vec::new(),
+        };
+        return Ok((stamped, Vec::new()));
+    }
     let fail = |resource: &str, template: &str, failure: Failure| {
         let location = failure
             .location
@@ -365,7 +406,6 @@ fn render_row(
         source => source,
         namespace => &namespace,
     };
-    let name = dns_label(&row.key);
     let mut objects = Vec::new();
     let mut crds = Vec::new();
     for &r in &blueprint.graph.order {
@@ -375,6 +415,19 @@ fn render_row(
             .templates
             .render(template, &ctx)
             .map_err(|f| fail(&resource.id, template, f))?;
+        if !budget.spend(output.text.len()) {
+            return Err(fail(
+                &resource.id,
+                template,
+                Failure {
+                    message: format!(
+                        "the blueprint's objects passed {} bytes in this render (raise spec.limits.maxRenderBytes or pass --max-render-bytes if that is meant)",
+                        budget.limit
+                    ),
+                    location: None,
+                },
+            ));
+        }
         if output.text.trim().is_empty() {
             continue;
         }

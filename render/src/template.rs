@@ -136,7 +136,7 @@ impl Templates {
             Err(_) if out.exceeded || printed.exceeded() => {
                 return Err(Failure {
                     message: format!(
-                        "the template rendered more than {max} bytes for one object (raise spec.limits.maxObjectBytes if that is meant)"
+                        "the template rendered more than {max} bytes for one object (raise spec.limits.maxObjectBytes or pass --max-object-bytes if that is meant)"
                     ),
                     location: Some(name.to_string()),
                 });
@@ -144,7 +144,7 @@ impl Templates {
             Err(e) if e.kind() == ErrorKind::OutOfFuel => {
                 return Err(Failure {
                     message: format!(
-                        "the template took more than {} instructions for one object (a runaway loop? raise spec.limits.fuel if that is meant)",
+                        "the template took more than {} instructions for one object (a runaway loop? raise spec.limits.fuel or pass --fuel if that is meant)",
                         self.limits.fuel()
                     ),
                     location: failure(&e, template.source()).location,

@@ -81,6 +81,37 @@ pub struct ConfigArgs {
     /// The Pipeline to follow when the configuration has several.
     #[arg(long, value_name = "NAME")]
     pub pipeline: Option<String>,
+    /// Template instructions one object may take, for every blueprint (in
+    /// place of spec.limits.fuel).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub fuel: Option<u64>,
+    /// Bytes of template output one object may take, for every blueprint
+    /// (in place of spec.limits.maxObjectBytes).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_object_bytes: Option<u64>,
+    /// Bytes of template output a blueprint's objects may take in one
+    /// render (in place of spec.limits.maxRenderBytes).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_render_bytes: Option<u64>,
+}
+
+impl ConfigArgs {
+    /// Loads the configuration, with the limits the flags set.
+    pub fn load(&self) -> anyhow::Result<kiln_render::config::Config> {
+        let mut config = kiln_render::config::Config::load(&self.files)?;
+        let raised = kiln_render::api::RenderLimits {
+            fuel: self.fuel,
+            max_object_bytes: self.max_object_bytes,
+            max_render_bytes: self.max_render_bytes,
+        };
+        if raised != kiln_render::api::RenderLimits::default() {
+            for blueprint in config.blueprints.values_mut() {
+                let limits = blueprint.spec.limits.take().unwrap_or_default();
+                blueprint.spec.limits = Some(limits.overridden_by(&raised));
+            }
+        }
+        Ok(config)
+    }
 }
 
 /// Output formats of commands that print a report.

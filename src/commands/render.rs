@@ -104,7 +104,7 @@ pub struct Loaded {
 
 /// Loads, compiles and reads every source.
 pub fn load(args: &ConfigArgs) -> anyhow::Result<Loaded> {
-    let config = Config::load(&args.files)?;
+    let config = args.load()?;
     check_selection(&config, &args.blueprints)?;
     let mut selected = args.blueprints.clone();
     if selected.is_empty()

@@ -111,7 +111,7 @@ struct State {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let config = Config::load(&args.config.files)?;
+    let config = args.config.load()?;
     check_selection(&config, &args.config.blueprints)?;
     let pipeline = target::pipeline(&config, args.config.pipeline.as_deref())?.cloned();
     let mut selected = args.config.blueprints.clone();

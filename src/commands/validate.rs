@@ -1,6 +1,5 @@
 //! `kiln validate`: every error a configuration has, without writing anything.
 
-use kiln_render::config::Config;
 use kiln_render::render;
 
 use super::{ConfigArgs, runtime};
@@ -17,7 +16,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let config = Config::load(&args.config.files)?;
+    let config = args.config.load()?;
     super::render::check_selection(&config, &args.config.blueprints)?;
     let mut errors = Vec::new();
     let blueprints = match render::compile(&config, &args.config.blueprints) {
