@@ -1312,3 +1312,45 @@ fn a_render_over_budget_fails_the_pass_and_sync_keeps_the_last_good_state() {
         "{log}"
     );
 }
+
+#[test]
+fn applying_one_blueprint_of_two_into_their_inventory_is_refused() {
+    let f = Fixture::new("onebp", "- {id: a}\n- {id: b}\n", &greeting_resources());
+    // A second blueprint on the same rows, in the same inventory.
+    let mut config = std::fs::read_to_string(f.path("cfg/kiln.yaml")).unwrap();
+    config.push_str(&format!(
+        "---\napiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: extra}}\n\
+         spec:\n  source: rows\n  namespace: \"{p}-{{{{ key }}}}\"\n  resources:\n{c}",
+        p = f.prefix,
+        c = config_map("more", "more", "", "{}")
+    ));
+    std::fs::write(f.path("cfg/kiln.yaml"), config).unwrap();
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(get(&f.ns("a"), "configmap", "more").is_some());
+
+    let render_only = |blueprint: &str| {
+        let out = kiln(&[
+            "render",
+            "-f",
+            f.path("cfg").to_str().unwrap(),
+            "--blueprint",
+            blueprint,
+            "--out",
+            f.path("out").to_str().unwrap(),
+            "--allow-mass-delete",
+        ]);
+        assert!(out.status.success(), "render: {}", stderr(&out));
+    };
+    render_only("app");
+    let out = f.apply(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refusing to remove all 2 instances of blueprint extra"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(get(&f.ns("a"), "configmap", "more").is_some());
+    assert!(get(&f.ns("b"), "configmap", "more").is_some());
+}

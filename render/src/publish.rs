@@ -229,6 +229,20 @@ pub fn check_deletions(summary: &Summary, max_percent: u32) -> Result<()> {
             ),
         });
     }
+    if let Some(blueprint) = summary.emptied.first() {
+        let gone: Vec<&String> = summary
+            .removed
+            .iter()
+            .filter(|n| n.starts_with(&format!("{blueprint}/")))
+            .collect();
+        return Err(Error::Refused {
+            message: format!(
+                "refusing to remove all {} instances of blueprint {blueprint} ({}): did its source return no rows? pass --allow-mass-delete if this is intended",
+                gone.len(),
+                crate::abbreviate(&gone.iter().map(|g| g.as_str()).collect::<Vec<_>>(), 5)
+            ),
+        });
+    }
     if removed as u64 * 100 > u64::from(max_percent) * before as u64 {
         return Err(Error::Refused {
             message: format!(
@@ -610,4 +624,43 @@ pub fn resume(repo: &Repo, options: &Options) -> Result<Published> {
     Err(Error::Git {
         message: format!("{refname} kept moving during the resume; try again"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instances(names: &[&str]) -> BTreeMap<String, ()> {
+        names.iter().map(|n| ((*n).to_string(), ())).collect()
+    }
+
+    fn check(old: &[&str], new: &[&str], max_percent: u32) -> std::result::Result<(), String> {
+        let summary = Summary::of_instances(&instances(old), &instances(new));
+        check_deletions(&summary, max_percent).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_guard_refuses_everything_too_much_and_a_blueprint_emptied() {
+        let ten: Vec<String> = (0..10).map(|i| format!("web/t{i}")).collect();
+        let ten: Vec<&str> = ten.iter().map(String::as_str).collect();
+        assert!(check(&ten, &ten[..8], 20).is_ok());
+        let too_many = check(&ten, &ten[..7], 20).unwrap_err();
+        assert!(
+            too_many.contains("refusing to remove 3 of 10 instances (30%"),
+            "{too_many}"
+        );
+        let all = check(&ten, &[], 100).unwrap_err();
+        assert!(all.contains("refusing to remove all 10 instances"), "{all}");
+
+        // One blueprint's source came back empty: 1 instance of 11 is far
+        // below the threshold, and still refused.
+        let mut both = ten.clone();
+        both.push("db/main");
+        let emptied = check(&both, &ten, 20).unwrap_err();
+        assert!(
+            emptied.contains("refusing to remove all 1 instances of blueprint db (db/main)"),
+            "{emptied}"
+        );
+        assert!(check(&both, &both[1..], 20).is_ok(), "web keeps 9");
+    }
 }

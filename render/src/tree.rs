@@ -97,6 +97,10 @@ pub struct Summary {
     pub objects: usize,
     /// Files (objects and kustomizations) that are new or changed.
     pub written: usize,
+    /// Blueprints that had instances and have none left (their source
+    /// returned nothing?).
+    #[serde(skip)]
+    pub emptied: Vec<String>,
 }
 
 impl Summary {
@@ -131,6 +135,18 @@ impl Summary {
             .keys()
             .filter(|n| !new.contains_key(*n))
             .cloned()
+            .collect();
+        let blueprint = |name: &String| {
+            name.split_once('/')
+                .map_or(name.clone(), |(b, _)| b.to_string())
+        };
+        let left: std::collections::BTreeSet<String> = new.keys().map(blueprint).collect();
+        summary.emptied = old
+            .keys()
+            .map(blueprint)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|b| !left.contains(b))
             .collect();
         summary
     }
