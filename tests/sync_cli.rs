@@ -701,6 +701,20 @@ fn drift_cluster_reports_edits_to_managed_fields_but_not_ignored_ones() {
     assert_eq!(statuses, ["missing", "changed"], "{report}");
 }
 
+/// A Namespace and a ConfigMap `config` saying the row's greeting.
+fn greeting_from_rows() -> String {
+    [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n",
+            "{greeting: \"{{ row.greeting }}\"}",
+        ),
+    ]
+    .concat()
+}
+
 /// A Namespace and a ConfigMap `config` saying hello.
 fn greeting_resources() -> String {
     [
@@ -804,14 +818,7 @@ fn sync_puts_an_out_of_band_edit_back_serves_metrics_and_stops_on_sigterm() {
 fn sync_detect_only_reports_drift_and_leaves_it() {
     let resources = greeting_resources();
     let f = Fixture::new("detect", "- {id: a}\n", &resources);
-    let mut args = vec![
-        "sync".to_string(),
-        "--once".into(),
-        "-f".into(),
-        f.path("cfg").display().to_string(),
-    ];
-    args.extend(f.cluster_args());
-    let out = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = sync_once(&f, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let ns = f.ns("a");
     kubectl_ok(&[
@@ -863,16 +870,7 @@ fn a_namespace_deleted_under_kiln_is_created_again() {
 
 #[test]
 fn sync_with_git_commits_applies_the_branch_and_holds_a_rollback_pin() {
-    let resources = [
-        NAMESPACE.to_string(),
-        config_map(
-            "config",
-            "config",
-            "    dependsOn: [namespace]\n",
-            "{greeting: \"{{ row.greeting }}\"}",
-        ),
-    ]
-    .concat();
+    let resources = greeting_from_rows();
     let f = Fixture::new("gitsync", "- {id: a, greeting: hello}\n", &resources);
     let repo = f.path("repo.git");
     common::git(
@@ -880,20 +878,10 @@ fn sync_with_git_commits_applies_the_branch_and_holds_a_rollback_pin() {
         &["init", "-q", "--bare", repo.to_str().unwrap()],
     );
     let sync = || {
-        let mut args = vec![
-            "sync".to_string(),
-            "--once".into(),
-            "-f".into(),
-            f.path("cfg").display().to_string(),
-        ];
-        args.extend([
-            "--git".into(),
-            repo.display().to_string(),
-            "--branch".into(),
-            "rendered".into(),
-        ]);
-        args.extend(f.cluster_args());
-        kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        sync_once(
+            &f,
+            &["--git", repo.to_str().unwrap(), "--branch", "rendered"],
+        )
     };
     let ns = f.ns("a");
     let greeting = || get(&ns, "configmap", "config").unwrap()["data"]["greeting"].clone();
@@ -1184,16 +1172,7 @@ fn prune_deletes_only_what_kiln_made_and_no_namespace_holding_strangers() {
 
 #[test]
 fn sync_with_git_never_commits_over_an_uncommitted_edit_of_a_checkout() {
-    let resources = [
-        NAMESPACE.to_string(),
-        config_map(
-            "config",
-            "config",
-            "    dependsOn: [namespace]\n",
-            "{greeting: \"{{ row.greeting }}\"}",
-        ),
-    ]
-    .concat();
+    let resources = greeting_from_rows();
     let f = Fixture::new("checkout", "- {id: a, greeting: hello}\n", &resources);
     let repo = f.path("checkout");
     common::git(
@@ -1216,25 +1195,11 @@ fn sync_with_git_never_commits_over_an_uncommitted_edit_of_a_checkout() {
     let tip = common::git(&repo, &["rev-parse", "main"]);
 
     f.rows("- {id: a, greeting: goodbye}\n");
-    let mut args = vec![
-        "sync".to_string(),
-        "--once".into(),
-        "-f".into(),
-        f.path("cfg").display().to_string(),
-    ];
-    args.extend(
-        [
-            "--git",
-            repo.to_str().unwrap(),
-            "--branch",
-            "main",
-            "--path",
-            "out",
-        ]
-        .map(String::from),
+    let repo_arg = repo.to_str().unwrap();
+    let out = sync_once(
+        &f,
+        &["--git", repo_arg, "--branch", "main", "--path", "out"],
     );
-    args.extend(f.cluster_args());
-    let out = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("uncommitted changes under out/")
