@@ -42,6 +42,62 @@ pub struct Options {
     pub max_delete_percent: u32,
 }
 
+/// Where renders are committed: an opened repository, and how.
+#[derive(Debug)]
+pub struct Target {
+    /// The repository.
+    pub repo: Repo,
+    /// Branch, path, guards.
+    pub options: Options,
+}
+
+/// The work tree of the target branch, as [`Target::prepare_work_tree`]
+/// left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkTree {
+    /// The branch is checked out: a commit must pass
+    /// [`Repo::check_clean`] and then update the work tree.
+    pub checked_out: bool,
+    /// Files an interrupted render left behind Kiln's commit, brought up to
+    /// it: how many, and the commit.
+    pub recovered: Option<(usize, String)>,
+}
+
+impl Target {
+    /// The branch's full ref name.
+    pub fn refname(&self) -> Result<String> {
+        self.repo.branch_ref(self.options.branch.as_deref())
+    }
+
+    /// Before Kiln touches the branch: when it is checked out, finishes the
+    /// work-tree update of a render that was stopped after it moved the
+    /// branch. When Kiln's commit is at the tip and the work tree holds
+    /// someone's edits, refuses at once: even a render with nothing to
+    /// commit must not leave it half updated.
+    pub fn prepare_work_tree(&self) -> Result<WorkTree> {
+        let refname = self.refname()?;
+        if !self.repo.checked_out(&refname) {
+            return Ok(WorkTree {
+                checked_out: false,
+                recovered: None,
+            });
+        }
+        let path = &self.options.path;
+        let recovered = match self.repo.recover_work_tree(&refname, path)? {
+            repo::Recovery::Nothing => None,
+            repo::Recovery::Recovered { files, tip } => Some((files, tip)),
+            repo::Recovery::Edited => {
+                self.repo.check_clean(path)?;
+                None
+            }
+        };
+        Ok(WorkTree {
+            checked_out: true,
+            recovered,
+        })
+    }
+}
+
 /// What the render is made of, recorded in trailers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inputs {

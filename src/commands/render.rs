@@ -258,7 +258,7 @@ fn commit(
         let emitted = format!("emit {:?} {:?}", args.emit, args.repo_url);
         loaded.inputs = loaded.inputs.with(&emitted);
     }
-    let checked_out = target.recover_work_tree()?;
+    let checked_out = target::prepare_work_tree(&target)?;
     // Nothing that shapes the tree changed since Kiln's last render here:
     // the same tree would come out, so skip rendering it.
     if let Some(published) = publish::up_to_date(&target.repo, &target.options, &loaded.inputs)? {

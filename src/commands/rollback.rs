@@ -22,7 +22,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let mut target = target::resolve(&args.git, None)?;
     target.options.author = args.author.clone();
     let repo = &target.repo;
-    let checked_out = target.recover_work_tree()?;
+    let checked_out = target::prepare_work_tree(&target)?;
     if checked_out {
         repo.check_clean(&target.options.path)?;
     }

@@ -1,22 +1,16 @@
-//! `kiln sync`: the loop. Poll each source at its interval, render, commit
-//! (with --git), apply, and put back what changes under Kiln's objects.
+//! `kiln sync`: the loop around [`Reconciler`]'s pass. Poll each source at
+//! its interval, pass, and pass again when Kiln's objects change; stop on a
+//! signal; say what happened.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kiln_render::config::Config;
-use kiln_render::publish::{self, DEFAULT_MAX_DELETE_PERCENT, Inputs};
-use kiln_render::source::{self, Row};
-use kiln_render::tree::{self, Tree};
-use kiln_render::{history, render};
-use kiln_sync::apply::Options;
-use kiln_sync::apply::{self, Status};
-use kiln_sync::cluster::Cluster;
-use kiln_sync::desired::{self, Desired};
-use kiln_sync::inventory::Inventory;
+use kiln_render::render;
+use kiln_render::source;
+use kiln_sync::apply::Status;
 use kiln_sync::metrics::{self, Metrics};
+use kiln_sync::reconcile::{Event, Reconciler, Settings};
 use kiln_sync::watch::Watches;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -24,7 +18,7 @@ use tokio::time::Instant;
 use super::ConfigArgs;
 use super::cluster::ClusterArgs;
 use super::render::check_selection;
-use super::target::{self, GitArgs, Target};
+use super::target::{self, GitArgs};
 use crate::Outcome;
 
 /// How often a source is read when it does not say.
@@ -97,19 +91,6 @@ struct Polled {
     due: Instant,
 }
 
-/// What the loop keeps between passes.
-struct State {
-    rows: BTreeMap<String, Vec<Row>>,
-    inputs: Option<Inputs>,
-    tip: Option<String>,
-    /// Whether a source was read since the last pass.
-    read_any: bool,
-    /// The last commit this loop made.
-    committed: Option<String>,
-    desired: Option<Vec<Desired>>,
-    pinned_reported: bool,
-}
-
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let config = args.config.load()?;
     check_selection(&config, &args.config.blueprints)?;
@@ -121,26 +102,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         selected = p.spec.blueprints.clone();
     }
     let blueprints = render::compile(&config, &selected)?;
-    let git = if args.git.repo.is_some() || pipeline.as_ref().is_some_and(|p| p.spec.git.is_some())
-    {
-        let mut target = target::resolve(&args.git, pipeline.as_ref())?;
-        target.options.author = args.author.clone();
-        target.options.allow_mass_delete = args.allow_mass_delete;
-        Some(target)
-    } else {
-        None
-    };
-    let max_delete = pipeline
-        .as_ref()
-        .and_then(|p| p.spec.deletion_guard.as_ref())
-        .map_or(DEFAULT_MAX_DELETE_PERCENT, |g| g.max_percent);
-    let mut options = args
-        .cluster
-        .options(pipeline.as_ref().map_or("default", |p| p.name.as_str()))?;
-    options.detect_only = args.detect_only;
-    options.allow_mass_delete = args.allow_mass_delete;
-    options.max_delete_percent = max_delete;
-
+    let settings = settings(args, pipeline.as_ref())?;
     let mut polled = Vec::new();
     for name in blueprints
         .iter()
@@ -176,31 +138,20 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let (stop_tx, mut stop) = watch::channel(false);
         let stopper = stop_on_signal(stop_tx);
         let (changed_tx, mut changed) = mpsc::channel(1);
-        let mut watches = Watches::new(cluster.clone(), &options.inventory, changed_tx);
-        let mut state = State {
-            rows: BTreeMap::new(),
-            inputs: None,
-            tip: None,
-            read_any: false,
-            committed: None,
-            desired: None,
-            pinned_reported: false,
-        };
+        let mut watches = Watches::new(cluster.clone(), &settings.apply.inventory, changed_tx);
+        let place = settings
+            .git
+            .as_ref()
+            .map(target::Place::of)
+            .unwrap_or_default();
+        let mut reconciler = Reconciler::new(config, blueprints, settings, metrics.clone());
         let result = loop {
             // Read the sources that are due; one that fails keeps its last rows.
             let mut failures = Vec::new();
             for p in polled.iter_mut().filter(|p| p.due <= Instant::now()) {
                 p.due = Instant::now() + p.interval;
-                match source::read(&config.sources[&p.name], None).await {
-                    Ok(rows) => {
-                        metrics.source_rows(&p.name, rows.len());
-                        state.rows.insert(p.name.clone(), rows);
-                        state.read_any = true;
-                    }
-                    Err(e) => {
-                        metrics.source_error(&p.name);
-                        failures.push(e.to_string());
-                    }
+                if let Err(e) = reconciler.read(&p.name).await {
+                    failures.push(e.to_string());
                 }
             }
             if args.once && !failures.is_empty() {
@@ -210,57 +161,48 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 eprintln!("error: {failure}; keeping its last rows and pruning nothing");
             }
             let mut degraded = !failures.is_empty();
-            let pass = pass(
-                args,
-                &config,
-                &blueprints,
-                git.as_ref(),
-                (&cluster, &options),
-                &mut state,
-                &metrics,
-            )
-            .await;
-            let desired = match pass {
-                Ok(()) => state.desired.clone(),
-                Err(e) if args.once => break Err(e),
-                Err(e) => {
-                    eprintln!("error: {e:#}; keeping the last desired state");
-                    degraded = true;
-                    state.desired.clone()
-                }
-            };
-            if let Some(desired) = desired {
-                options.prune = !args.no_prune && !degraded;
-                let started = std::time::Instant::now();
-                let count = desired.len();
-                match apply::apply(&cluster, desired.clone(), &options, &stop).await {
-                    Ok(report) => {
-                        metrics.applied(count, started.elapsed(), &report);
-                        for line in report.lines() {
-                            println!("{line}");
-                        }
-                        if report.lines().next().is_some() || args.once {
-                            eprintln!("sync: {}", report.summary());
-                        }
-                        if args.once {
-                            break if report.failed() {
-                                Err(anyhow::anyhow!(
-                                    "{} objects failed",
-                                    report.count(Status::Failed)
-                                ))
-                            } else {
-                                Ok(())
-                            };
-                        }
+            match reconciler.render(&cluster).await {
+                Ok(events) => {
+                    for event in events {
+                        eprintln!("{}", describe(&event, &place));
                     }
-                    Err(e) if args.once => break Err(e.into()),
-                    Err(e) => eprintln!("error: {e}"),
                 }
-                if let Err(e) = watches.cover(&desired).await {
-                    tracing::warn!("cannot watch: {e}");
+                Err(e) if args.once => break Err(e.into()),
+                Err(e) => {
+                    eprintln!("error: {e}; keeping the last desired state");
+                    degraded = true;
                 }
-            } else if args.once {
-                break Err(anyhow::anyhow!("nothing to apply: no source has been read"));
+            }
+            match reconciler.apply(&cluster, !degraded, &stop).await {
+                Some(Ok(report)) => {
+                    for line in report.lines() {
+                        println!("{line}");
+                    }
+                    if report.lines().next().is_some() || args.once {
+                        eprintln!("sync: {}", report.summary());
+                    }
+                    if args.once {
+                        break if report.failed() {
+                            Err(anyhow::anyhow!(
+                                "{} objects failed",
+                                report.count(Status::Failed)
+                            ))
+                        } else {
+                            Ok(())
+                        };
+                    }
+                }
+                Some(Err(e)) if args.once => break Err(e.into()),
+                Some(Err(e)) => eprintln!("error: {e}"),
+                None if args.once => {
+                    break Err(anyhow::anyhow!("nothing to apply: no source has been read"));
+                }
+                None => {}
+            }
+            if let Some(desired) = reconciler.desired()
+                && let Err(e) = watches.cover(desired).await
+            {
+                tracing::warn!("cannot watch: {e}");
             }
             if *stop.borrow() {
                 break Ok(());
@@ -291,135 +233,50 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     })
 }
 
-/// Renders when the rows changed, commits when there is a repository, and
-/// settles `state.desired`: the branch's tree with --git (so a rollback's
-/// pin holds), else the render.
-async fn pass(
+/// The pass's settings from the flags and the Pipeline, settled once.
+fn settings(
     args: &Args,
-    config: &Config,
-    blueprints: &[render::Compiled],
-    git: Option<&Target>,
-    (cluster, options): (&Cluster, &Options),
-    state: &mut State,
-    metrics: &Metrics,
-) -> anyhow::Result<()> {
-    if state.rows.len()
-        < blueprints
-            .iter()
-            .map(|b| &b.spec.source)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
-    {
-        anyhow::bail!("not every source has been read yet");
-    }
-    // Rows not read again since the last render cannot have changed: a pass
-    // started by a watch need not hash them.
-    let read_any = std::mem::take(&mut state.read_any);
-    let inputs = (read_any || state.inputs.is_none())
-        .then(|| Inputs::digest(blueprints, config, &state.rows))
-        .filter(|inputs| state.inputs.as_ref() != Some(inputs));
-    if let Some(inputs) = inputs {
-        let started = std::time::Instant::now();
-        let rendered =
-            tokio::task::block_in_place(|| render::render(blueprints, config, &state.rows, true))?;
-        match git {
-            Some(target) => {
-                let tree = tree::build(&rendered)?;
-                metrics.rendered(started.elapsed());
-                if !args.allow_plaintext_secrets {
-                    publish::check_secrets(&rendered)?;
-                }
-                tokio::task::block_in_place(|| commit(target, &tree, &inputs, state))?;
-            }
-            None => {
-                metrics.rendered(started.elapsed());
-                let desired = desired::from_rendered(&rendered)?;
-                // The guard compares with the inventory, not with the last
-                // render: it holds across restarts, and a refused render
-                // keeps the last desired state of this process (if any).
-                if !args.no_prune && !args.allow_mass_delete {
-                    let inventory =
-                        Inventory::read(cluster, &options.inventory_namespace, &options.inventory)
-                            .await?;
-                    kiln_sync::guard::check(
-                        &options.inventory,
-                        &inventory.entries,
-                        &desired,
-                        options.max_delete_percent,
-                    )?;
-                }
-                state.desired = Some(desired);
-            }
-        }
-        state.inputs = Some(inputs);
-    }
-    if let Some(target) = git {
-        tokio::task::block_in_place(|| read_tip(target, state))?;
-    }
-    Ok(())
+    pipeline: Option<&kiln_render::config::Named<kiln_render::api::PipelineSpec>>,
+) -> anyhow::Result<Settings> {
+    let git = if args.git.repo.is_some() || pipeline.is_some_and(|p| p.spec.git.is_some()) {
+        let mut target = target::resolve(&args.git, pipeline)?;
+        target.options.author = args.author.clone();
+        target.options.allow_mass_delete = args.allow_mass_delete;
+        Some(target)
+    } else {
+        None
+    };
+    let name = pipeline.map_or("default", |p| p.name.as_str());
+    let mut apply = args.cluster.options(name)?;
+    apply.detect_only = args.detect_only;
+    apply.allow_mass_delete = args.allow_mass_delete;
+    apply.max_delete_percent = pipeline
+        .and_then(|p| p.spec.deletion_guard.as_ref())
+        .map_or(kiln_render::publish::DEFAULT_MAX_DELETE_PERCENT, |g| {
+            g.max_percent
+        });
+    Ok(Settings {
+        pipeline: name.to_string(),
+        apply,
+        no_prune: args.no_prune,
+        allow_plaintext_secrets: args.allow_plaintext_secrets,
+        git,
+    })
 }
 
-/// Commits the render unless a rollback pins the branch.
-fn commit(target: &Target, tree: &Tree, inputs: &Inputs, state: &mut State) -> anyhow::Result<()> {
-    let repo = &target.repo;
-    let refname = repo.branch_ref(target.options.branch.as_deref())?;
-    let tip = repo.tip(&refname)?;
-    if let Some(pin) = history::pin(tip.as_ref(), &target.options.path)? {
-        if !state.pinned_reported {
-            eprintln!(
-                "{} is pinned by rollback commit {}: applying it and committing nothing until `kiln resume`",
-                refname.trim_start_matches("refs/heads/"),
-                &pin.commit[..12]
-            );
-            state.pinned_reported = true;
-        }
-        return Ok(());
-    }
-    state.pinned_reported = false;
-    // As `kiln render --git` does: never commit over someone's uncommitted
-    // edit of a checked-out work tree (the update after the commit would
-    // discard it).
-    if target.recover_work_tree()? {
-        repo.check_clean(&target.options.path)?;
-    }
-    let published = publish::publish(repo, tree, inputs, &target.options)?;
-    state.committed = published.commit.clone();
-    if let Some(commit) = &published.commit {
-        eprintln!(
+/// A render's event as a person reads it.
+fn describe(event: &Event, place: &target::Place) -> String {
+    match event {
+        Event::Recovered { files, commit } => place.recovered(*files, commit),
+        Event::Committed(published) => format!(
             "committed {} to {}: {}",
-            &commit[..12],
+            &published.commit.as_deref().unwrap_or_default()[..12],
             published.branch.trim_start_matches("refs/heads/"),
             published.summary.line()
-        );
-        if repo.checked_out(&published.branch) {
-            repo.update_work_tree(&target.options.path)?;
-        }
+        ),
+        Event::Pinned { branch, commit } => format!(
+            "{branch} is pinned by rollback commit {}: applying it and committing nothing until `kiln resume`",
+            &commit[..12]
+        ),
     }
-    Ok(())
-}
-
-/// Reads the branch's tree when its tip moved (a render, a rollback, a
-/// resume, someone else's commit).
-fn read_tip(target: &Target, state: &mut State) -> anyhow::Result<()> {
-    let repo = &target.repo;
-    let refname = repo.branch_ref(target.options.branch.as_deref())?;
-    let Some(tip) = repo.tip(&refname)? else {
-        return Ok(());
-    };
-    let id = tip.id().to_string();
-    if state.tip.as_deref() == Some(id.as_str()) && state.desired.is_some() {
-        return Ok(());
-    }
-    let Some(dir) = repo.tree_at(Some(&tip), &target.options.path)? else {
-        return Ok(());
-    };
-    let tree = repo.read_tree(&dir)?;
-    state.desired = Some(desired::from_tree(&tree)?);
-    // Someone else moved the branch (a rollback, a resume): what was last
-    // rendered says nothing about it, so the next pass renders again.
-    if state.tip.is_some() && state.committed.as_deref() != Some(id.as_str()) {
-        state.inputs = None;
-    }
-    state.tip = Some(id);
-    Ok(())
 }

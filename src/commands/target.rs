@@ -7,7 +7,7 @@ use anyhow::bail;
 use kiln_render::api::PipelineSpec;
 use kiln_render::config::{Config, Named};
 use kiln_render::publish::{DEFAULT_MAX_DELETE_PERCENT, Options};
-use kiln_render::repo::{Recovery, Repo};
+use kiln_render::repo::Repo;
 
 /// The repository, branch and directory.
 #[derive(Debug, Clone, clap::Args)]
@@ -23,41 +23,51 @@ pub struct GitArgs {
     pub path: Option<String>,
 }
 
-/// A resolved target.
-#[derive(Debug)]
-pub struct Target {
-    /// The opened repository.
-    pub repo: Repo,
-    /// Options for kiln-render's Git functions.
-    pub options: Options,
+pub use kiln_render::publish::Target;
+
+/// Prepares the target's work tree (see [`Target::prepare_work_tree`]) and
+/// says what it brought up to date. Returns whether the branch is checked
+/// out.
+pub fn prepare_work_tree(target: &Target) -> anyhow::Result<bool> {
+    let work_tree = target.prepare_work_tree()?;
+    if let Some((files, commit)) = &work_tree.recovered {
+        let place = Place::of(target);
+        eprintln!("{}", place.recovered(*files, commit));
+    }
+    Ok(work_tree.checked_out)
 }
 
-impl Target {
-    /// Before Kiln touches a checked-out branch: finishes the work-tree
-    /// update of a render that was stopped after it moved the branch, and
-    /// says so. Returns whether the branch is checked out (then a commit
-    /// must first pass [`Repo::check_clean`]). When Kiln's commit is at the
-    /// tip and the work tree holds someone's edits, refuses at once: even
-    /// a render with nothing to commit must not leave it half updated.
-    pub fn recover_work_tree(&self) -> anyhow::Result<bool> {
-        let repo = &self.repo;
-        let refname = repo.branch_ref(self.options.branch.as_deref())?;
-        if !repo.checked_out(&refname) {
-            return Ok(false);
+/// Where a target commits, for messages.
+#[derive(Debug, Clone, Default)]
+pub struct Place {
+    location: PathBuf,
+    path: String,
+    branch: String,
+}
+
+impl Place {
+    /// The target's repository, path and branch.
+    pub fn of(target: &Target) -> Place {
+        Place {
+            location: target.repo.location.clone(),
+            path: target.options.path.clone(),
+            branch: target
+                .refname()
+                .unwrap_or_default()
+                .trim_start_matches("refs/heads/")
+                .to_string(),
         }
-        let path = &self.options.path;
-        match repo.recover_work_tree(&refname, path)? {
-            Recovery::Nothing => {}
-            Recovery::Recovered { files, tip } => eprintln!(
-                "{}: brought {files} files under {}/ up to Kiln's commit {} on {}: a render was stopped before the work tree followed it",
-                repo.location.display(),
-                kiln_render::history::path_label(path),
-                &tip[..12],
-                refname.trim_start_matches("refs/heads/")
-            ),
-            Recovery::Edited => repo.check_clean(path)?,
-        }
-        Ok(true)
+    }
+
+    /// What a person reads when Kiln finished an interrupted checkout.
+    pub fn recovered(&self, files: usize, commit: &str) -> String {
+        format!(
+            "{}: brought {files} files under {}/ up to Kiln's commit {} on {}: a render was stopped before the work tree followed it",
+            self.location.display(),
+            kiln_render::history::path_label(&self.path),
+            &commit[..12],
+            self.branch
+        )
     }
 }
 

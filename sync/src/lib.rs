@@ -5,7 +5,8 @@
 //! what to create, update, leave, skip and prune and in which wave,
 //! [`health`] judges readiness, [`inventory`] encodes what Kiln applied.
 //! [`cluster`] is the thin layer over the API server, and [`apply`],
-//! [`drift`] and [`metrics`] wire them together.
+//! [`drift`] and [`metrics`] wire them together. [`reconcile`] is one
+//! pipeline's pass, from rows to applied objects, for every way Kiln runs.
 
 pub mod apply;
 pub mod client;
@@ -18,6 +19,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod plan;
 pub mod prune;
+pub mod reconcile;
 pub mod report;
 pub mod watch;
 

@@ -1,0 +1,409 @@
+//! One pipeline's pass, the same wherever it runs (`kiln sync`, the
+//! controller): read the sources that are due, render when the rows
+//! changed, guard, commit (with Git), apply, report. The caller owns the
+//! timers, the watches, the signals and what a person sees; nothing here
+//! prints.
+//!
+//! A pass whose render fails (a source that cannot be read, a template over
+//! its budget, a guard that refuses) keeps the last desired state: the
+//! caller still applies it, without pruning, so drift is put back while the
+//! rows are wrong.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_render::config::Config;
+use kiln_render::history;
+use kiln_render::publish::{self, Inputs, Published, Target};
+use kiln_render::render::{self, Compiled};
+use kiln_render::source::{self, Row};
+use kiln_render::tree::{self, Tree};
+use tokio::sync::watch;
+use tracing::Instrument as _;
+
+use crate::apply::{self, Options, Report};
+use crate::cluster::Cluster;
+use crate::desired::{self, Desired};
+use crate::inventory::Inventory;
+use crate::metrics::Metrics;
+use crate::{Error, Result};
+
+/// Everything a pass needs to know, settled once from the flags and the
+/// Pipeline.
+#[derive(Debug)]
+pub struct Settings {
+    /// The Pipeline's name (`default` without one): spans and the
+    /// inventory's default name carry it.
+    pub pipeline: String,
+    /// How to apply (inventory, concurrency, the deletion guard, drift).
+    pub apply: Options,
+    /// Never delete objects that left the tree.
+    pub no_prune: bool,
+    /// Commit Secrets that carry data in plain text.
+    pub allow_plaintext_secrets: bool,
+    /// Where renders are committed; without one the render is applied as
+    /// it is.
+    pub git: Option<Target>,
+}
+
+/// What a render did that a person would want to know.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// An interrupted render's work tree was brought up to Kiln's commit.
+    Recovered {
+        /// Files brought up to date.
+        files: usize,
+        /// The commit.
+        commit: String,
+    },
+    /// A render was committed.
+    Committed(Published),
+    /// The branch is pinned by a rollback: its tree is applied, nothing is
+    /// committed (told once per pin).
+    Pinned {
+        /// The branch's short name.
+        branch: String,
+        /// The rollback commit.
+        commit: String,
+    },
+}
+
+/// One pipeline's loop state: the rows last read, what was last rendered
+/// and committed, and the desired state being applied.
+pub struct Reconciler {
+    settings: Settings,
+    git: Option<Arc<Mutex<Target>>>,
+    config: Arc<Config>,
+    blueprints: Arc<Vec<Compiled>>,
+    sources: Vec<String>,
+    metrics: Metrics,
+    rows: BTreeMap<String, Vec<Row>>,
+    inputs: Option<Inputs>,
+    /// Whether a source was read since the last render.
+    read_any: bool,
+    /// The branch tip whose tree `desired` is.
+    tip: Option<String>,
+    /// The last commit this loop made.
+    committed: Option<String>,
+    desired: Option<Arc<Vec<Desired>>>,
+    pinned_reported: bool,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("pipeline", &self.settings.pipeline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reconciler {
+    /// A pipeline of compiled `blueprints` from `config`.
+    pub fn new(
+        config: Config,
+        blueprints: Vec<Compiled>,
+        mut settings: Settings,
+        metrics: Metrics,
+    ) -> Self {
+        let sources: BTreeSet<String> = blueprints.iter().map(|b| b.spec.source.clone()).collect();
+        let git = settings.git.take().map(|t| Arc::new(Mutex::new(t)));
+        Self {
+            settings,
+            git,
+            config: Arc::new(config),
+            blueprints: Arc::new(blueprints),
+            sources: sources.into_iter().collect(),
+            metrics,
+            rows: BTreeMap::new(),
+            inputs: None,
+            read_any: false,
+            tip: None,
+            committed: None,
+            desired: None,
+            pinned_reported: false,
+        }
+    }
+
+    /// The sources the blueprints read, by name.
+    pub fn sources(&self) -> &[String] {
+        &self.sources
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The desired state the next apply writes, once there is one.
+    pub fn desired(&self) -> Option<&[Desired]> {
+        self.desired.as_deref().map(Vec::as_slice)
+    }
+
+    /// Reads one source. On failure its last rows stay, and the error is
+    /// returned for the caller to report (the pass that follows should not
+    /// prune).
+    pub async fn read(&mut self, name: &str) -> Result<usize> {
+        let spec = self
+            .config
+            .sources
+            .get(name)
+            .ok_or_else(|| Error::InvalidPlan {
+                message: format!("no Source {name} in the configuration"),
+            })?;
+        let span = tracing::info_span!("read", pipeline = %self.settings.pipeline, source = %name);
+        match source::read(spec, None).instrument(span).await {
+            Ok(rows) => {
+                self.metrics.source_rows(name, rows.len());
+                let count = rows.len();
+                self.rows.insert(name.to_string(), rows);
+                self.read_any = true;
+                Ok(count)
+            }
+            Err(e) => {
+                self.metrics.source_error(name);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Renders when the rows or the configuration changed, guards, commits
+    /// with Git, and settles the desired state (the branch's tree with Git,
+    /// so that a rollback's pin holds; else the render). On error the last
+    /// desired state stays.
+    pub async fn render(&mut self, cluster: &Cluster) -> Result<Vec<Event>> {
+        let span = tracing::info_span!("render", pipeline = %self.settings.pipeline);
+        self.render_inner(cluster).instrument(span).await
+    }
+
+    async fn render_inner(&mut self, cluster: &Cluster) -> Result<Vec<Event>> {
+        if self.sources.iter().any(|s| !self.rows.contains_key(s)) {
+            return Err(Error::InvalidPlan {
+                message: "not every source has been read yet".into(),
+            });
+        }
+        let mut events = Vec::new();
+        // Rows not read again since the last render cannot have changed: a
+        // pass started by a watch need not hash them.
+        let read_any = std::mem::take(&mut self.read_any);
+        if read_any || self.inputs.is_none() {
+            let rendered = self.render_rows().await?;
+            if let Some((inputs, rendered, elapsed)) = rendered {
+                match self.git.clone() {
+                    Some(git) => {
+                        let tree = blocking(move || tree::build(&rendered).map(|t| (t, rendered)))
+                            .await??;
+                        let (tree, rendered) = tree;
+                        self.metrics.rendered(elapsed);
+                        if !self.settings.allow_plaintext_secrets {
+                            publish::check_secrets(&rendered)?;
+                        }
+                        drop(rendered);
+                        let pinned_reported = self.pinned_reported;
+                        let commit_inputs = inputs.clone();
+                        let outcome = blocking(move || {
+                            let target = git.lock().map_err(|_| poisoned())?;
+                            commit(&target, &tree, &commit_inputs, pinned_reported)
+                        })
+                        .await??;
+                        self.pinned_reported = outcome.pinned;
+                        if outcome.committed.is_some() {
+                            self.committed = outcome.committed;
+                        }
+                        events.extend(outcome.events);
+                    }
+                    None => {
+                        self.metrics.rendered(elapsed);
+                        let desired = desired::from_rendered(&rendered)?;
+                        drop(rendered);
+                        // The guard compares with the inventory, not with
+                        // the last render: it holds across restarts, and a
+                        // refused render keeps the last desired state.
+                        let options = &self.settings.apply;
+                        if !self.settings.no_prune && !options.allow_mass_delete {
+                            let inventory = Inventory::read(
+                                cluster,
+                                &options.inventory_namespace,
+                                &options.inventory,
+                            )
+                            .await?;
+                            crate::guard::check(
+                                &options.inventory,
+                                &inventory.entries,
+                                &desired,
+                                options.max_delete_percent,
+                            )?;
+                        }
+                        self.desired = Some(Arc::new(desired));
+                    }
+                }
+                self.inputs = Some(inputs);
+            }
+        }
+        if let Some(git) = self.git.clone() {
+            let known = (self.tip.clone(), self.desired.is_some());
+            let read = blocking(move || {
+                let target = git.lock().map_err(|_| poisoned())?;
+                read_tip(&target, known)
+            })
+            .await??;
+            if let Some((tip, desired)) = read {
+                // Someone else moved the branch (a rollback, a resume): what
+                // was last rendered says nothing about it, so the next pass
+                // renders again.
+                if self.tip.is_some() && self.committed.as_deref() != Some(tip.as_str()) {
+                    self.inputs = None;
+                }
+                self.tip = Some(tip);
+                self.desired = Some(Arc::new(desired));
+            }
+        }
+        Ok(events)
+    }
+
+    /// Renders the rows off the async threads when what shapes the tree
+    /// changed; `None` when it did not.
+    async fn render_rows(&mut self) -> Result<Option<(Inputs, render::Rendered, Duration)>> {
+        let rows = std::mem::take(&mut self.rows);
+        let (blueprints, config) = (self.blueprints.clone(), self.config.clone());
+        let previous = self.inputs.clone();
+        let (rows, result) = blocking(move || {
+            let inputs = Inputs::digest(&blueprints, &config, &rows);
+            if previous.as_ref() == Some(&inputs) {
+                return (rows, Ok(None));
+            }
+            let started = Instant::now();
+            let rendered = render::render(&blueprints, &config, &rows, true);
+            let result = rendered.map(|r| Some((inputs, r, started.elapsed())));
+            (rows, result)
+        })
+        .await?;
+        self.rows = rows;
+        Ok(result?)
+    }
+
+    /// Applies the desired state; `prune` false (a source failed, the render
+    /// failed) leaves what left the tree. `None` when there is nothing to
+    /// apply yet (no source has been read and rendered).
+    pub async fn apply(
+        &mut self,
+        cluster: &Cluster,
+        prune: bool,
+        stop: &watch::Receiver<bool>,
+    ) -> Option<Result<Report>> {
+        let desired = self.desired.clone()?;
+        let mut options = self.settings.apply.clone();
+        options.prune = prune && !self.settings.no_prune;
+        let started = Instant::now();
+        let count = desired.len();
+        let span =
+            tracing::info_span!("apply", pipeline = %self.settings.pipeline, objects = count);
+        let result = apply::apply(cluster, desired.to_vec(), &options, stop)
+            .instrument(span)
+            .await;
+        if let Ok(report) = &result {
+            self.metrics.applied(count, started.elapsed(), report);
+        }
+        Some(result)
+    }
+}
+
+/// What one commit attempt did.
+struct Committed {
+    events: Vec<Event>,
+    committed: Option<String>,
+    pinned: bool,
+}
+
+/// Commits the render unless a rollback pins the branch.
+fn commit(
+    target: &Target,
+    tree: &Tree,
+    inputs: &Inputs,
+    pinned_reported: bool,
+) -> Result<Committed> {
+    let mut events = Vec::new();
+    let repo = &target.repo;
+    let refname = target.refname()?;
+    let tip = repo.tip(&refname)?;
+    if let Some(pin) = history::pin(tip.as_ref(), &target.options.path)? {
+        if !pinned_reported {
+            events.push(Event::Pinned {
+                branch: refname.trim_start_matches("refs/heads/").to_string(),
+                commit: pin.commit,
+            });
+        }
+        return Ok(Committed {
+            events,
+            committed: None,
+            pinned: true,
+        });
+    }
+    // As `kiln render --git` does: never commit over someone's uncommitted
+    // edit of a checked-out work tree (the update after the commit would
+    // discard it).
+    let work_tree = target.prepare_work_tree()?;
+    if let Some((files, commit)) = work_tree.recovered {
+        events.push(Event::Recovered { files, commit });
+    }
+    if work_tree.checked_out {
+        repo.check_clean(&target.options.path)?;
+    }
+    let published = publish::publish(repo, tree, inputs, &target.options)?;
+    let committed = published.commit.clone();
+    if committed.is_some() {
+        if work_tree.checked_out {
+            repo.update_work_tree(&target.options.path)?;
+        }
+        events.push(Event::Committed(published));
+    }
+    Ok(Committed {
+        events,
+        committed,
+        pinned: false,
+    })
+}
+
+/// The branch's tip and its tree's objects, when the tip moved since
+/// `known` (the tip whose tree is applied, and whether there is one).
+fn read_tip(
+    target: &Target,
+    (tip, have_desired): (Option<String>, bool),
+) -> Result<Option<(String, Vec<Desired>)>> {
+    let repo = &target.repo;
+    let refname = target.refname()?;
+    let Some(commit) = repo.tip(&refname)? else {
+        return Ok(None);
+    };
+    let id = commit.id().to_string();
+    if tip.as_deref() == Some(id.as_str()) && have_desired {
+        return Ok(None);
+    }
+    let Some(dir) = repo.tree_at(Some(&commit), &target.options.path)? else {
+        return Ok(None);
+    };
+    let tree = repo.read_tree(&dir)?;
+    Ok(Some((id, desired::from_tree(&tree)?)))
+}
+
+/// Runs `work` on the blocking pool: Git and rendering never hold an async
+/// worker.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
+        .await
+        .map_err(|e| Error::InvalidPlan {
+            message: format!("a render or Git task failed: {e}"),
+        })
+}
+
+fn poisoned() -> Error {
+    Error::InvalidPlan {
+        message: "the repository's lock was poisoned by an earlier failure".into(),
+    }
+}
