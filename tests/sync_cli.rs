@@ -1319,3 +1319,74 @@ fn applying_one_blueprint_of_two_into_their_inventory_is_refused() {
     assert!(get(&f.ns("a"), "configmap", "more").is_some());
     assert!(get(&f.ns("b"), "configmap", "more").is_some());
 }
+
+#[test]
+fn kilns_own_writes_start_no_pass_and_a_stop_is_one_line() {
+    let f = Fixture::new("quiet", "- {id: a}\n", &greeting_resources());
+    // Passes come from watches only: the source is read once an hour.
+    let config = std::fs::read_to_string(f.path("cfg/kiln.yaml")).unwrap();
+    std::fs::write(
+        f.path("cfg/kiln.yaml"),
+        config.replace("interval: 1s", "interval: 1h"),
+    )
+    .unwrap();
+    let addr = free_addr();
+    let sync = f.spawn("sync", &["--metrics-addr", &addr]);
+    let passes = || {
+        let metrics = http_get(&addr, "/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("kiln_apply_duration_seconds_count "))
+            .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+    };
+    eventually("the first pass", Duration::from_secs(60), || passes() == 1);
+    let ns = f.ns("a");
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "config",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"edited"}}"#,
+    ]);
+    eventually("the edit put back", Duration::from_secs(30), || {
+        get(&ns, "configmap", "config").unwrap()["data"]["greeting"] == "hello"
+    });
+    // The correction's own write comes back as a watch event: it must not
+    // start a third pass.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(passes(), 2, "Kiln's own write started a pass");
+    terminate(&sync);
+    let out = finish(sync);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A stop in the middle of an apply: no line per object left, one count.
+    let many: String = (0..300)
+        .map(|i| config_map(&format!("c{i}"), &format!("c{i}"), "", "{}"))
+        .collect();
+    for delay in [300u64, 700, 1200, 2000, 3000] {
+        let f = Fixture::new("stop", "- {id: a}\n", &format!("{NAMESPACE}{many}"));
+        f.render();
+        let apply = f.spawn("apply", &["--concurrency", "1"]);
+        std::thread::sleep(Duration::from_millis(delay));
+        terminate(&apply);
+        let out = finish(apply);
+        // Too early (before the handler was installed) or too late (it
+        // finished first): try the next delay.
+        if std::os::unix::process::ExitStatusExt::signal(&out.status).is_some() {
+            continue;
+        }
+        assert!(out.status.success(), "{}", stderr(&out));
+        let summary = stderr(&out);
+        if !summary.contains("stopped before") {
+            continue;
+        }
+        assert!(!stdout(&out).contains("stopping"), "{}", stdout(&out));
+        assert!(!stdout(&out).contains("skipped"), "{}", stdout(&out));
+        assert!(summary.contains("skipped 0"), "{summary}");
+        return;
+    }
+    panic!("no stop landed during an apply");
+}

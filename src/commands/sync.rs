@@ -137,7 +137,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         };
         let (stop_tx, mut stop) = watch::channel(false);
         let stopper = stop_on_signal(stop_tx);
-        let (changed_tx, mut changed) = mpsc::channel(1);
+        let (changed_tx, mut changed) = mpsc::unbounded_channel();
         let mut watches = Watches::new(cluster.clone(), &settings.apply.inventory, changed_tx);
         let place = settings
             .git
@@ -212,14 +212,23 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 .map(|p| p.due)
                 .min()
                 .unwrap_or_else(|| Instant::now() + DEFAULT_INTERVAL);
-            tokio::select! {
-                _ = tokio::time::sleep_until(next) => {}
-                Some(()) = changed.recv() => {
-                    // Let a burst of changes settle into one pass.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    while changed.try_recv().is_ok() {}
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => break,
+                    Some(note) = changed.recv() => {
+                        // Let a burst of changes settle into one pass; the
+                        // events of Kiln's own writes start none.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let mut news = !note.is_own(&cluster);
+                        while let Ok(note) = changed.try_recv() {
+                            news |= !note.is_own(&cluster);
+                        }
+                        if news {
+                            break;
+                        }
+                    }
+                    _ = stop.changed() => break,
                 }
-                _ = stop.changed() => {}
             }
             if *stop.borrow() {
                 break Ok(());

@@ -270,6 +270,15 @@ pub async fn execute(
         let mut running = FuturesUnordered::new();
         for i in start..end {
             let step = &plan.steps[i];
+            if *stop.borrow() {
+                statuses[i] = Some(Status::Stopped);
+                outcomes[i] = Some(Outcome {
+                    status: Status::Stopped,
+                    object: step.desired.label(),
+                    detail: String::new(),
+                });
+                continue;
+            }
             let blocked = step
                 .dependencies
                 .iter()
@@ -286,23 +295,21 @@ pub async fn execute(
                 });
                 continue;
             }
-            if *stop.borrow() {
-                statuses[i] = Some(Status::Skipped);
-                outcomes[i] = Some(Outcome {
-                    status: Status::Skipped,
-                    object: step.desired.label(),
-                    detail: "stopping".into(),
-                });
-                continue;
-            }
             let live = live.get(&step.desired.identity);
             let missing_drift = options.detect_only
                 && step.action == Action::Create
                 && inventoried.contains(&step.desired.identity);
             let semaphore = semaphore.clone();
             running.push(async move {
-                let (outcome, uid) =
-                    run_step(cluster, step, live, options, missing_drift, &semaphore).await;
+                let (outcome, uid) = run_step(
+                    cluster,
+                    step,
+                    live,
+                    options,
+                    missing_drift,
+                    (&semaphore, stop),
+                )
+                .await;
                 (i, outcome, uid)
             });
         }
@@ -377,7 +384,7 @@ async fn run_step(
     live: Option<&Value>,
     options: &Options,
     missing_drift: bool,
-    semaphore: &Semaphore,
+    (semaphore, stop): (&Semaphore, &watch::Receiver<bool>),
 ) -> (Outcome, Option<String>) {
     let desired = &step.desired;
     let outcome = |status: Status, detail: String| {
@@ -429,6 +436,10 @@ async fn run_step(
         Action::Create | Action::Update => {
             let body = body();
             let _permit = semaphore.acquire().await;
+            // Writes in flight finish; none starts once Kiln is stopping.
+            if *stop.borrow() {
+                return outcome(Status::Stopped, String::new());
+            }
             match cluster.write(&kind, &body, how, live, false).await {
                 Ok(object) => Some((
                     if live.is_some() {
@@ -458,6 +469,10 @@ async fn run_step(
             };
             let body = body();
             let _permit = semaphore.acquire().await;
+            // Writes in flight finish; none starts once Kiln is stopping.
+            if *stop.borrow() {
+                return outcome(Status::Stopped, String::new());
+            }
             let after = match cluster.write(&kind, &body, how, live, true).await {
                 Ok(after) => after,
                 Err(f) => return outcome(Status::Failed, f.to_string()),

@@ -78,6 +78,71 @@ pub struct Cluster {
     kinds: Arc<Mutex<HashMap<(String, String), Kind>>>,
     namespaced: Arc<tokio::sync::OnceCell<Vec<Kind>>>,
     retries: Arc<Retries>,
+    own: Arc<OwnWrites>,
+}
+
+/// Kiln's own writes and deletions, so that a watch does not take the
+/// events they cause for someone else's change (and start a pass for
+/// nothing).
+#[derive(Debug, Default)]
+pub struct OwnWrites {
+    inner: Mutex<OwnInner>,
+}
+
+#[derive(Debug, Default)]
+struct OwnInner {
+    /// The resourceVersion of Kiln's last write, by uid.
+    written: HashMap<String, String>,
+    /// Objects Kiln deleted or let go (orphaned), by uid.
+    gone: std::collections::HashSet<String>,
+}
+
+/// How many deletions are remembered before the oldest memories are
+/// dropped (a dropped one costs at most one extra pass).
+const GONE_LIMIT: usize = 200_000;
+
+impl OwnWrites {
+    fn wrote(&self, object: &Value) {
+        let meta = &object["metadata"];
+        if let (Some(uid), Some(rv), Ok(mut inner)) = (
+            meta["uid"].as_str(),
+            meta["resourceVersion"].as_str(),
+            self.inner.lock(),
+        ) {
+            inner.written.insert(uid.to_string(), rv.to_string());
+        }
+    }
+
+    /// Notes that Kiln is deleting, or letting go of, the object `uid`.
+    pub fn removing(&self, uid: &str) {
+        if uid.is_empty() {
+            return;
+        }
+        if let Ok(mut inner) = self.inner.lock() {
+            if inner.gone.len() >= GONE_LIMIT {
+                inner.gone.clear();
+            }
+            inner.written.remove(uid);
+            inner.gone.insert(uid.to_string());
+        }
+    }
+
+    /// Whether a watch event is Kiln's own doing: for the object `uid`
+    /// at `resource_version`, `gone` when it left the watch, `terminating`
+    /// when it carries a deletion timestamp.
+    pub fn caused(&self, uid: &str, resource_version: &str, gone: bool, terminating: bool) -> bool {
+        let Ok(mut inner) = self.inner.lock() else {
+            return false;
+        };
+        if gone {
+            return inner.gone.remove(uid);
+        }
+        (terminating && inner.gone.contains(uid))
+            || inner
+                .written
+                .get(uid)
+                .is_some_and(|rv| rv == resource_version)
+    }
 }
 
 /// How often requests were retried, by why.
@@ -122,6 +187,7 @@ impl Cluster {
             kinds: Arc::default(),
             namespaced: Arc::default(),
             retries: Arc::default(),
+            own: Arc::default(),
         }
     }
 
@@ -131,6 +197,11 @@ impl Cluster {
             throttled: self.retries.throttled.load(Ordering::Relaxed),
             unavailable: self.retries.unavailable.load(Ordering::Relaxed),
         }
+    }
+
+    /// Kiln's own writes, for the watches.
+    pub fn own_writes(&self) -> &OwnWrites {
+        &self.own
     }
 
     /// The client.
@@ -343,7 +414,7 @@ impl Cluster {
         let params = PatchParams::default();
         self.send(|| requests.patch(name, &params, &patch))
             .await
-            .map(|_| ())
+            .map(|object| self.own.wrote(&object))
             .map_err(|e| classify(&e))
     }
 
@@ -392,6 +463,9 @@ impl Cluster {
                 self.send(|| requests.create(&post, data.clone())).await
             }
         };
+        if let (Ok(object), false) = (&result, dry_run) {
+            self.own.wrote(object);
+        }
         result.map(|o| value(o, kind)).map_err(|e| classify(&e))
     }
 
@@ -411,7 +485,7 @@ impl Cluster {
         let patch = Patch::Merge(patch);
         self.send(|| requests.patch(name, &params, &patch))
             .await
-            .map(|_| ())
+            .map(|object| self.own.wrote(&object))
             .map_err(|e| classify(&e))
     }
 
@@ -423,6 +497,7 @@ impl Cluster {
         name: &str,
         uid: &str,
     ) -> Result<(), Failure> {
+        self.own.removing(uid);
         let requests = Self::requests(kind, namespace);
         let params = DeleteParams {
             preconditions: Some(Preconditions {

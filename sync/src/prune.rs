@@ -153,6 +153,8 @@ async fn prune_one(
         }
     }
     if prune.retain || held.is_some() {
+        // It leaves the watched set: Kiln's doing, not news.
+        cluster.own_writes().removing(uid);
         let at = k8s_openapi::jiff::Timestamp::now()
             .round(k8s_openapi::jiff::Unit::Second)
             .map_err(|e| e.to_string())?;

@@ -15,7 +15,8 @@ pub enum Status {
     Unchanged,
     /// Drift found and left (`--detect-only`).
     Drifted,
-    /// Left alone (a policy, a failed dependency, a stop).
+    /// Left alone: a policy, a failed dependency, an object prune may not
+    /// touch.
     Skipped,
     /// Failed.
     Failed,
@@ -23,6 +24,9 @@ pub enum Status {
     Pruned,
     /// Kept because it left the tree with `deletionPolicy: Retain`.
     Orphaned,
+    /// Not written because Kiln was stopping (SIGTERM): the next pass
+    /// applies it. Counted in the summary, not listed.
+    Stopped,
 }
 
 impl Status {
@@ -38,6 +42,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Pruned => "pruned",
             Status::Orphaned => "orphaned",
+            Status::Stopped => "stopped",
         }
     }
 
@@ -102,7 +107,7 @@ impl Report {
     pub fn lines(&self) -> impl Iterator<Item = &Outcome> {
         self.outcomes
             .iter()
-            .filter(|o| o.status != Status::Unchanged)
+            .filter(|o| !matches!(o.status, Status::Unchanged | Status::Stopped))
     }
 
     /// `applied 3 (created 2, updated 1, corrected 0), unchanged 7, ...`.
@@ -128,6 +133,12 @@ impl Report {
             line.push_str(&format!(
                 "; retried {} requests throttled by the API server (429) and {} it did not answer",
                 r.throttled, r.unavailable
+            ));
+        }
+        if c(Status::Stopped) > 0 {
+            line.push_str(&format!(
+                "; stopped before {} objects, which the next pass applies",
+                c(Status::Stopped)
             ));
         }
         if let Some(why) = &self.postponed {

@@ -1,6 +1,10 @@
 //! Watches on the kinds Kiln applied, so that the sync loop hears of a change
 //! to one of its objects (an edit, a deletion, a label removed) at once
-//! rather than at the next poll.
+//! rather than at the next poll. Each event becomes a [`Note`]; the loop
+//! reads the notes once its writes are done and starts no pass for those of
+//! Kiln's own writes, prunes and orphanings (known by uid and
+//! resourceVersion: an event may arrive before the answer to the write that
+//! caused it, so the check waits for the loop).
 
 use std::collections::HashMap;
 
@@ -8,12 +12,48 @@ use futures_util::StreamExt as _;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
 use crate::Result;
 use crate::cluster::Cluster;
 use crate::desired::{Desired, INVENTORY_LABEL};
+
+/// What a watch heard.
+#[derive(Debug, Clone)]
+pub enum Note {
+    /// An object of the inventory changed, or left it (deleted, a label
+    /// removed).
+    Changed {
+        /// Its uid.
+        uid: String,
+        /// Its resourceVersion in the event.
+        resource_version: String,
+        /// It left the watch.
+        gone: bool,
+        /// It carries a deletion timestamp.
+        terminating: bool,
+    },
+    /// The watch broke and listed again: anything may have changed.
+    Relisted,
+}
+
+impl Note {
+    /// Whether Kiln caused it (see [`crate::cluster::OwnWrites`]).
+    pub fn is_own(&self, cluster: &Cluster) -> bool {
+        match self {
+            Note::Changed {
+                uid,
+                resource_version,
+                gone,
+                terminating,
+            } => cluster
+                .own_writes()
+                .caused(uid, resource_version, *gone, *terminating),
+            Note::Relisted => false,
+        }
+    }
+}
 
 /// One watch per kind, each sending a note when an object of the inventory
 /// changes (or leaves it: a label removed).
@@ -21,13 +61,13 @@ use crate::desired::{Desired, INVENTORY_LABEL};
 pub struct Watches {
     cluster: Cluster,
     selector: String,
-    changed: mpsc::Sender<()>,
+    changed: UnboundedSender<Note>,
     running: HashMap<(String, String), JoinHandle<()>>,
 }
 
 impl Watches {
     /// No watches yet; notes go to `changed`.
-    pub fn new(cluster: Cluster, inventory: &str, changed: mpsc::Sender<()>) -> Self {
+    pub fn new(cluster: Cluster, inventory: &str, changed: UnboundedSender<Note>) -> Self {
         Self {
             cluster,
             selector: format!("{INVENTORY_LABEL}={inventory}"),
@@ -55,17 +95,22 @@ impl Watches {
                 let mut listed = false;
                 while let Some(event) = stream.next().await {
                     let note = match event {
-                        Ok(Event::Apply(_) | Event::Delete(_)) => true,
+                        Ok(Event::Apply(object)) => note(&object, false),
+                        Ok(Event::Delete(object)) => note(&object, true),
                         // A relist after the watch broke (a restart of the
                         // API server): anything may have changed meanwhile.
-                        Ok(Event::InitDone) => std::mem::replace(&mut listed, true),
-                        Ok(_) => false,
+                        Ok(Event::InitDone) => {
+                            std::mem::replace(&mut listed, true).then_some(Note::Relisted)
+                        }
+                        Ok(_) => None,
                         Err(e) => {
                             tracing::debug!(error = %e, "watch interrupted; it resumes by itself");
-                            false
+                            None
                         }
                     };
-                    if note && changed.try_send(()).is_err() && changed.is_closed() {
+                    if let Some(note) = note
+                        && changed.send(note).is_err()
+                    {
                         return;
                     }
                 }
@@ -74,6 +119,16 @@ impl Watches {
         }
         Ok(())
     }
+}
+
+fn note(object: &DynamicObject, gone: bool) -> Option<Note> {
+    let meta = &object.metadata;
+    Some(Note::Changed {
+        uid: meta.uid.clone()?,
+        resource_version: meta.resource_version.clone().unwrap_or_default(),
+        gone,
+        terminating: meta.deletion_timestamp.is_some(),
+    })
 }
 
 impl Drop for Watches {
