@@ -1390,3 +1390,83 @@ fn kilns_own_writes_start_no_pass_and_a_stop_is_one_line() {
     }
     panic!("no stop landed during an apply");
 }
+
+#[test]
+fn drift_cluster_and_sync_detect_only_agree() {
+    let resources = [
+        NAMESPACE.to_string(),
+        config_map(
+            "config",
+            "config",
+            "    dependsOn: [namespace]\n    ignoreFields: [/data/replicas]\n",
+            "{greeting: hello, replicas: \"1\"}",
+        ),
+        "  - id: quota\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: ResourceQuota\n      metadata: {name: quota}\n      spec: {hard: {cpu: \"0.5\", memory: 1024Mi}}\n".to_string(),
+    ]
+    .concat();
+    let f = Fixture::new("agree", "- {id: a}\n", &resources);
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ns = f.ns("a");
+    let quota = get(&ns, "resourcequota", "quota").unwrap();
+    assert_eq!(
+        quota["spec"]["hard"]["cpu"], "500m",
+        "the server normalises"
+    );
+
+    // Each answers: is there drift, and which object?
+    let drift = || {
+        let mut args = vec![
+            "drift".to_string(),
+            "--cluster".into(),
+            "--exit-code".into(),
+        ];
+        args.extend(["--dir".into(), f.path("out").display().to_string()]);
+        args.extend(f.cluster_args());
+        let out = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(matches!(out.status.code(), Some(0 | 1)), "{}", stderr(&out));
+        (
+            out.status.code() == Some(1),
+            stdout(&out).contains("ConfigMap"),
+        )
+    };
+    let detect = || {
+        let out = sync_once(&f, &["--detect-only"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let drifted = stdout(&out).contains("drifted");
+        (
+            drifted,
+            stdout(&out).contains(&format!("drifted ConfigMap {ns}/config")),
+        )
+    };
+    let edit = |data: &str| {
+        kubectl_ok(&[
+            "patch",
+            "configmap",
+            "config",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            data,
+        ]);
+    };
+
+    // A value the server normalises (cpu 0.5 as 500m, 1024Mi as 1Gi).
+    assert_eq!(drift(), (false, false));
+    assert_eq!(detect(), (false, false));
+    // An edit of an ignored field.
+    edit(r#"{"data":{"replicas":"7"}}"#);
+    assert_eq!(drift(), (false, false));
+    assert_eq!(detect(), (false, false));
+    // An out-of-band edit of a field Kiln set.
+    edit(r#"{"data":{"greeting":"edited"}}"#);
+    assert_eq!(drift(), (true, true));
+    assert_eq!(detect(), (true, true));
+    assert_eq!(
+        get(&ns, "configmap", "config").unwrap()["data"]["greeting"],
+        "edited",
+        "--detect-only wrote"
+    );
+}

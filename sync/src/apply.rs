@@ -15,10 +15,11 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
 use crate::cluster::{Cluster, Failure, Kind, Write};
+use crate::compare::same;
 use crate::desired::{Desired, INVENTORY_LABEL};
 use crate::health::{Health, health};
 use crate::inventory::{Entry, Inventory};
-use crate::plan::{Action, Live, ORPHANED_LABEL, Plan, Step, live_uid};
+use crate::plan::{Action, Live, LiveObject, ORPHANED_LABEL, Plan, Step};
 use crate::prune::{ORPHANED_AT, ORPHANED_REASON, prune};
 pub use crate::report::{Outcome, Report, Status};
 use crate::{Error, Result};
@@ -150,9 +151,14 @@ pub async fn read_live(
                     let identity = identity_of(&object, &kind);
                     if let Some(d) = wanted.get(&identity) {
                         let object = if compact && crate::plan::settled(d, &object) {
-                            Value::String(live_uid(&object).unwrap_or_default().to_string())
+                            LiveObject::Settled {
+                                uid: object["metadata"]["uid"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_string(),
+                            }
                         } else {
-                            object
+                            LiveObject::Read(object)
                         };
                         found.insert(identity, object);
                     }
@@ -168,7 +174,7 @@ pub async fn read_live(
                         .get(&kind, &identity.namespace, &identity.name)
                         .await
                     {
-                        found.insert((*identity).clone(), object);
+                        found.insert((*identity).clone(), LiveObject::Read(object));
                     }
                 }
             }
@@ -381,12 +387,15 @@ fn entry(desired: &Desired, wave: usize, uid: String) -> Entry {
 async fn run_step(
     cluster: &Cluster,
     step: &Step,
-    live: Option<&Value>,
+    live: Option<&LiveObject>,
     options: &Options,
     missing_drift: bool,
     (semaphore, stop): (&Semaphore, &watch::Receiver<bool>),
 ) -> (Outcome, Option<String>) {
     let desired = &step.desired;
+    let settled_uid = live.and_then(LiveObject::uid).map(str::to_string);
+    let exists = live.is_some();
+    let live = live.and_then(LiveObject::object);
     let outcome = |status: Status, detail: String| {
         let outcome = Outcome {
             status,
@@ -442,7 +451,7 @@ async fn run_step(
             }
             match cluster.write(&kind, &body, how, live, false).await {
                 Ok(object) => Some((
-                    if live.is_some() {
+                    if exists {
                         Status::Updated
                     } else {
                         Status::Created
@@ -478,7 +487,7 @@ async fn run_step(
                 Err(f) => return outcome(Status::Failed, f.to_string()),
             };
             match live {
-                Some(live) if same(live, &after) => None,
+                Some(live) if same(live, &after, &desired.policies.ignore_fields) => None,
                 _ if options.detect_only => {
                     return outcome(Status::Drifted, "live fields differ from the tree".into());
                 }
@@ -494,7 +503,10 @@ async fn run_step(
         None => (Status::Unchanged, live.cloned()),
     };
     // The uid of what Kiln wrote (or found unchanged), for the inventory.
-    let uid = current.as_ref().and_then(live_uid).map(str::to_string);
+    let uid = match &current {
+        Some(object) => object["metadata"]["uid"].as_str().map(str::to_string),
+        None => settled_uid,
+    };
     let outcome = |status: Status, detail: String| {
         let outcome = Outcome {
             status,
@@ -543,20 +555,6 @@ fn keep_ignored(body: &mut Value, live: &Value, ignore: &[String]) {
             *slot = live_value.clone();
         }
     }
-}
-
-/// Whether a dry-run result changes nothing that matters.
-fn same(live: &Value, after: &Value) -> bool {
-    let strip = |v: &Value| {
-        let mut v = v.clone();
-        if let Some(m) = v["metadata"].as_object_mut() {
-            for field in ["resourceVersion", "managedFields", "generation"] {
-                m.remove(field);
-            }
-        }
-        v
-    };
-    strip(live) == strip(after)
 }
 
 async fn wait_ready(

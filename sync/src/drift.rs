@@ -18,7 +18,8 @@ use similar::TextDiff;
 use crate::Result;
 use crate::apply::{Options, read_live};
 use crate::cluster::{Cluster, Write};
-use crate::desired::{DIGEST_ANNOTATION, Desired};
+use crate::compare::comparable;
+use crate::desired::Desired;
 use crate::inventory::Inventory;
 
 /// How an object drifted.
@@ -61,7 +62,9 @@ pub async fn detect(
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let live = live.get(&d.identity);
+            let live = live
+                .get(&d.identity)
+                .and_then(crate::plan::LiveObject::object);
             let semaphore = &semaphore;
             async move {
                 let _permit = semaphore.acquire().await;
@@ -157,59 +160,6 @@ async fn check(
     Ok(Some(drifted(Kind::Changed, diff)))
 }
 
-/// The object without what changes on every write or is not Kiln's to
-/// compare: server bookkeeping, status, Kiln's digest, ignored fields.
-fn comparable(object: &Value, ignore: &[String]) -> Value {
-    let mut object = object.clone();
-    if let Some(map) = object.as_object_mut() {
-        map.remove("status");
-    }
-    if let Some(metadata) = object["metadata"].as_object_mut() {
-        for field in [
-            "resourceVersion",
-            "managedFields",
-            "generation",
-            "creationTimestamp",
-            "uid",
-        ] {
-            metadata.remove(field);
-        }
-        if let Some(annotations) = metadata
-            .get_mut("annotations")
-            .and_then(Value::as_object_mut)
-        {
-            annotations.remove(DIGEST_ANNOTATION);
-            if annotations.is_empty() {
-                metadata.remove("annotations");
-            }
-        }
-    }
-    for pointer in ignore {
-        remove(&mut object, pointer);
-    }
-    object
-}
-
-fn remove(object: &mut Value, pointer: &str) {
-    let Some((parent, last)) = pointer.rsplit_once('/') else {
-        return;
-    };
-    let last = last.replace("~1", "/").replace("~0", "~");
-    match object.pointer_mut(parent) {
-        Some(Value::Object(map)) => {
-            map.remove(&last);
-        }
-        Some(Value::Array(items)) => {
-            if let Ok(i) = last.parse::<usize>()
-                && i < items.len()
-            {
-                items.remove(i);
-            }
-        }
-        _ => {}
-    }
-}
-
 /// The drift as `diff -u` text, one object after another.
 pub fn unified(drifted: &[Drifted]) -> String {
     let mut out = String::new();
@@ -227,21 +177,4 @@ pub fn unified(drifted: &[Drifted]) -> String {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn bookkeeping_status_and_ignored_fields_are_not_compared() {
-        let a = json!({"metadata": {"name": "x", "resourceVersion": "1", "annotations": {DIGEST_ANNOTATION: "a"}},
-            "spec": {"replicas": 1, "paused": false}, "status": {"ready": 1}});
-        let b = json!({"metadata": {"name": "x", "resourceVersion": "2"},
-            "spec": {"replicas": 5, "paused": false}});
-        let ignore = ["/spec/replicas".to_string()];
-        assert_eq!(comparable(&a, &ignore), comparable(&b, &ignore));
-        assert_ne!(comparable(&a, &[]), comparable(&b, &[]));
-    }
 }

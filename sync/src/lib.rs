@@ -11,6 +11,7 @@
 pub mod apply;
 pub mod client;
 pub mod cluster;
+pub mod compare;
 pub mod desired;
 pub mod drift;
 pub mod guard;

@@ -9,11 +9,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use base64::Engine as _;
 use kiln_render::api::CreationPolicy;
 use kiln_render::manifest::{Identity, is_crd};
 use serde_json::Value;
 
+use crate::compare::holds;
 use crate::desired::{DIGEST_ANNOTATION, Desired};
 use crate::inventory::Entry;
 use crate::{Error, Result};
@@ -88,17 +88,40 @@ pub struct Plan {
     pub waves: usize,
 }
 
-/// Live state the plan is made from: the desired objects that exist, as
-/// read, or only their uid (a string) for one already known to be unchanged
-/// (see [`settled`]).
-pub type Live = HashMap<Identity, Value>;
-
-/// The uid of a live object, or of a settled one kept as its uid alone.
-pub fn live_uid(live: &Value) -> Option<&str> {
-    live.as_str()
-        .or_else(|| live["metadata"]["uid"].as_str())
-        .filter(|u| !u.is_empty())
+/// A desired object's live state, as the plan is made from it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LiveObject {
+    /// As read.
+    Read(Value),
+    /// Known to need nothing (see [`settled`]): only its uid is kept, so
+    /// that a resync of a large tree holds little of it in memory.
+    Settled {
+        /// Its uid.
+        uid: String,
+    },
 }
+
+impl LiveObject {
+    /// The object, when it was kept.
+    pub fn object(&self) -> Option<&Value> {
+        match self {
+            LiveObject::Read(object) => Some(object),
+            LiveObject::Settled { .. } => None,
+        }
+    }
+
+    /// Its uid.
+    pub fn uid(&self) -> Option<&str> {
+        match self {
+            LiveObject::Read(object) => object["metadata"]["uid"].as_str(),
+            LiveObject::Settled { uid } => Some(uid.as_str()),
+        }
+        .filter(|u| !u.is_empty())
+    }
+}
+
+/// Live state the plan is made from: the desired objects that exist.
+pub type Live = HashMap<Identity, LiveObject>;
 
 /// Whether `live` needs nothing: unchanged, nobody waits on it, no orphan
 /// marker. Such objects need not be kept in memory; their uid stands for
@@ -106,7 +129,7 @@ pub fn live_uid(live: &Value) -> Option<&str> {
 pub fn settled(desired: &Desired, live: &Value) -> bool {
     !desired.policies.wait_for_ready
         && live["metadata"]["labels"][ORPHANED_LABEL].is_null()
-        && action(desired, Some(live)) == Action::Unchanged
+        && action_on(desired, live) == Action::Unchanged
 }
 
 impl Plan {
@@ -146,8 +169,9 @@ impl Plan {
             .enumerate()
             .map(|(i, (desired, dependencies))| {
                 let current = live.get(&desired.identity);
-                let adopt =
-                    current.is_some_and(|l| !l["metadata"]["labels"][ORPHANED_LABEL].is_null());
+                let adopt = current
+                    .and_then(LiveObject::object)
+                    .is_some_and(|l| !l["metadata"]["labels"][ORPHANED_LABEL].is_null());
                 let action = action(&desired, current);
                 let wait = desired.policies.wait_for_ready
                     || (has_dependents[i] && is_crd_value(&desired.object));
@@ -341,13 +365,15 @@ fn waves(desired: &[Desired], dependencies: &[Vec<usize>]) -> Result<Vec<usize>>
     Ok(wave)
 }
 
-fn action(desired: &Desired, live: Option<&Value>) -> Action {
-    let Some(live) = live else {
-        return Action::Create;
-    };
-    if live.is_string() {
-        return Action::Unchanged;
+fn action(desired: &Desired, live: Option<&LiveObject>) -> Action {
+    match live {
+        None => Action::Create,
+        Some(LiveObject::Settled { .. }) => Action::Unchanged,
+        Some(LiveObject::Read(object)) => action_on(desired, object),
     }
+}
+
+fn action_on(desired: &Desired, live: &Value) -> Action {
     if desired.policies.creation == CreationPolicy::Once {
         return Action::Skip("creationPolicy Once and it exists".into());
     }
@@ -359,142 +385,6 @@ fn action(desired: &Desired, live: Option<&Value>) -> Action {
         Action::Unchanged
     } else {
         Action::Drift
-    }
-}
-
-/// Whether every field of `desired` holds the same value in `live`, but
-/// the `ignore` pointers and status. A Secret's `stringData` is compared
-/// with the `data` the server stores it as.
-pub fn holds(desired: &Value, live: &Value, ignore: &[String]) -> bool {
-    // Only a Secret with stringData or an object with status needs a
-    // rewritten copy; every other object, on every resync, is compared as is.
-    let rewrite = desired.get("status").is_some()
-        || (desired["kind"] == "Secret" && desired.get("stringData").is_some());
-    if !rewrite {
-        return subset(desired, live, &mut String::new(), ignore);
-    }
-    let mut desired = desired.clone();
-    fold_string_data(&mut desired);
-    if let Some(map) = desired.as_object_mut() {
-        map.remove("status");
-    }
-    subset(&desired, live, &mut String::new(), ignore)
-}
-
-fn subset(desired: &Value, live: &Value, path: &mut String, ignore: &[String]) -> bool {
-    if ignore.iter().any(|p| p == path) {
-        return true;
-    }
-    match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, v)| {
-            let len = path.len();
-            path.push('/');
-            path.push_str(&k.replace('~', "~0").replace('/', "~1"));
-            let ok = match l.get(k) {
-                Some(lv) => subset(v, lv, path, ignore),
-                None => v.is_null() || ignored_below(path, ignore) || empty(v),
-            };
-            path.truncate(len);
-            ok
-        }),
-        (Value::Array(d), Value::Array(l)) => {
-            d.len() == l.len()
-                && d.iter().zip(l).enumerate().all(|(i, (dv, lv))| {
-                    let len = path.len();
-                    path.push_str(&format!("/{i}"));
-                    let ok = subset(dv, lv, path, ignore);
-                    path.truncate(len);
-                    ok
-                })
-        }
-        (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
-        (d, l) if d == l => true,
-        // The server stores resource quantities canonically: `cpu: 0.5`
-        // comes back as "500m", `1024Mi` as "1Gi".
-        (d, Value::String(l)) if is_quantity_path(path) => {
-            let d = match d {
-                Value::Number(n) => n.as_f64(),
-                Value::String(s) => quantity(s),
-                _ => None,
-            };
-            d.is_some() && d == quantity(l)
-        }
-        _ => false,
-    }
-}
-
-fn is_quantity_path(path: &str) -> bool {
-    ["/requests/", "/limits/", "/hard/", "/capacity/"]
-        .iter()
-        .any(|p| path.contains(p))
-}
-
-/// A Kubernetes quantity's value: `500m`, `1.5`, `2Gi`, `1e3`.
-fn quantity(text: &str) -> Option<f64> {
-    const SUFFIXES: [(&str, f64); 15] = [
-        ("Ki", 1024.0),
-        ("Mi", 1_048_576.0),
-        ("Gi", 1_073_741_824.0),
-        ("Ti", 1_099_511_627_776.0),
-        ("Pi", 1_125_899_906_842_624.0),
-        ("Ei", 1_152_921_504_606_846_976.0),
-        ("n", 1e-9),
-        ("u", 1e-6),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    let text = text.trim();
-    for (suffix, factor) in SUFFIXES {
-        if let Some(number) = text.strip_suffix(suffix) {
-            return number.parse::<f64>().ok().map(|n| n * factor);
-        }
-    }
-    text.parse::<f64>().ok()
-}
-
-/// Empty maps and lists are dropped by the server.
-fn empty(value: &Value) -> bool {
-    match value {
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
-
-fn ignored_below(path: &str, ignore: &[String]) -> bool {
-    ignore
-        .iter()
-        .any(|p| p.starts_with(path) && p[path.len()..].starts_with('/'))
-}
-
-fn fold_string_data(object: &mut Value) {
-    if object["kind"] != "Secret" || object["apiVersion"] != "v1" {
-        return;
-    }
-    let Some(map) = object.as_object_mut() else {
-        return;
-    };
-    let Some(Value::Object(string_data)) = map.remove("stringData") else {
-        return;
-    };
-    let data = map
-        .entry("data")
-        .or_insert_with(|| Value::Object(Default::default()));
-    if let Some(data) = data.as_object_mut() {
-        for (k, v) in string_data {
-            let text = v.as_str().unwrap_or_default();
-            data.insert(
-                k,
-                base64::engine::general_purpose::STANDARD
-                    .encode(text)
-                    .into(),
-            );
-        }
     }
 }
 
@@ -576,7 +466,7 @@ mod tests {
         let desired = tree();
         let mut live: Live = desired
             .iter()
-            .map(|d| (d.identity.clone(), live_of(d)))
+            .map(|d| (d.identity.clone(), LiveObject::Read(live_of(d))))
             .collect();
         let plan = Plan::new(desired.clone(), &live, &[], true).unwrap();
         assert!(
@@ -586,26 +476,17 @@ mod tests {
         );
 
         let config = &desired[1].identity;
-        live.get_mut(config).unwrap()["data"]["k"] = "edited".into();
+        if let Some(LiveObject::Read(object)) = live.get_mut(config) {
+            object["data"]["k"] = "edited".into();
+        }
         let plan = Plan::new(desired.clone(), &live, &[], true).unwrap();
         assert_eq!(plan.counts()["drift"], 1);
 
-        live.get_mut(config).unwrap()["metadata"]["annotations"][DIGEST_ANNOTATION] = "old".into();
+        if let Some(LiveObject::Read(object)) = live.get_mut(config) {
+            object["metadata"]["annotations"][DIGEST_ANNOTATION] = "old".into();
+        }
         let plan = Plan::new(desired, &live, &[], true).unwrap();
         assert_eq!(plan.counts()["update"], 1);
-    }
-
-    #[test]
-    fn ignored_fields_and_secret_string_data_are_not_drift() {
-        let desired = json!({"spec": {"replicas": 3, "template": {"x": 1}}});
-        let live = json!({"spec": {"replicas": 5, "template": {"x": 1, "y": 2}}});
-        assert!(!holds(&desired, &live, &[]));
-        assert!(holds(&desired, &live, &["/spec/replicas".to_string()]));
-        let secret =
-            json!({"apiVersion": "v1", "kind": "Secret", "stringData": {"password": "hunter2"}});
-        let stored =
-            json!({"apiVersion": "v1", "kind": "Secret", "data": {"password": "aHVudGVyMg=="}});
-        assert!(holds(&secret, &stored, &[]));
     }
 
     #[test]
@@ -656,7 +537,7 @@ mod tests {
         );
         let live: Live = desired
             .iter()
-            .map(|d| (d.identity.clone(), live_of(d)))
+            .map(|d| (d.identity.clone(), LiveObject::Read(live_of(d))))
             .collect();
         let plan = Plan::new(desired, &live, &[], true).unwrap();
         assert!(matches!(plan.steps[1].action, Action::Skip(_)));
