@@ -41,9 +41,19 @@ fn main() -> ExitCode {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Differences) => ExitCode::from(1),
         Err(error) => {
-            // One line: the outermost context first, each cause after it.
-            let message: Vec<String> = error.chain().map(ToString::to_string).collect();
-            eprintln!("error: {}", message.join(": "));
+            // One line: the outermost context first, each cause after it
+            // (unless it only repeats what is said).
+            let mut line = String::new();
+            for cause in error.chain().map(ToString::to_string) {
+                if line.contains(&cause) {
+                    continue;
+                }
+                if !line.is_empty() {
+                    line.push_str(": ");
+                }
+                line.push_str(&cause);
+            }
+            eprintln!("error: {line}");
             ExitCode::from(2)
         }
     }

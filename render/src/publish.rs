@@ -15,7 +15,7 @@ use crate::repo::{self, Item, Node, Repo, git};
 use crate::source::Row;
 use crate::template::hex;
 use crate::tree::{Summary, Tree};
-use crate::{Error, Result};
+use crate::{Error, MassDeletion, Refusal, Result};
 
 /// The default `deletionGuard.maxPercent`.
 pub const DEFAULT_MAX_DELETE_PERCENT: u32 = 20;
@@ -270,43 +270,36 @@ pub struct Published {
 }
 
 /// Refuses a render that would remove too many instances, or all of them.
-pub fn check_deletions(summary: &Summary, max_percent: u32) -> Result<()> {
+pub fn check_deletions(summary: &Summary, max_percent: u32) -> std::result::Result<(), Refusal> {
     let before = summary.before();
     let removed = summary.removed.len();
     if before == 0 || removed == 0 {
         return Ok(());
     }
-    let names = |limit: usize| crate::abbreviate(&summary.removed, limit);
+    let refuse = |blueprint: Option<&String>, names: Vec<String>| {
+        Err(Refusal::MassDeletion(MassDeletion {
+            removed: names.len(),
+            before,
+            max_percent,
+            blueprint: blueprint.cloned(),
+            names,
+        }))
+    };
     if removed == before {
-        return Err(Error::Refused {
-            message: format!(
-                "refusing to remove all {before} instances ({}): did a source return no rows? pass --allow-mass-delete if this is intended",
-                names(5)
-            ),
-        });
+        return refuse(None, summary.removed.clone());
     }
     if let Some(blueprint) = summary.emptied.first() {
-        let gone: Vec<&String> = summary
+        let prefix = format!("{blueprint}/");
+        let gone = summary
             .removed
             .iter()
-            .filter(|n| n.starts_with(&format!("{blueprint}/")))
+            .filter(|n| n.starts_with(&prefix))
+            .cloned()
             .collect();
-        return Err(Error::Refused {
-            message: format!(
-                "refusing to remove all {} instances of blueprint {blueprint} ({}): did its source return no rows? pass --allow-mass-delete if this is intended",
-                gone.len(),
-                crate::abbreviate(&gone.iter().map(|g| g.as_str()).collect::<Vec<_>>(), 5)
-            ),
-        });
+        return refuse(Some(blueprint), gone);
     }
     if removed as u64 * 100 > u64::from(max_percent) * before as u64 {
-        return Err(Error::Refused {
-            message: format!(
-                "refusing to remove {removed} of {before} instances ({}%, more than deletionGuard.maxPercent {max_percent}%): {}; pass --allow-mass-delete if this is intended",
-                removed * 100 / before,
-                names(5)
-            ),
-        });
+        return refuse(None, summary.removed.clone());
     }
     Ok(())
 }
@@ -328,13 +321,7 @@ pub fn check_secrets(rendered: &Rendered) -> Result<()> {
     if plain.is_empty() {
         return Ok(());
     }
-    Err(Error::Refused {
-        message: format!(
-            "refusing to commit {} Secret(s) with data in plain text: {}; render a SealedSecret or ExternalSecret instead, or pass --allow-plaintext-secrets",
-            plain.len(),
-            crate::abbreviate(&plain, 3)
-        ),
-    })
+    Err(Error::from(Refusal::PlaintextSecrets { objects: plain }))
 }
 
 /// Refuses to move a pinned branch.
@@ -350,14 +337,13 @@ pub fn check_pin(repo: &Repo, refname: &str, path: &str, pin: Option<&Record>) -
     } else {
         format!(" --path {path}")
     };
-    Err(Error::Refused {
-        message: format!(
-            "{branch} is pinned to {} by rollback commit {}; run `kiln resume --git {} --branch {branch}{path_flag}` to render again",
-            &to[..to.len().min(12)],
-            &pin.commit[..12],
-            repo.location.display()
-        ),
-    })
+    Err(Error::from(Refusal::Pinned {
+        branch: branch.to_string(),
+        to: to.to_string(),
+        commit: pin.commit.clone(),
+        repo: repo.location.display().to_string(),
+        path_flag,
+    }))
 }
 
 /// Commits the rendered `tree` under `options.path` of the branch, unless it
@@ -430,14 +416,11 @@ fn attempt(
     if !options.overwrite_drift
         && let Some(drift) = history::drift(repo, tip.as_ref(), path, last.as_ref())?
     {
-        return Err(Error::Refused {
-            message: format!(
-                "repo drift under {}/ on {}: {}; see `kiln drift`, or pass --overwrite-drift to replace it",
-                history::path_label(path),
-                refname.trim_start_matches("refs/heads/"),
-                drift.line()
-            ),
-        });
+        return Err(Error::from(Refusal::RepoDrift {
+            path: history::path_label(path).to_string(),
+            branch: refname.trim_start_matches("refs/heads/").to_string(),
+            summary: drift.line(),
+        }));
     }
     let dir = repo.tree_at(tip.as_ref(), path)?;
     let old = repo::owned(&repo.git, dir.as_ref())?;
@@ -560,13 +543,13 @@ pub fn rollback(repo: &Repo, options: &Options, rev: &str) -> Result<Published> 
     let restored = match history::record(&target, path) {
         Some(r) if !matches!(r.action, Action::Resume) => r,
         _ => {
-            return Err(Error::Refused {
+            return Err(Error::from(Refusal::NoSuchRender {
                 message: format!(
                     "--to {rev}: commit {} is not a Kiln render or rollback of {}/; see `kiln history`",
                     target.id(),
                     history::path_label(path)
                 ),
-            });
+            }));
         }
     };
     let tree = restored.tree_id()?;
@@ -640,13 +623,10 @@ pub fn resume(repo: &Repo, options: &Options) -> Result<Published> {
     for _ in 0..ATTEMPTS {
         let tip = repo.tip(&refname)?;
         let Some(pin) = history::pin(tip.as_ref(), path)? else {
-            return Err(Error::Refused {
-                message: format!(
-                    "{} is not pinned for {}/: nothing to resume",
-                    refname.trim_start_matches("refs/heads/"),
-                    history::path_label(path)
-                ),
-            });
+            return Err(Error::from(Refusal::NotPinned {
+                branch: refname.trim_start_matches("refs/heads/").to_string(),
+                path: history::path_label(path).to_string(),
+            }));
         };
         let Some(parent) = tip.as_ref() else { break };
         let message = format!(
@@ -718,5 +698,13 @@ mod tests {
             "{emptied}"
         );
         assert!(check(&both, &both[1..], 20).is_ok(), "web keeps 9");
+        let summary = Summary::of_instances(&instances(&both), &instances(&ten));
+        let refusal = check_deletions(&summary, 20).unwrap_err();
+        assert_eq!(refusal.reason(), "MassDeletion");
+        let Refusal::MassDeletion(found) = refusal else {
+            unreachable!()
+        };
+        assert_eq!((found.removed, found.before), (1, 11));
+        assert_eq!(found.blueprint.as_deref(), Some("db"));
     }
 }

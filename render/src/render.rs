@@ -285,11 +285,11 @@ pub fn render(
     {
         let blueprint = &blueprints[b];
         if let Some(other) = names.insert((b, name.clone()), key.clone()) {
-            errors.push(Error::Template {
-                message: format!(
-                    "blueprint {}: rows {other} and {key} both map to instance {name}; keys must stay distinct as DNS labels",
-                    blueprint.name
-                ),
+            errors.push(Error::InstanceCollision {
+                blueprint: blueprint.name.clone(),
+                first: other,
+                second: key.clone(),
+                instance: name.clone(),
             });
             continue;
         }
@@ -299,11 +299,10 @@ pub fn render(
                 blueprint.name, object.resource
             );
             if let Some(first) = owners.insert(object.identity.clone(), owner.clone()) {
-                errors.push(Error::Template {
-                    message: format!(
-                        "{} is rendered twice: by {first} and by {owner}",
-                        object.identity
-                    ),
+                errors.push(Error::DuplicateObject {
+                    object: object.identity.to_string(),
+                    first,
+                    second: owner,
                 });
             }
         }
@@ -351,11 +350,11 @@ fn render_row(
             .location
             .clone()
             .unwrap_or_else(|| template.to_string());
-        Error::Template {
-            message: format!(
-                "failed to render blueprint {}, resource {resource}, row {}: {} ({location})",
-                blueprint.name, row.key, failure.message
-            ),
+        Error::TemplateFailed {
+            blueprint: blueprint.name.clone(),
+            resource: resource.to_string(),
+            key: row.key.clone(),
+            message: format!("{} ({location})", failure.message),
         }
     };
     let source = config

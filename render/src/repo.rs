@@ -170,9 +170,7 @@ fn checkout_error(file: &Path, error: &std::io::Error) -> Error {
 }
 
 pub(crate) fn git(error: git2::Error) -> Error {
-    Error::Git {
-        message: error.message().to_string(),
-    }
+    Error::GitFailed { source: error }
 }
 
 /// What [`Repo::recover_work_tree`] found.
@@ -710,16 +708,11 @@ impl Repo {
         if dirty.is_empty() {
             return Ok(());
         }
-        Err(Error::Refused {
-            message: format!(
-                "{}: the checked-out work tree has uncommitted changes under {}/ ({}); commit or discard them first (`git -C {} stash push --include-untracked -- {}` sets them aside), or render into a bare repository",
-                self.location.display(),
-                crate::history::path_label(path),
-                crate::abbreviate(&dirty, 3),
-                self.location.display(),
-                crate::history::path_label(path)
-            ),
-        })
+        Err(Error::from(crate::Refusal::DirtyWorkTree {
+            repo: self.location.display().to_string(),
+            path: crate::history::path_label(path).to_string(),
+            files: dirty,
+        }))
     }
 
     /// Finishes the checkout of an interrupted render: when the checked-out

@@ -14,7 +14,7 @@ use kiln_render::manifest::Identity;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 
-use crate::cluster::{Cluster, Failure, Kind, Write};
+use crate::cluster::{Cluster, Kind, Write};
 use crate::compare::same;
 use crate::desired::{Desired, INVENTORY_LABEL};
 use crate::health::{Health, health};
@@ -458,7 +458,7 @@ async fn run_step(
                     },
                     object,
                 )),
-                Err(Failure::Conflict(message)) => {
+                Err(message) if message.is_conflict() => {
                     return outcome(
                         Status::Failed,
                         format!(

@@ -23,30 +23,49 @@ use crate::{Error, Result};
 /// restart), overloaded (429) or failing (5xx).
 const RETRY_FOR: Duration = Duration::from_secs(120);
 
-/// What an API request may fail with, classified for the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+/// An API request that failed for good, with the server's answer kept:
+/// the caller asks what it was.
+#[derive(Debug)]
+pub struct Failure {
+    error: kube::Error,
+}
+
+impl Failure {
     /// 409 from Server-Side Apply: another manager owns fields Kiln sets.
-    Conflict(String),
+    pub fn is_conflict(&self) -> bool {
+        matches!(&self.error, kube::Error::Api(s) if s.code == 409 && s.message.contains("conflict"))
+    }
+
     /// 404.
-    NotFound(String),
+    pub fn is_not_found(&self) -> bool {
+        matches!(&self.error, kube::Error::Api(s) if s.code == 404)
+    }
+
     /// 403: the identity Kiln runs as may not do this. The server's message
     /// names the user, verb, resource and namespace.
-    Forbidden(String),
-    /// Anything else, after retries.
-    Other(String),
+    pub fn is_forbidden(&self) -> bool {
+        matches!(&self.error, kube::Error::Api(s) if s.code == 403)
+    }
+
+    /// Whether waiting may help: the server was restarting, overloaded or
+    /// failing (Kiln retried it for a while already).
+    pub fn is_retryable(&self) -> bool {
+        transient(&self.error)
+    }
+
+    /// The error as the client reported it.
+    pub fn kube_error(&self) -> &kube::Error {
+        &self.error
+    }
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Conflict(m)
-            | Failure::NotFound(m)
-            | Failure::Forbidden(m)
-            | Failure::Other(m) => f.write_str(m),
-        }
+        f.write_str(&message(&self.error))
     }
 }
+
+impl std::error::Error for Failure {}
 
 /// A kind the server serves: its resource and scope.
 #[derive(Debug, Clone)]
@@ -232,7 +251,7 @@ impl Cluster {
             Err(e) => {
                 return Err(Error::Api {
                     what: format!("discover {kind} in {api_version}"),
-                    message: message(&e),
+                    failure: classify(e),
                 });
             }
         };
@@ -260,7 +279,7 @@ impl Cluster {
                         .await
                         .map_err(|e| Error::Api {
                             what: "discover the server's kinds".into(),
-                            message: message(&e),
+                            failure: classify(e),
                         })?,
                 };
                 let mut kinds = Vec::new();
@@ -298,7 +317,7 @@ impl Cluster {
         let mut page = self
             .send(|| requests.list_metadata(&params))
             .await
-            .map_err(|e| classify(&e))?;
+            .map_err(classify)?;
         Ok(match page.get_mut("items").map(Value::take) {
             Some(Value::Array(items)) => items,
             _ => Vec::new(),
@@ -350,7 +369,7 @@ impl Cluster {
                 .await
                 .map_err(|e| Error::Api {
                     what: format!("list {}", kind.resource.plural),
-                    message: message(&e),
+                    failure: classify(e),
                 })?;
             token = page["metadata"]["continue"]
                 .as_str()
@@ -378,8 +397,8 @@ impl Cluster {
             .await
         {
             Ok(object) => Ok(Some(value(object, kind))),
-            Err(e) => match classify(&e) {
-                Failure::NotFound(_) => Ok(None),
+            Err(e) => match classify(e) {
+                f if f.is_not_found() => Ok(None),
                 other => Err(other),
             },
         }
@@ -393,7 +412,7 @@ impl Cluster {
         let object = self
             .send(|| requests.get(name, &GetParams::default()))
             .await
-            .map_err(|e| classify(&e))?;
+            .map_err(classify)?;
         let entries = object["metadata"]["managedFields"]
             .as_array()
             .cloned()
@@ -415,7 +434,7 @@ impl Cluster {
         self.send(|| requests.patch(name, &params, &patch))
             .await
             .map(|object| self.own.wrote(&object))
-            .map_err(|e| classify(&e))
+            .map_err(classify)
     }
 
     /// Writes `body` as `how` says; `live` is the object as last read (for
@@ -466,7 +485,7 @@ impl Cluster {
         if let (Ok(object), false) = (&result, dry_run) {
             self.own.wrote(object);
         }
-        result.map(|o| value(o, kind)).map_err(|e| classify(&e))
+        result.map(|o| value(o, kind)).map_err(classify)
     }
 
     /// A JSON merge patch of metadata (orphan markers, adoption).
@@ -486,7 +505,7 @@ impl Cluster {
         self.send(|| requests.patch(name, &params, &patch))
             .await
             .map(|object| self.own.wrote(&object))
-            .map_err(|e| classify(&e))
+            .map_err(classify)
     }
 
     /// Deletes an object if it is still the one with `uid`.
@@ -508,8 +527,8 @@ impl Cluster {
         };
         match self.send(|| requests.delete(name, &params)).await {
             Ok(_) => Ok(()),
-            Err(e) => match classify(&e) {
-                Failure::NotFound(_) => Ok(()),
+            Err(e) => match classify(e) {
+                f if f.is_not_found() => Ok(()),
                 other => Err(other),
             },
         }
@@ -553,7 +572,7 @@ impl Cluster {
         .map(|_| ())
         .map_err(|f| Error::Api {
             what: format!("write ConfigMap {namespace}/{name}"),
-            message: f.to_string(),
+            failure: f,
         })
     }
 
@@ -563,7 +582,7 @@ impl Cluster {
             .await
             .map_err(|f| Error::Api {
                 what: format!("delete ConfigMap {namespace}/{name}"),
-                message: f.to_string(),
+                failure: f,
             })
     }
 
@@ -578,11 +597,11 @@ impl Cluster {
             Ok(None) => {}
             // Least privilege: an identity confined to its namespaces may not
             // read Namespaces. Its writes into a missing one fail and say so.
-            Err(Failure::Forbidden(_)) => return Ok(()),
+            Err(f) if f.is_forbidden() => return Ok(()),
             Err(f) => {
                 return Err(Error::Api {
                     what: format!("read namespace {name}"),
-                    message: f.to_string(),
+                    failure: f,
                 });
             }
         }
@@ -592,7 +611,7 @@ impl Cluster {
             .map(|_| ())
             .map_err(|f| Error::Api {
                 what: format!("create namespace {name}"),
-                message: f.to_string(),
+                failure: f,
             })
     }
 }
@@ -637,15 +656,8 @@ pub fn message(error: &kube::Error) -> String {
     }
 }
 
-fn classify(error: &kube::Error) -> Failure {
-    match error {
-        kube::Error::Api(status) if status.code == 404 => Failure::NotFound(message(error)),
-        kube::Error::Api(status) if status.code == 403 => Failure::Forbidden(message(error)),
-        kube::Error::Api(status) if status.code == 409 && status.message.contains("conflict") => {
-            Failure::Conflict(message(error))
-        }
-        _ => Failure::Other(message(error)),
-    }
+fn classify(error: kube::Error) -> Failure {
+    Failure { error }
 }
 
 /// Whether a failure may go away by waiting: the server is restarting,
@@ -734,18 +746,19 @@ mod tests {
         assert!(transient(&api(503, "unavailable")));
         assert!(!transient(&api(409, "conflict")));
         assert!(!transient(&api(422, "invalid")));
-        assert_eq!(
-            classify(&api(
-                409,
-                "Apply failed with 1 conflict: conflict with \"x\": .data.a"
-            )),
-            Failure::Conflict("Apply failed with 1 conflict: conflict with \"x\": .data.a".into())
-        );
-        assert!(matches!(classify(&api(404, "gone")), Failure::NotFound(_)));
-        assert!(matches!(
-            classify(&api(403, "configmaps is forbidden")),
-            Failure::Forbidden(_)
+        let conflict = classify(api(
+            409,
+            "Apply failed with 1 conflict: conflict with \"x\": .data.a",
         ));
+        assert!(conflict.is_conflict() && !conflict.is_forbidden());
+        assert_eq!(
+            conflict.to_string(),
+            "Apply failed with 1 conflict: conflict with \"x\": .data.a"
+        );
+        assert!(classify(api(404, "gone")).is_not_found());
+        assert!(classify(api(403, "configmaps is forbidden")).is_forbidden());
+        assert!(classify(api(503, "unavailable")).is_retryable());
+        assert!(!classify(api(422, "invalid")).is_retryable());
     }
 
     #[test]

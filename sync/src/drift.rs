@@ -140,7 +140,7 @@ async fn check(
         .await
         .map_err(|f| crate::Error::Api {
             what: format!("dry-run apply {}", desired.label()),
-            message: f.to_string(),
+            failure: f,
         })?;
     let ignore = &desired.policies.ignore_fields;
     let (before, after) = (comparable(live, ignore), comparable(&after, ignore));

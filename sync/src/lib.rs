@@ -44,18 +44,52 @@ pub enum Error {
     /// The objects to apply cannot be ordered or are contradictory.
     #[error("{message}")]
     InvalidPlan { message: String },
-    /// A deletion guard refused: the message says why and what to pass.
-    #[error("{message}")]
-    Refused { message: String },
-    /// An API request failed for good (after retries where they make sense).
-    #[error("failed to {what}: {message}")]
-    Api { what: String, message: String },
+    /// The deletion guard refused, against inventory `inventory`.
+    #[error("inventory {inventory}: {refusal}")]
+    Refused {
+        inventory: String,
+        refusal: Box<kiln_render::Refusal>,
+    },
+    /// An API request failed for good (after retries where they make
+    /// sense); the server's answer is kept.
+    #[error("failed to {what}: {failure}")]
+    Api {
+        what: String,
+        #[source]
+        failure: cluster::Failure,
+    },
     /// The inventory in the cluster cannot be read.
     #[error("inventory {name}: {message}")]
     Inventory { name: String, message: String },
     /// Rendering or reading the tree failed.
     #[error(transparent)]
-    Render(#[from] kiln_render::Error),
+    Render(Box<kiln_render::Error>),
+}
+
+impl From<kiln_render::Error> for Error {
+    fn from(error: kiln_render::Error) -> Self {
+        Error::Render(Box::new(error))
+    }
+}
+
+impl Error {
+    /// A short name for what failed, as a status condition's `reason`:
+    /// the guard that refused, or the API's answer.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kubeconfig { .. } | Error::NoConfig { .. } | Error::Client { .. } => {
+                "ClusterUnreachable"
+            }
+            Error::InvalidObject { .. } => "InvalidObject",
+            Error::InvalidPlan { .. } => "InvalidPlan",
+            Error::Refused { refusal, .. } => refusal.reason(),
+            Error::Api { failure, .. } if failure.is_forbidden() => "Forbidden",
+            Error::Api { failure, .. } if failure.is_conflict() => "Conflict",
+            Error::Api { .. } => "ApiFailed",
+            Error::Inventory { .. } => "InventoryUnreadable",
+            Error::Render(e) => e.reason(),
+        }
+    }
 }
 
 /// The result type of this crate.
