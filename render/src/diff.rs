@@ -304,10 +304,7 @@ pub fn mask(old: Option<&[u8]>, new: Option<&[u8]>) -> (String, String) {
     )
 }
 
-/// Whether an object is a core `Secret`.
-pub fn is_secret(value: &Value) -> bool {
-    value["kind"] == "Secret" && value["apiVersion"] == "v1"
-}
+pub use crate::manifest::is_secret;
 
 #[cfg(test)]
 mod tests {

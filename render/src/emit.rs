@@ -16,8 +16,7 @@ use serde_json::{Value, json};
 use crate::tree::Tree;
 use crate::{Result, yaml};
 
-/// The directory inside the render path that holds emitted files.
-pub const DIR: &str = "_kiln";
+pub use crate::tree::EMIT_DIR as DIR;
 
 /// Where the tree is published.
 #[derive(Debug, Clone)]

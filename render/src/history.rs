@@ -81,10 +81,7 @@ impl Record {
     }
 }
 
-/// `path` as trailers name it.
-pub fn path_label(path: &str) -> &str {
-    if path.is_empty() { "." } else { path }
-}
+pub use crate::repo::path_label;
 
 /// Reads a commit's Kiln record for `path`, if it is one.
 pub fn record(commit: &git2::Commit<'_>, path: &str) -> Option<Record> {

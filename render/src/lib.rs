@@ -220,6 +220,12 @@ impl Display for MassDeletion {
     }
 }
 
+impl From<git2::Error> for Error {
+    fn from(source: git2::Error) -> Self {
+        Error::GitFailed { source }
+    }
+}
+
 impl From<Refusal> for Error {
     fn from(refusal: Refusal) -> Self {
         Error::Refused(Box::new(refusal))

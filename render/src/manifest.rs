@@ -277,6 +277,11 @@ fn insert_after(map: &mut Map<String, Value>, after: &str, key: &str, value: Val
     }
 }
 
+/// Whether an object is a core `Secret`.
+pub fn is_secret(value: &serde_json::Value) -> bool {
+    value["kind"] == "Secret" && value["apiVersion"] == "v1"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,6 @@ use flate2::write::ZlibEncoder;
 use git2::ObjectType;
 use sha1::Digest as _;
 
-use crate::repo::git;
 use crate::{Error, Result};
 
 /// Writes `objects` into the repository as one pack.
@@ -20,7 +19,7 @@ pub fn write(odb: &git2::Odb<'_>, objects: &[(ObjectType, &[u8])]) -> Result<()>
         message: format!("{} objects do not fit in one pack", objects.len()),
     })?;
     let mut hasher = sha1::Sha1::new();
-    let mut writer = odb.packwriter().map_err(git)?;
+    let mut writer = odb.packwriter().map_err(crate::Error::from)?;
     let mut put = |bytes: &[u8]| -> Result<()> {
         hasher.update(bytes);
         writer.write_all(bytes).map_err(|_| pack_error())
@@ -34,7 +33,7 @@ pub fn write(odb: &git2::Odb<'_>, objects: &[(ObjectType, &[u8])]) -> Result<()>
     }
     let trailer = hasher.finalize();
     writer.write_all(&trailer).map_err(|_| pack_error())?;
-    writer.commit().map_err(git)?;
+    writer.commit().map_err(crate::Error::from)?;
     Ok(())
 }
 

@@ -457,7 +457,7 @@ fn render_row(
             scopes,
         );
         let value = Value::Object(object);
-        let plaintext_secret = crate::diff::is_secret(&value)
+        let plaintext_secret = manifest::is_secret(&value)
             && ["data", "stringData"]
                 .iter()
                 .any(|f| value[f].as_object().is_some_and(|m| !m.is_empty()));

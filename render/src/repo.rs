@@ -169,15 +169,20 @@ fn checkout_error(file: &Path, error: &std::io::Error) -> Error {
     }
 }
 
+/// `path` as trailers and messages name it: `.` for the root.
+pub fn path_label(path: &str) -> &str {
+    if path.is_empty() { "." } else { path }
+}
+
 pub(crate) fn git(error: git2::Error) -> Error {
-    Error::GitFailed { source: error }
+    Error::from(error)
 }
 
 /// What [`Repo::recover_work_tree`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recovery {
-    /// Nothing to do: the branch is not checked out, its tip is not Kiln's
-    /// commit for the path, or nothing under the path differs from it.
+    /// Nothing to do: the branch is not checked out, or nothing under the
+    /// path differs from its tip.
     Nothing,
     /// Files under the path were behind Kiln's commit and were brought up
     /// to it.
@@ -187,8 +192,8 @@ pub enum Recovery {
         /// The commit.
         tip: String,
     },
-    /// The tip is Kiln's commit, and something under the path holds what
-    /// neither it nor its parent holds: someone's edit.
+    /// Something under the path holds what neither the tip nor its parent
+    /// holds: someone's edit.
     Edited,
 }
 
@@ -418,8 +423,8 @@ pub fn owned<'r>(
         .filter_map(|name| Some((name.to_string(), *all.get(name).filter(|i| i.is_tree())?)))
         .collect();
     owned.insert(KUSTOMIZATION.to_string(), root);
-    if let Some(emitted) = all.get(crate::emit::DIR).filter(|i| i.is_tree()) {
-        owned.insert(crate::emit::DIR.to_string(), *emitted);
+    if let Some(emitted) = all.get(crate::tree::EMIT_DIR).filter(|i| i.is_tree()) {
+        owned.insert(crate::tree::EMIT_DIR.to_string(), *emitted);
     }
     Ok(owned)
 }
@@ -710,18 +715,19 @@ impl Repo {
         }
         Err(Error::from(crate::Refusal::DirtyWorkTree {
             repo: self.location.display().to_string(),
-            path: crate::history::path_label(path).to_string(),
+            path: path_label(path).to_string(),
             files: dirty,
         }))
     }
 
-    /// Finishes the checkout of an interrupted render: when the checked-out
-    /// branch's tip is Kiln's commit for `path` and every changed file under
-    /// `path` (in the index and the work tree) holds what that commit or its
-    /// parent holds there, Kiln moved the branch and was stopped before the
-    /// work tree followed. Those files are brought up to the tip; returns
-    /// how many, and the tip. When a changed file holds anything else (a
-    /// person's edit) nothing is touched and the answer says so.
+    /// Finishes the checkout of an interrupted render. The caller knows the
+    /// checked-out branch's tip is Kiln's commit for `path`: when every
+    /// changed file under `path` (in the index and the work tree) holds what
+    /// that commit or its parent holds there, Kiln moved the branch and was
+    /// stopped before the work tree followed. Those files are brought up to
+    /// the tip; returns how many, and the tip. When a changed file holds
+    /// anything else (a person's edit) nothing is touched and the answer
+    /// says so.
     pub fn recover_work_tree(&self, refname: &str, path: &str) -> Result<Recovery> {
         if !self.checked_out(refname) {
             return Ok(Recovery::Nothing);
@@ -731,9 +737,6 @@ impl Repo {
         };
         let dirty = self.dirty(path)?;
         if dirty.is_empty() {
-            return Ok(Recovery::Nothing);
-        }
-        if crate::history::record(&tip, path).is_none() {
             return Ok(Recovery::Nothing);
         }
         let Some(workdir) = self.git.workdir().map(Path::to_path_buf) else {

@@ -82,6 +82,10 @@ fn kustomization<T: Serialize>(resources: &[T]) -> Result<Vec<u8>> {
     Ok(yaml::to_string(&value)?.into_bytes())
 }
 
+/// The directory inside the render path that holds what `--emit` writes
+/// for ArgoCD or Flux.
+pub const EMIT_DIR: &str = "_kiln";
+
 /// What changed between two trees, by instance directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {
@@ -212,7 +216,7 @@ pub fn read_dir(dir: &Path) -> Result<Tree> {
         }
         walk(&dir.join(blueprint), blueprint, &mut tree)?;
     }
-    walk(&dir.join(crate::emit::DIR), crate::emit::DIR, &mut tree)?;
+    walk(&dir.join(EMIT_DIR), EMIT_DIR, &mut tree)?;
     tree.files.insert(KUSTOMIZATION.to_string(), text);
     Ok(tree)
 }
