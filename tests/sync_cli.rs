@@ -538,6 +538,10 @@ fn prune_deletes_what_left_the_tree_retains_what_says_so_and_adopts_it_back() {
         "kiln.dev/instance=b",
     ]);
 
+    // Someone else manages a field of the object Retain keeps: after
+    // the orphaning, theirs is the only entry left.
+    kubectl_ok(&["label", "configmap", "keep", "-n", &b, "team=payments"]);
+
     f.rows("- {id: a}\n");
     f.render();
     let plan = f.apply(&["--dry-run", "--allow-mass-delete"]);
@@ -573,10 +577,17 @@ fn prune_deletes_what_left_the_tree_retains_what_says_so_and_adopts_it_back() {
     assert!(get(&f.ns("a"), "configmap", "config").is_some());
     let kept = get(&b, "configmap", "keep").unwrap();
     let meta = &kept["metadata"];
-    assert!(
-        meta["labels"]["app.kubernetes.io/managed-by"].is_null(),
-        "{meta}"
-    );
+    for label in [
+        "app.kubernetes.io/managed-by",
+        "kiln.dev/blueprint",
+        "kiln.dev/instance",
+        "kiln.dev/inventory",
+    ] {
+        assert!(
+            meta["labels"][label].is_null(),
+            "{label} left on an orphan: {meta}"
+        );
+    }
     assert_eq!(meta["labels"]["kiln.dev/orphaned"], "true");
     assert!(
         meta["annotations"]["kiln.dev/orphaned-at"]
@@ -590,13 +601,18 @@ fn prune_deletes_what_left_the_tree_retains_what_says_so_and_adopts_it_back() {
             .unwrap()
             .contains("instance b, resource keep")
     );
-    assert!(get("", "namespace", &b).is_some());
+    let namespace = get("", "namespace", &b).expect("a retained Namespace was deleted");
+    assert_eq!(namespace["metadata"]["labels"]["kiln.dev/orphaned"], "true");
+    let managers = meta["managedFields"]
+        .as_array()
+        .expect("the server lists managedFields");
     assert!(
-        !meta["managedFields"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|m| m["manager"] == "kiln"),
+        managers.iter().any(|m| m["manager"] == "kubectl-label"),
+        "{meta}"
+    );
+    assert_eq!(meta["labels"]["team"], "payments");
+    assert!(
+        !managers.iter().any(|m| m["manager"] == "kiln"),
         "Kiln still owns fields of an orphan: {meta}"
     );
 
@@ -604,14 +620,28 @@ fn prune_deletes_what_left_the_tree_retains_what_says_so_and_adopts_it_back() {
     f.render();
     let out = f.apply(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let adopted = get(&b, "configmap", "keep").unwrap();
-    let meta = &adopted["metadata"];
-    assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], "kiln");
-    assert!(meta["labels"]["kiln.dev/orphaned"].is_null(), "{meta}");
-    assert!(
-        meta["annotations"]["kiln.dev/orphaned-at"].is_null(),
-        "{meta}"
-    );
+    for (kind, name) in [("configmap", "keep"), ("namespace", b.as_str())] {
+        let adopted = get(if kind == "namespace" { "" } else { &b }, kind, name).unwrap();
+        let meta = &adopted["metadata"];
+        assert_eq!(
+            meta["labels"]["app.kubernetes.io/managed-by"], "kiln",
+            "{meta}"
+        );
+        assert_eq!(
+            meta["labels"]["kiln.dev/inventory"],
+            f.prefix.as_str(),
+            "{meta}"
+        );
+        assert!(meta["labels"]["kiln.dev/orphaned"].is_null(), "{meta}");
+        assert!(
+            meta["annotations"]["kiln.dev/orphaned-at"].is_null(),
+            "{meta}"
+        );
+        assert!(
+            meta["annotations"]["kiln.dev/orphaned-reason"].is_null(),
+            "{meta}"
+        );
+    }
 }
 
 #[test]
@@ -1469,4 +1499,83 @@ fn drift_cluster_and_sync_detect_only_agree() {
         "edited",
         "--detect-only wrote"
     );
+}
+
+/// The value of a metric line, exactly as named (labels included).
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    http_get(addr, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn a_failing_source_holds_back_the_prune_of_another() {
+    let f = Fixture::new("twosrc", "- {id: a}\n- {id: b}\n", &greeting_resources());
+    // A second source and blueprint, beside the first.
+    std::fs::write(f.path("more.yaml"), "- {id: x}\n").unwrap();
+    let mut config = std::fs::read_to_string(f.path("cfg/kiln.yaml")).unwrap();
+    config.push_str(&format!(
+        "---\napiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: more}}\n\
+         spec: {{url: \"file:../more.yaml\", key: id, interval: 1s}}\n---\n\
+         apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: extra}}\n\
+         spec:\n  source: more\n  namespace: \"{p}-{{{{ key }}}}\"\n  resources:\n{n}{c}",
+        p = f.prefix,
+        n = NAMESPACE.replace("NS", &format!("{}-{{{{ key }}}}", f.prefix)),
+        c = config_map("more", "more", "    dependsOn: [namespace]\n", "{}")
+    ));
+    std::fs::write(f.path("cfg/kiln.yaml"), config).unwrap();
+    let addr = free_addr();
+    let sync = f.spawn("sync", &["--metrics-addr", &addr, "--allow-mass-delete"]);
+    let present = |key: &str| get(&f.ns(key), "configmap", "config").is_some();
+    eventually("the first pass", Duration::from_secs(60), || {
+        present("a") && present("b") && get(&f.ns("x"), "configmap", "more").is_some()
+    });
+
+    // `more` fails while `rows` loses b: the pass must not prune b.
+    std::fs::remove_file(f.path("more.yaml")).unwrap();
+    f.rows("- {id: a}\n");
+    eventually("both sources read again", Duration::from_secs(30), || {
+        metric(&addr, "kiln_source_rows{source=\"rows\"}") == Some(1.0)
+            && metric(&addr, "kiln_source_errors_total{source=\"more\"}").unwrap_or(0.0) >= 1.0
+    });
+    let passes = metric(&addr, "kiln_apply_duration_seconds_count").unwrap();
+    eventually("two more passes", Duration::from_secs(30), || {
+        metric(&addr, "kiln_apply_duration_seconds_count").unwrap() >= passes + 2.0
+    });
+    assert!(present("b"), "a pass with a failing source pruned");
+
+    // Once every source reads again, b goes.
+    std::fs::write(f.path("more.yaml"), "- {id: x}\n").unwrap();
+    eventually("b pruned", Duration::from_secs(30), || !present("b"));
+    assert!(present("a"));
+    terminate(&sync);
+    let out = finish(sync);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("keeping its last rows and pruning nothing"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn no_prune_leaves_what_left_the_tree_for_a_later_apply() {
+    let f = Fixture::new("noprune", "- {id: a}\n- {id: b}\n", &greeting_resources());
+    f.render();
+    assert!(f.apply(&[]).status.success());
+    f.rows("- {id: a}\n");
+    f.render();
+    let out = f.apply(&["--no-prune"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pruned 0"), "{}", stderr(&out));
+    assert!(get(&f.ns("b"), "configmap", "config").is_some());
+    // The inventory still knows b: the next apply prunes it.
+    let out = f.apply(&["--allow-mass-delete"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("pruned ConfigMap {}/config", f.ns("b"))),
+        "{}",
+        stdout(&out)
+    );
+    assert!(get(&f.ns("b"), "configmap", "config").is_none());
 }

@@ -115,6 +115,17 @@ mod quoting {
             "no",
             "y",
             "n",
+            "Yes",
+            "YES",
+            "No",
+            "ON",
+            "On",
+            "Off",
+            "OFF",
+            "Y",
+            "N",
+            "NO",
+            "2024-01-01T10:00:00Z",
             "true",
             "True",
             "null",
@@ -157,7 +168,39 @@ mod quoting {
                 .find(|l| l.starts_with(&format!("k{i}:")))
                 .unwrap();
             let scalar = line.split_once(": ").map_or("", |(_, v)| v);
-            if ["on", "off", "yes", "no", "y", "n", "1_000", "12:30", "0x1F"].contains(s) {
+            // Every form YAML 1.1 reads as a boolean, a number or a date.
+            let ambiguous = [
+                "on",
+                "off",
+                "yes",
+                "no",
+                "y",
+                "n",
+                "Yes",
+                "YES",
+                "No",
+                "NO",
+                "ON",
+                "On",
+                "Off",
+                "OFF",
+                "Y",
+                "N",
+                "1_000",
+                "12:30",
+                "0x1F",
+                "2024-01-01",
+                "2024-01-01T10:00:00Z",
+                "true",
+                "True",
+                "null",
+                "~",
+                "1",
+                "0755",
+                "1e3",
+                ".5",
+            ];
+            if ambiguous.contains(s) {
                 assert!(
                     scalar.starts_with('"') || scalar.starts_with('\''),
                     "{s:?} is written unquoted: {line}"

@@ -338,7 +338,18 @@ pub async fn execute(
     };
 
     let mut after: Vec<Entry> = desired_entries;
-    if plan.prune.is_empty() {
+    if !options.prune {
+        // Not pruning (--no-prune, or a source failed): what left the tree
+        // stays in the inventory, so that a later apply can prune it.
+        let wanted: HashSet<&Identity> = plan.steps.iter().map(|s| &s.desired.identity).collect();
+        let left: Vec<Entry> = inventory
+            .entries
+            .iter()
+            .filter(|e| !wanted.contains(&e.identity))
+            .cloned()
+            .collect();
+        after.extend(left);
+    } else if plan.prune.is_empty() {
         // nothing left the tree
     } else if report.failed() || *stop.borrow() {
         // A failed apply may be half a rename: keep the old objects until
