@@ -1533,10 +1533,12 @@ fn a_failing_source_holds_back_the_prune_of_another() {
 
     // `more` fails while `rows` loses b: the pass must not prune b.
     std::fs::remove_file(f.path("more.yaml")).unwrap();
+    eventually("more failing", Duration::from_secs(30), || {
+        metric(&addr, "kiln_source_errors_total{source=\"more\"}").unwrap_or(0.0) >= 1.0
+    });
     f.rows("- {id: a}\n");
-    eventually("both sources read again", Duration::from_secs(30), || {
+    eventually("rows read again", Duration::from_secs(30), || {
         metric(&addr, "kiln_source_rows{source=\"rows\"}") == Some(1.0)
-            && metric(&addr, "kiln_source_errors_total{source=\"more\"}").unwrap_or(0.0) >= 1.0
     });
     let passes = metric(&addr, "kiln_apply_duration_seconds_count").unwrap();
     eventually("two more passes", Duration::from_secs(30), || {
