@@ -524,7 +524,8 @@ fn rollback_pins_the_branch_until_resume() {
         stdout(&output)
     );
 
-    // A rollback target must be a Kiln commit.
+    // A rollback target must be a Kiln commit: not a name that resolves to
+    // nothing, not someone else's commit.
     let output = kiln(&[
         "rollback",
         "--git",
@@ -535,6 +536,44 @@ fn rollback_pins_the_branch_until_resume() {
         "does-not-exist",
     ]);
     assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("does-not-exist"),
+        "{}",
+        stderr(&output)
+    );
+    let work = tempfile::tempdir().unwrap();
+    let clone = work.path().join("clone");
+    git(
+        work.path(),
+        &[
+            "clone",
+            "-q",
+            "--branch",
+            "rendered",
+            r,
+            clone.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(clone.join("notes.txt"), "by hand\n").unwrap();
+    git(&clone, &["add", "notes.txt"]);
+    git(&clone, &["commit", "-qm", "a person's commit"]);
+    let foreign = git(&clone, &["rev-parse", "HEAD"]);
+    git(&clone, &["push", "-q", "origin", "HEAD:refs/heads/foreign"]);
+    let before = git(&repo, &["rev-parse", "rendered"]);
+    let output = kiln(&[
+        "rollback", "--git", r, "--branch", "rendered", "--to", &foreign,
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is not a Kiln render or rollback"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        git(&repo, &["rev-parse", "rendered"]),
+        before,
+        "the branch moved"
+    );
 
     let output = kiln(&["resume", "--git", r, "--branch", "rendered"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
