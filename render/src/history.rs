@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use git2::Oid;
 use serde::Serialize;
 
-use crate::repo::{self, Change, Item, Repo, git};
+use crate::repo::{self, Change, CommitId, Item, Repo, git};
 use crate::{Error, Result};
 
 /// Trailer naming a render: its id.
@@ -50,7 +50,7 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Record {
     /// The commit.
-    pub commit: String,
+    pub commit: CommitId,
     /// What it did.
     #[serde(flatten)]
     pub action: Action,
@@ -132,7 +132,7 @@ pub fn record(commit: &git2::Commit<'_>, path: &str) -> Option<Record> {
         .trim_end()
         .to_string();
     Some(Record {
-        commit: commit.id().to_string(),
+        commit: CommitId::from(commit.id()),
         action,
         path: path_label(path).to_string(),
         tree,
@@ -174,7 +174,7 @@ pub fn pin(tip: Option<&git2::Commit<'_>>, path: &str) -> Result<Option<Record>>
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Foreign {
     /// The commit.
-    pub commit: String,
+    pub commit: CommitId,
     /// Its first line.
     pub subject: String,
     /// Its author.
@@ -201,7 +201,13 @@ impl Drift {
             .commits
             .iter()
             .take(5)
-            .map(|c| format!("{} {:?}", &c.commit[..c.commit.len().min(10)], c.subject))
+            .map(|c| {
+                format!(
+                    "{} {:?}",
+                    &c.commit.as_str()[..c.commit.as_str().len().min(10)],
+                    c.subject
+                )
+            })
             .collect();
         if commits.is_empty() {
             format!(
@@ -257,7 +263,7 @@ pub fn drift(
         return Ok(None);
     }
     let changes = repo::compare(&recorded, &current)?;
-    let stop = last.and_then(|r| Oid::from_str(&r.commit).ok());
+    let stop = last.and_then(|r| Oid::from_str(r.commit.as_str()).ok());
     let mut commits = Vec::new();
     let mut next = tip.cloned();
     while let Some(commit) = next {
@@ -269,7 +275,7 @@ pub fn drift(
         let before = repo.tree_at(parent.as_ref(), path)?.map(|t| t.id());
         if here != before {
             commits.push(Foreign {
-                commit: commit.id().to_string(),
+                commit: CommitId::from(commit.id()),
                 subject: commit
                     .summary()
                     .ok()

@@ -124,7 +124,7 @@ pub enum Refusal {
     #[error(
         "{branch} is pinned to {} by rollback commit {}; run `kiln resume --git {repo} --branch {branch}{path_flag}` to render again",
         &to[..to.len().min(12)],
-        &commit[..commit.len().min(12)]
+        commit.short()
     )]
     Pinned {
         /// The branch.
@@ -132,7 +132,7 @@ pub enum Refusal {
         /// What it is pinned to.
         to: String,
         /// The rollback commit.
-        commit: String,
+        commit: crate::repo::CommitId,
         /// The repository, as given.
         repo: String,
         /// ` --path P`, or nothing.

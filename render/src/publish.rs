@@ -11,7 +11,7 @@ use sha2::Digest as _;
 
 use crate::history::{self, Action, Record};
 use crate::render::{Compiled, Rendered};
-use crate::repo::{self, Item, Node, Repo, git};
+use crate::repo::{self, Branch, CommitId, Item, Node, Repo, git};
 use crate::source::Row;
 use crate::template::hex;
 use crate::tree::{Summary, Tree};
@@ -21,7 +21,7 @@ use crate::{Error, MassDeletion, Refusal, Result};
 pub const DEFAULT_MAX_DELETE_PERCENT: u32 = 20;
 
 /// How many times a render retries when another moved the branch first.
-const ATTEMPTS: usize = 5;
+const ATTEMPTS: usize = 8;
 
 /// Where and how to commit.
 #[derive(Debug, Clone, Default)]
@@ -60,12 +60,12 @@ pub struct WorkTree {
     pub checked_out: bool,
     /// Files an interrupted render left behind Kiln's commit, brought up to
     /// it: how many, and the commit.
-    pub recovered: Option<(usize, String)>,
+    pub recovered: Option<(usize, CommitId)>,
 }
 
 impl Target {
     /// The branch's full ref name.
-    pub fn refname(&self) -> Result<String> {
+    pub fn refname(&self) -> Result<Branch> {
         self.repo.branch_ref(self.options.branch.as_deref())
     }
 
@@ -240,16 +240,16 @@ fn memo(tip: Oid, inputs: &Inputs) -> String {
     )
 }
 
-fn memo_file(repo: &Repo, refname: &str, path: &str) -> std::path::PathBuf {
-    let key = sha2::Sha256::digest(format!("{refname}\0{path}").as_bytes());
+fn memo_file(repo: &Repo, refname: &Branch, path: &str) -> std::path::PathBuf {
+    let key = sha2::Sha256::digest(format!("{}\0{path}", refname.refname()).as_bytes());
     repo.git.path().join("kiln").join(&hex(&key)[..16])
 }
 
-fn recall(repo: &Repo, refname: &str, path: &str) -> Option<String> {
+fn recall(repo: &Repo, refname: &Branch, path: &str) -> Option<String> {
     std::fs::read_to_string(memo_file(repo, refname, path)).ok()
 }
 
-fn remember(repo: &Repo, refname: &str, path: &str, tip: Oid, inputs: &Inputs) {
+fn remember(repo: &Repo, refname: &Branch, path: &str, tip: Oid, inputs: &Inputs) {
     let file = memo_file(repo, refname, path);
     let partial = file.with_extension(format!("partial-{}", std::process::id()));
     let written = file
@@ -265,10 +265,10 @@ fn remember(repo: &Repo, refname: &str, path: &str, tip: Oid, inputs: &Inputs) {
 /// What a render did to the branch.
 #[derive(Debug, Clone, Serialize)]
 pub struct Published {
-    /// The branch's full ref name.
-    pub branch: String,
+    /// The branch (its full ref name in JSON).
+    pub branch: Branch,
     /// The new commit, or None when nothing changed.
-    pub commit: Option<String>,
+    pub commit: Option<CommitId>,
     /// The rendered tree's id (the same for the same render in any repository).
     pub tree: String,
     /// Instances added, changed, removed.
@@ -334,13 +334,13 @@ pub fn check_secrets(rendered: &Rendered) -> Result<()> {
 }
 
 /// Refuses to move a pinned branch.
-pub fn check_pin(repo: &Repo, refname: &str, path: &str, pin: Option<&Record>) -> Result<()> {
+pub fn check_pin(repo: &Repo, refname: &Branch, path: &str, pin: Option<&Record>) -> Result<()> {
     let Some(pin) = pin else { return Ok(()) };
     let to = match &pin.action {
         Action::Rollback { to } => to.as_str(),
         _ => "?",
     };
-    let branch = refname.trim_start_matches("refs/heads/");
+    let branch = refname.short();
     let path_flag = if path.is_empty() {
         String::new()
     } else {
@@ -362,7 +362,7 @@ pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> 
     let refname = repo.branch_ref(options.branch.as_deref())?;
     let node = Node::build(tree)?;
     let (author, committer) = repo.signatures(options.author.as_deref())?;
-    for _ in 0..ATTEMPTS {
+    until_moved(&refname, "render", || {
         match attempt(
             repo,
             &refname,
@@ -374,7 +374,7 @@ pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> 
         )? {
             Attempt::Unchanged(published, tip) => {
                 remember(repo, &refname, &options.path, tip, inputs);
-                return Ok(published);
+                Ok(Some(published))
             }
             Attempt::Commit {
                 commit,
@@ -384,15 +384,39 @@ pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> 
                 let log = format!("kiln render: {}", published.summary.line());
                 if repo.advance(&refname, expected, commit, &log)? {
                     remember(repo, &refname, &options.path, commit, inputs);
-                    return Ok(published);
+                    return Ok(Some(published));
                 }
+                Ok(None)
             }
         }
-        tracing::info!(branch = %refname, "the branch moved during the render; retrying");
+    })
+}
+
+/// Runs `attempt` until it moves the branch (`Some`) or the attempts run
+/// out. A lost race (`None`: another writer moved the branch first) waits a
+/// little, longer each time and by a varying amount, so that writers that
+/// collided do not collide again at once; the next attempt re-checks every
+/// guard against the new tip.
+fn until_moved<T>(
+    refname: &Branch,
+    what: &str,
+    mut attempt: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    for round in 0..ATTEMPTS {
+        if let Some(done) = attempt()? {
+            return Ok(done);
+        }
+        tracing::info!(branch = %refname, "the branch moved during the {what}; retrying");
+        let spread = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()) % 20);
+        std::thread::sleep(std::time::Duration::from_millis(
+            10 * (round as u64 + 1) + spread,
+        ));
     }
     Err(Error::Git {
         message: format!(
-            "{refname} kept moving while Kiln committed ({ATTEMPTS} attempts); try again"
+            "{refname} kept moving during the {what} ({ATTEMPTS} attempts); try again"
         ),
     })
 }
@@ -411,7 +435,7 @@ enum Attempt {
 /// on its tip, without moving the branch.
 fn attempt(
     repo: &Repo,
-    refname: &str,
+    refname: &Branch,
     node: &Node<'_>,
     tree: &Tree,
     inputs: &Inputs,
@@ -427,7 +451,7 @@ fn attempt(
     {
         return Err(Error::from(Refusal::RepoDrift {
             path: history::path_label(path).to_string(),
-            branch: refname.trim_start_matches("refs/heads/").to_string(),
+            branch: refname.short().to_string(),
             summary: drift.line(),
         }));
     }
@@ -450,7 +474,7 @@ fn attempt(
     let root = repo.graft(tip.as_ref(), path, &replace, &entries)?;
     let unchanged = tip.as_ref().is_some_and(|c| c.tree_id() == root);
     let mut published = Published {
-        branch: refname.to_string(),
+        branch: refname.clone(),
         commit: None,
         tree: node.id.to_string(),
         summary,
@@ -462,7 +486,7 @@ fn attempt(
     published.summary.written = repo::files_written(&old, &new)?;
     let message = message(&published.summary, inputs, options, node.id);
     let commit = repo.commit(root, tip.as_ref(), &message, author, committer)?;
-    published.commit = Some(commit.to_string());
+    published.commit = Some(CommitId::new(commit.to_string()));
     Ok(Attempt::Commit {
         commit,
         expected: tip.as_ref().map(|c| c.id()),
@@ -572,7 +596,7 @@ pub fn rollback(repo: &Repo, options: &Options, rev: &str) -> Result<Published> 
         .into_iter()
         .map(|(name, item)| (name, item.id(), item.is_tree()))
         .collect();
-    for _ in 0..ATTEMPTS {
+    until_moved(&refname, "rollback", || {
         let tip = repo.tip(&refname)?;
         let dir = repo.tree_at(tip.as_ref(), path)?;
         let old = repo::owned(&repo.git, dir.as_ref())?;
@@ -586,7 +610,7 @@ pub fn rollback(repo: &Repo, options: &Options, rev: &str) -> Result<Published> 
             format!(
                 "kiln: roll back {}/ to {}",
                 history::path_label(path),
-                &restored.commit[..12]
+                restored.commit.short()
             )
         });
         let message = format!(
@@ -608,19 +632,15 @@ pub fn rollback(repo: &Repo, options: &Options, rev: &str) -> Result<Published> 
             commit,
             &format!("kiln rollback to {}", restored.commit),
         )? {
-            return Ok(Published {
-                branch: refname,
-                commit: Some(commit.to_string()),
+            return Ok(Some(Published {
+                branch: refname.clone(),
+                commit: Some(CommitId::new(commit.to_string())),
                 tree: tree.to_string(),
                 summary,
                 objects_written: 0,
-            });
+            }));
         }
-    }
-    Err(Error::Git {
-        message: format!(
-            "{refname} kept moving during the rollback ({ATTEMPTS} attempts); try again"
-        ),
+        Ok(None)
     })
 }
 
@@ -629,19 +649,22 @@ pub fn resume(repo: &Repo, options: &Options) -> Result<Published> {
     let refname = repo.branch_ref(options.branch.as_deref())?;
     let path = options.path.as_str();
     let (author, committer) = repo.signatures(options.author.as_deref())?;
-    for _ in 0..ATTEMPTS {
+    until_moved(&refname, "resume", || {
         let tip = repo.tip(&refname)?;
         let Some(pin) = history::pin(tip.as_ref(), path)? else {
             return Err(Error::from(Refusal::NotPinned {
-                branch: refname.trim_start_matches("refs/heads/").to_string(),
+                branch: refname.short().to_string(),
                 path: history::path_label(path).to_string(),
             }));
         };
-        let Some(parent) = tip.as_ref() else { break };
+        // A pin is a commit: there is a tip.
+        let Some(parent) = tip.as_ref() else {
+            return Ok(None);
+        };
         let message = format!(
             "kiln: resume rendering {}/\n\nEnds the pin of rollback {}.\n\n{}: {}\n{}: {}\n{}: {}\n",
             history::path_label(path),
-            &pin.commit[..12],
+            pin.commit.short(),
             history::RESUME,
             pin.commit,
             history::PATH,
@@ -657,17 +680,15 @@ pub fn resume(repo: &Repo, options: &Options) -> Result<Published> {
             &committer,
         )?;
         if repo.advance(&refname, Some(parent.id()), commit, "kiln resume")? {
-            return Ok(Published {
-                branch: refname,
-                commit: Some(commit.to_string()),
+            return Ok(Some(Published {
+                branch: refname.clone(),
+                commit: Some(CommitId::new(commit.to_string())),
                 tree: pin.tree,
                 summary: Summary::default(),
                 objects_written: 0,
-            });
+            }));
         }
-    }
-    Err(Error::Git {
-        message: format!("{refname} kept moving during the resume; try again"),
+        Ok(None)
     })
 }
 

@@ -169,6 +169,65 @@ fn checkout_error(file: &Path, error: &std::io::Error) -> Error {
     }
 }
 
+/// A branch, by its full ref name (`refs/heads/main`); it prints as its
+/// short name (`main`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct Branch(String);
+
+impl Branch {
+    /// The full ref name.
+    pub fn refname(&self) -> &str {
+        &self.0
+    }
+
+    /// The name people use: `main`.
+    pub fn short(&self) -> &str {
+        self.0.strip_prefix("refs/heads/").unwrap_or(&self.0)
+    }
+}
+
+impl std::fmt::Display for Branch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.short())
+    }
+}
+
+/// A commit's full id (which it prints as); [`CommitId::short`] is how
+/// Kiln's messages name commits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct CommitId(String);
+
+impl CommitId {
+    /// From a full id.
+    pub fn new(id: impl Into<String>) -> CommitId {
+        CommitId(id.into())
+    }
+
+    /// The full id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first 12 characters.
+    pub fn short(&self) -> &str {
+        &self.0[..self.0.len().min(12)]
+    }
+}
+
+impl From<Oid> for CommitId {
+    fn from(id: Oid) -> Self {
+        CommitId(id.to_string())
+    }
+}
+
+impl std::fmt::Display for CommitId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// `path` as trailers and messages name it: `.` for the root.
 pub fn path_label(path: &str) -> &str {
     if path.is_empty() { "." } else { path }
@@ -190,7 +249,7 @@ pub enum Recovery {
         /// How many.
         files: usize,
         /// The commit.
-        tip: String,
+        tip: CommitId,
     },
     /// Something under the path holds what neither the tip nor its parent
     /// holds: someone's edit.
@@ -461,7 +520,7 @@ impl Repo {
 
     /// The full ref name of `branch`, or of the branch HEAD names (which
     /// may not exist yet) when none is given.
-    pub fn branch_ref(&self, branch: Option<&str>) -> Result<String> {
+    pub fn branch_ref(&self, branch: Option<&str>) -> Result<Branch> {
         let name = match branch {
             Some(b) => format!("refs/heads/{}", b.trim_start_matches("refs/heads/")),
             None => match self
@@ -488,12 +547,12 @@ impl Repo {
                 message: format!("--branch: {name:?} is not a valid branch name"),
             });
         }
-        Ok(name)
+        Ok(Branch(name))
     }
 
     /// The commit a ref points to, if the ref exists.
-    pub fn tip(&self, refname: &str) -> Result<Option<git2::Commit<'_>>> {
-        match self.git.find_reference(refname) {
+    pub fn tip(&self, refname: &Branch) -> Result<Option<git2::Commit<'_>>> {
+        match self.git.find_reference(refname.refname()) {
             Ok(reference) => Ok(Some(reference.peel_to_commit().map_err(git)?)),
             Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
             Err(e) => Err(git(e)),
@@ -632,7 +691,7 @@ impl Repo {
     /// Returns false, moving nothing, when someone else moved it first.
     pub fn advance(
         &self,
-        refname: &str,
+        refname: &Branch,
         expected: Option<Oid>,
         new: Oid,
         log: &str,
@@ -640,9 +699,12 @@ impl Repo {
         let result = match expected {
             Some(current) => self
                 .git
-                .reference_matching(refname, new, true, current, log)
+                .reference_matching(refname.refname(), new, true, current, log)
                 .map(|_| ()),
-            None => self.git.reference(refname, new, false, log).map(|_| ()),
+            None => self
+                .git
+                .reference(refname.refname(), new, false, log)
+                .map(|_| ()),
         };
         match result {
             Ok(()) => Ok(true),
@@ -696,13 +758,18 @@ impl Repo {
 impl Repo {
     /// Whether `refname` is the branch checked out in this repository's work
     /// tree (never for a bare repository).
-    pub fn checked_out(&self, refname: &str) -> bool {
+    pub fn checked_out(&self, refname: &Branch) -> bool {
         !self.git.is_bare()
             && self
                 .git
                 .find_reference("HEAD")
                 .ok()
-                .and_then(|h| h.symbolic_target().ok().flatten().map(|t| t == refname))
+                .and_then(|h| {
+                    h.symbolic_target()
+                        .ok()
+                        .flatten()
+                        .map(|t| t == refname.refname())
+                })
                 .unwrap_or(false)
     }
 
@@ -728,7 +795,7 @@ impl Repo {
     /// the tip; returns how many, and the tip. When a changed file holds
     /// anything else (a person's edit) nothing is touched and the answer
     /// says so.
-    pub fn recover_work_tree(&self, refname: &str, path: &str) -> Result<Recovery> {
+    pub fn recover_work_tree(&self, refname: &Branch, path: &str) -> Result<Recovery> {
         if !self.checked_out(refname) {
             return Ok(Recovery::Nothing);
         }
@@ -805,7 +872,7 @@ impl Repo {
         index.write().map_err(git)?;
         Ok(Recovery::Recovered {
             files: dirty.len(),
-            tip: tip.id().to_string(),
+            tip: CommitId::from(tip.id()),
         })
     }
 
@@ -839,7 +906,7 @@ impl Repo {
     /// Pushes `refname` to the remote of that name (or URL), refusing
     /// anything but a fast-forward. Credentials come from the usual places:
     /// the SSH agent, Git's credential helpers, the default identity.
-    pub fn push(&self, remote: &str, refname: &str) -> Result<()> {
+    pub fn push(&self, remote: &str, refname: &Branch) -> Result<()> {
         let mut target = match self.git.find_remote(remote) {
             Ok(r) => r,
             Err(_) => self.git.remote_anonymous(remote).map_err(|e| Error::Git {
@@ -866,13 +933,13 @@ impl Repo {
         });
         let mut options = git2::PushOptions::new();
         options.remote_callbacks(callbacks);
-        let branch = refname.trim_start_matches("refs/heads/");
+        let branch = refname.short();
         let refusal = |reason: &str| Error::Git {
             message: format!(
                 "push of {branch} to {remote} refused: {reason}; fetch, resolve, and render again"
             ),
         };
-        match target.push(&[format!("{refname}:{refname}")], Some(&mut options)) {
+        match target.push(&[format!("{0}:{0}", refname.refname())], Some(&mut options)) {
             Ok(()) => {}
             Err(e)
                 if e.code() == ErrorCode::NotFastForward

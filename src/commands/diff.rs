@@ -70,7 +70,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
         None => {
             let refname = repo.branch_ref(target.options.branch.as_deref())?;
-            let label = refname.trim_start_matches("refs/heads/").to_string();
+            let label = refname.short().to_string();
             (repo.tip(&refname)?, label)
         }
     };

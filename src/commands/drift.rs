@@ -40,7 +40,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let repo = &target.repo;
     let path = target.options.path.as_str();
     let refname = repo.branch_ref(target.options.branch.as_deref())?;
-    let branch = refname.trim_start_matches("refs/heads/");
+    let branch = refname.short();
     let tip = repo.tip(&refname)?;
     let last = history::last(tip.as_ref(), path)?;
     let Some(drift) = history::drift(repo, tip.as_ref(), path, last.as_ref())? else {
@@ -71,7 +71,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .last
             .as_ref()
             .map_or("Kiln never committed here".to_string(), |r| {
-                format!("since Kiln's commit {}", &r.commit[..12])
+                format!("since Kiln's commit {}", r.commit.short())
             });
         eprintln!(
             "drift under {}/ on {branch} ({since}): {}",
@@ -81,7 +81,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         for commit in &drift.commits {
             eprintln!(
                 "  {} {} ({})",
-                &commit.commit[..12],
+                commit.commit.short(),
                 commit.subject,
                 commit.author
             );

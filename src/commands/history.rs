@@ -41,7 +41,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             Action::Rollback { .. } => "rollback",
             Action::Resume => "resume",
         };
-        println!("{}  {what:<17}  {}", &record.commit[..12], record.subject);
+        println!("{}  {what:<17}  {}", record.commit.short(), record.subject);
         for line in record.body.lines().filter(|l| !l.is_empty()) {
             println!("{:14}{:19}{line}", "", "");
         }
@@ -50,7 +50,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         eprintln!(
             "no Kiln commits for {}/ on {}",
             history::path_label(path),
-            refname.trim_start_matches("refs/heads/")
+            refname.short()
         );
     }
     Ok(Outcome::Clean)

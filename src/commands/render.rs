@@ -271,7 +271,7 @@ fn commit(
     let rendering = &mut rendering;
     if !args.emit.is_empty() {
         let refname = target.repo.branch_ref(target.options.branch.as_deref())?;
-        let branch = refname.trim_start_matches("refs/heads/").to_string();
+        let branch = refname.short().to_string();
         let path = target.options.path.clone();
         emit(
             args,
@@ -310,12 +310,12 @@ fn commit(
 }
 
 fn report(args: &Args, published: &publish::Published) -> anyhow::Result<Outcome> {
-    let branch = published.branch.trim_start_matches("refs/heads/");
+    let branch = published.branch.short();
     match args.format {
         Format::Text => match &published.commit {
             Some(commit) => eprintln!(
                 "committed {} to {branch}{}: {}",
-                &commit[..12],
+                commit.short(),
                 if args.push {
                     format!(" and pushed to {}", args.remote)
                 } else {

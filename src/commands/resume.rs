@@ -21,8 +21,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let published = publish::resume(&target.repo, &target.options)?;
     eprintln!(
         "resumed {} with commit {}: the next render moves it again",
-        published.branch.trim_start_matches("refs/heads/"),
-        published.commit.as_deref().unwrap_or_default()
+        published.branch.short(),
+        published.commit.as_ref().map_or("", |c| c.as_str())
     );
     Ok(Outcome::Clean)
 }

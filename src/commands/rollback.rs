@@ -30,11 +30,11 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if checked_out {
         repo.update_work_tree(&target.options.path)?;
     }
-    let branch = published.branch.trim_start_matches("refs/heads/");
+    let branch = published.branch.short();
     eprintln!(
         "rolled back {branch} to {} with commit {}; renders are refused until `kiln resume`",
         args.to,
-        published.commit.as_deref().unwrap_or_default()
+        published.commit.as_ref().map_or("", |c| c.as_str())
     );
     Ok(Outcome::Clean)
 }

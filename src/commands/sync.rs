@@ -279,13 +279,13 @@ fn describe(event: &Event, place: &target::Place) -> String {
         Event::Recovered { files, commit } => place.recovered(*files, commit),
         Event::Committed(published) => format!(
             "committed {} to {}: {}",
-            &published.commit.as_deref().unwrap_or_default()[..12],
-            published.branch.trim_start_matches("refs/heads/"),
+            published.commit.as_ref().map_or("", |c| c.short()),
+            published.branch.short(),
             published.summary.line()
         ),
         Event::Pinned { branch, commit } => format!(
             "{branch} is pinned by rollback commit {}: applying it and committing nothing until `kiln resume`",
-            &commit[..12]
+            commit.short()
         ),
     }
 }

@@ -7,7 +7,7 @@ use anyhow::bail;
 use kiln_render::api::PipelineSpec;
 use kiln_render::config::{Config, Named};
 use kiln_render::publish::{DEFAULT_MAX_DELETE_PERCENT, Options};
-use kiln_render::repo::Repo;
+use kiln_render::repo::{CommitId, Repo};
 
 /// The repository, branch and directory.
 #[derive(Debug, Clone, clap::Args)]
@@ -53,19 +53,18 @@ impl Place {
             path: target.options.path.clone(),
             branch: target
                 .refname()
-                .unwrap_or_default()
-                .trim_start_matches("refs/heads/")
-                .to_string(),
+                .map(|b| b.short().to_string())
+                .unwrap_or_default(),
         }
     }
 
     /// What a person reads when Kiln finished an interrupted checkout.
-    pub fn recovered(&self, files: usize, commit: &str) -> String {
+    pub fn recovered(&self, files: usize, commit: &CommitId) -> String {
         format!(
             "{}: brought {files} files under {}/ up to Kiln's commit {} on {}: a render was stopped before the work tree followed it",
             self.location.display(),
             kiln_render::history::path_label(&self.path),
-            &commit[..12],
+            commit.short(),
             self.branch
         )
     }

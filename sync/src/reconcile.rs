@@ -17,6 +17,7 @@ use kiln_render::config::Config;
 use kiln_render::history;
 use kiln_render::publish::{self, Inputs, Published, Target};
 use kiln_render::render::{self, Compiled};
+use kiln_render::repo::{Branch, CommitId};
 use kiln_render::source::{self, Row};
 use kiln_render::tree::{self, Tree};
 use tokio::sync::watch;
@@ -55,17 +56,17 @@ pub enum Event {
         /// Files brought up to date.
         files: usize,
         /// The commit.
-        commit: String,
+        commit: CommitId,
     },
     /// A render was committed.
     Committed(Published),
     /// The branch is pinned by a rollback: its tree is applied, nothing is
     /// committed (told once per pin).
     Pinned {
-        /// The branch's short name.
-        branch: String,
+        /// The branch.
+        branch: Branch,
         /// The rollback commit.
-        commit: String,
+        commit: CommitId,
     },
 }
 
@@ -83,9 +84,9 @@ pub struct Reconciler {
     /// Whether a source was read since the last render.
     read_any: bool,
     /// The branch tip whose tree `desired` is.
-    tip: Option<String>,
+    tip: Option<CommitId>,
     /// The last commit this loop made.
-    committed: Option<String>,
+    committed: Option<CommitId>,
     desired: Option<Arc<Vec<Desired>>>,
     pinned_reported: bool,
 }
@@ -256,7 +257,7 @@ impl Reconciler {
                 // Someone else moved the branch (a rollback, a resume): what
                 // was last rendered says nothing about it, so the next pass
                 // renders again.
-                if self.tip.is_some() && self.committed.as_deref() != Some(tip.as_str()) {
+                if self.tip.is_some() && self.committed.as_ref() != Some(&tip) {
                     self.inputs = None;
                 }
                 self.tip = Some(tip);
@@ -316,7 +317,7 @@ impl Reconciler {
 /// What one commit attempt did.
 struct Committed {
     events: Vec<Event>,
-    committed: Option<String>,
+    committed: Option<CommitId>,
     pinned: bool,
 }
 
@@ -334,7 +335,7 @@ fn commit(
     if let Some(pin) = history::pin(tip.as_ref(), &target.options.path)? {
         if !pinned_reported {
             events.push(Event::Pinned {
-                branch: refname.trim_start_matches("refs/heads/").to_string(),
+                branch: refname.clone(),
                 commit: pin.commit,
             });
         }
@@ -373,15 +374,15 @@ fn commit(
 /// `known` (the tip whose tree is applied, and whether there is one).
 fn read_tip(
     target: &Target,
-    (tip, have_desired): (Option<String>, bool),
-) -> Result<Option<(String, Vec<Desired>)>> {
+    (tip, have_desired): (Option<CommitId>, bool),
+) -> Result<Option<(CommitId, Vec<Desired>)>> {
     let repo = &target.repo;
     let refname = target.refname()?;
     let Some(commit) = repo.tip(&refname)? else {
         return Ok(None);
     };
-    let id = commit.id().to_string();
-    if tip.as_deref() == Some(id.as_str()) && have_desired {
+    let id = CommitId::from(commit.id());
+    if tip.as_ref() == Some(&id) && have_desired {
         return Ok(None);
     }
     let Some(dir) = repo.tree_at(Some(&commit), &target.options.path)? else {
