@@ -84,7 +84,7 @@ impl Record {
 pub use crate::repo::path_label;
 
 /// Reads a commit's Kiln record for `path`, if it is one.
-pub fn record(commit: &git2::Commit<'_>, path: &str) -> Option<Record> {
+pub(crate) fn record(commit: &git2::Commit<'_>, path: &str) -> Option<Record> {
     let message = commit.message().ok()?;
     let trailers: Vec<(String, String)> = git2::message_trailers_strs(message)
         .ok()?
@@ -145,7 +145,11 @@ pub fn record(commit: &git2::Commit<'_>, path: &str) -> Option<Record> {
 
 /// Kiln's commits for `path` on the first-parent line from `tip`, newest
 /// first, at most `limit` of them.
-pub fn records(tip: Option<&git2::Commit<'_>>, path: &str, limit: usize) -> Result<Vec<Record>> {
+pub(crate) fn records(
+    tip: Option<&git2::Commit<'_>>,
+    path: &str,
+    limit: usize,
+) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     let mut next = tip.cloned();
     while let Some(commit) = next {
@@ -161,12 +165,12 @@ pub fn records(tip: Option<&git2::Commit<'_>>, path: &str, limit: usize) -> Resu
 }
 
 /// The latest Kiln commit for `path`.
-pub fn last(tip: Option<&git2::Commit<'_>>, path: &str) -> Result<Option<Record>> {
+pub(crate) fn last(tip: Option<&git2::Commit<'_>>, path: &str) -> Result<Option<Record>> {
     Ok(records(tip, path, 1)?.into_iter().next())
 }
 
 /// The rollback pinning `path`, when the latest Kiln commit is one.
-pub fn pin(tip: Option<&git2::Commit<'_>>, path: &str) -> Result<Option<Record>> {
+pub(crate) fn pin(tip: Option<&git2::Commit<'_>>, path: &str) -> Result<Option<Record>> {
     Ok(last(tip, path)?.filter(Record::pins))
 }
 
@@ -227,14 +231,13 @@ impl Drift {
 /// Repo drift of `path` on the branch at `tip`: None when the directory
 /// holds exactly what `last` (Kiln's latest commit there, from [`last`])
 /// recorded.
-pub fn drift(
+pub(crate) fn drift(
     repo: &Repo,
     tip: Option<&git2::Commit<'_>>,
     path: &str,
     last: Option<&Record>,
 ) -> Result<Option<Drift>> {
-    let dir = repo.tree_at(tip, path)?;
-    let current = repo::owned(&repo.git, dir.as_ref())?;
+    let current = repo.owned_at(tip, path)?;
     let recorded: BTreeMap<String, Item<'_>> = match last {
         Some(record) => {
             let id = record.tree_id()?;

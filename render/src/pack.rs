@@ -13,7 +13,7 @@ use sha1::Digest as _;
 use crate::{Error, Result};
 
 /// Writes `objects` into the repository as one pack.
-pub fn write(odb: &git2::Odb<'_>, objects: &[(ObjectType, &[u8])]) -> Result<()> {
+pub(crate) fn write(odb: &git2::Odb<'_>, objects: &[(ObjectType, &[u8])]) -> Result<()> {
     let parts = crate::parallel::chunks(objects, entries);
     let count = u32::try_from(objects.len()).map_err(|_| Error::Git {
         message: format!("{} objects do not fit in one pack", objects.len()),

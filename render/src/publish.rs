@@ -51,6 +51,15 @@ pub struct Target {
     pub options: Options,
 }
 
+/// What a render would change on the branch.
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// File by file.
+    pub changes: Vec<repo::Change>,
+    /// Instance by instance.
+    pub summary: Summary,
+}
+
 /// The work tree of the target branch, as [`Target::prepare_work_tree`]
 /// left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +76,95 @@ impl Target {
     /// The branch's full ref name.
     pub fn refname(&self) -> Result<Branch> {
         self.repo.branch_ref(self.options.branch.as_deref())
+    }
+
+    /// The commit `rev` names, or the branch's tip (None on a branch with
+    /// no commit yet).
+    fn commit(&self, rev: Option<&str>) -> Result<Option<git2::Commit<'_>>> {
+        match rev {
+            Some(rev) => self
+                .repo
+                .git
+                .revparse_single(rev)
+                .and_then(|o| o.peel_to_commit())
+                .map(Some)
+                .map_err(|e| Error::Git {
+                    message: format!("{rev}: {}", e.message()),
+                }),
+            None => self.repo.tip(&self.refname()?),
+        }
+    }
+
+    /// The rendered tree under the path at `rev` (default: the branch's
+    /// tip), for `kiln apply --git`.
+    pub fn tree(&self, rev: Option<&str>) -> Result<Tree> {
+        let location = self.repo.location.display();
+        let Some(commit) = self.commit(rev)? else {
+            return Err(Error::Git {
+                message: format!("{location}: branch {} has no commits", self.refname()?),
+            });
+        };
+        let path = &self.options.path;
+        let Some(dir) = self.repo.tree_at(Some(&commit), path)? else {
+            return Err(Error::Git {
+                message: format!(
+                    "{location}: commit {} has no directory {}",
+                    commit.id(),
+                    history::path_label(path)
+                ),
+            });
+        };
+        self.repo.read_tree(&dir)
+    }
+
+    /// The branch's tip and the objects under the path there, when the tip
+    /// is not `known`; None when it is, or the branch or the directory does
+    /// not exist yet.
+    pub fn tip_tree(&self, known: Option<&CommitId>) -> Result<Option<(CommitId, Tree)>> {
+        let Some(commit) = self.commit(None)? else {
+            return Ok(None);
+        };
+        let id = CommitId::from(commit.id());
+        if known == Some(&id) {
+            return Ok(None);
+        }
+        let Some(dir) = self.repo.tree_at(Some(&commit), &self.options.path)? else {
+            return Ok(None);
+        };
+        Ok(Some((id, self.repo.read_tree(&dir)?)))
+    }
+
+    /// The rollback that pins the branch for the path, if one does.
+    pub fn pin(&self) -> Result<Option<Record>> {
+        history::pin(self.commit(None)?.as_ref(), &self.options.path)
+    }
+
+    /// Kiln's commits for the path, newest first, at most `limit`.
+    pub fn history(&self, limit: usize) -> Result<Vec<Record>> {
+        history::records(self.commit(None)?.as_ref(), &self.options.path, limit)
+    }
+
+    /// Changes under the path that Kiln did not make since its last commit
+    /// there (None when there are none).
+    pub fn drift(&self) -> Result<Option<history::Drift>> {
+        let tip = self.commit(None)?;
+        let path = &self.options.path;
+        let last = history::last(tip.as_ref(), path)?;
+        history::drift(&self.repo, tip.as_ref(), path, last.as_ref())
+    }
+
+    /// What `tree` would change under the path at `base` (default: the
+    /// branch's tip), leaving out what `--emit` wrote there.
+    pub fn compare(&self, base: Option<&str>, tree: &Tree) -> Result<Comparison> {
+        let commit = self.commit(base)?;
+        let mut old = self.repo.owned_at(commit.as_ref(), &self.options.path)?;
+        old.remove(crate::tree::EMIT_DIR);
+        let node = Node::build(tree)?;
+        let new = Item::Rendered(&node).entries()?;
+        Ok(Comparison {
+            changes: repo::compare(&old, &new)?,
+            summary: repo::summarize(&old, &new)?,
+        })
     }
 
     /// Before Kiln touches the branch: when it is checked out, finishes the
@@ -213,8 +311,7 @@ pub fn up_to_date(repo: &Repo, options: &Options, inputs: &Inputs) -> Result<Opt
     {
         return Ok(None);
     }
-    let dir = repo.tree_at(tip.as_ref(), path)?;
-    let instances = repo::instances(&repo::owned(&repo.git, dir.as_ref())?)?;
+    let instances = repo::instances(&repo.owned_at(tip.as_ref(), path)?)?;
     Ok(Some(Published {
         branch: refname,
         commit: None,
@@ -455,10 +552,9 @@ fn attempt(
             summary: drift.line(),
         }));
     }
-    let dir = repo.tree_at(tip.as_ref(), path)?;
-    let old = repo::owned(&repo.git, dir.as_ref())?;
+    let old = repo.owned_at(tip.as_ref(), path)?;
     let new = Item::Rendered(node).entries()?;
-    let mut summary = Summary::of_instances(&repo::instances(&old)?, &repo::instances(&new)?);
+    let mut summary = repo::summarize(&old, &new)?;
     summary.objects = tree.objects();
     if !options.allow_mass_delete {
         check_deletions(&summary, options.max_delete_percent)?;
@@ -598,12 +694,8 @@ pub fn rollback(repo: &Repo, options: &Options, rev: &str) -> Result<Published> 
         .collect();
     until_moved(&refname, "rollback", || {
         let tip = repo.tip(&refname)?;
-        let dir = repo.tree_at(tip.as_ref(), path)?;
-        let old = repo::owned(&repo.git, dir.as_ref())?;
-        let summary = Summary::of_instances(
-            &repo::instances(&old)?,
-            &repo::instances(&stored.entries()?)?,
-        );
+        let old = repo.owned_at(tip.as_ref(), path)?;
+        let summary = repo::summarize(&old, &stored.entries()?)?;
         let replace: Vec<String> = old.keys().cloned().collect();
         let root = repo.graft(tip.as_ref(), path, &replace, &entries)?;
         let subject = options.message.clone().unwrap_or_else(|| {

@@ -17,7 +17,7 @@ const MODE_TREE: i32 = 0o040_000;
 
 /// A tree or file hashed in memory, with the id Git gives it.
 #[derive(Debug)]
-pub struct Node<'a> {
+pub(crate) struct Node<'a> {
     /// The object id.
     pub id: Oid,
     kind: Kind<'a>,
@@ -111,7 +111,7 @@ impl<'a> Node<'a> {
     /// Writes every object of this tree that the repository lacks and returns
     /// how many it wrote: loose when they are few, else as one pack. A
     /// subtree already there is not descended into.
-    pub fn write(&self, odb: &git2::Odb<'_>) -> Result<usize> {
+    pub(crate) fn write(&self, odb: &git2::Odb<'_>) -> Result<usize> {
         // One rescan of the pack directory up front; every lookup after it
         // skips the rescan libgit2 otherwise makes on each miss.
         odb.refresh().map_err(git)?;
@@ -228,6 +228,18 @@ impl std::fmt::Display for CommitId {
     }
 }
 
+/// Instances added, changed and removed from `old` to `new` (entries of a
+/// render directory).
+pub(crate) fn summarize(
+    old: &BTreeMap<String, Item<'_>>,
+    new: &BTreeMap<String, Item<'_>>,
+) -> Result<crate::tree::Summary> {
+    Ok(crate::tree::Summary::of_instances(
+        &instances(old)?,
+        &instances(new)?,
+    ))
+}
+
 /// `path` as trailers and messages name it: `.` for the root.
 pub fn path_label(path: &str) -> &str {
     if path.is_empty() { "." } else { path }
@@ -258,8 +270,8 @@ pub enum Recovery {
 
 /// A repository Kiln renders into.
 pub struct Repo {
-    /// The libgit2 handle.
-    pub git: Repository,
+    /// The libgit2 handle: nothing outside this crate touches libgit2.
+    pub(crate) git: Repository,
     /// Where it was opened, as the user gave it.
     pub location: PathBuf,
 }
@@ -274,7 +286,7 @@ impl std::fmt::Debug for Repo {
 
 /// One entry of a directory, on either side of a comparison.
 #[derive(Clone, Copy)]
-pub enum Item<'r> {
+pub(crate) enum Item<'r> {
     /// An object in the repository.
     Stored {
         /// The repository.
@@ -375,7 +387,7 @@ pub struct Change {
 
 /// Every file that differs between two listings of a directory, in path
 /// order; subtrees with equal ids are skipped without being read.
-pub fn compare(
+pub(crate) fn compare(
     old: &BTreeMap<String, Item<'_>>,
     new: &BTreeMap<String, Item<'_>>,
 ) -> Result<Vec<Change>> {
@@ -424,7 +436,7 @@ fn compare_into(
 
 /// How many files of `new` are missing from `old` or differ, without
 /// reading any of them.
-pub fn files_written(
+pub(crate) fn files_written(
     old: &BTreeMap<String, Item<'_>>,
     new: &BTreeMap<String, Item<'_>>,
 ) -> Result<usize> {
@@ -460,7 +472,7 @@ fn file_of(item: Option<&Item<'_>>) -> Result<Option<Vec<u8>>> {
 /// The entries Kiln owns in a render directory: the root kustomization,
 /// the blueprint directories it lists and the emitted `_kiln` directory. Everything else there belongs to
 /// someone else and is kept.
-pub fn owned<'r>(
+pub(crate) fn owned<'r>(
     repo: &'r Repository,
     dir: Option<&git2::Tree<'_>>,
 ) -> Result<BTreeMap<String, Item<'r>>> {
@@ -489,7 +501,7 @@ pub fn owned<'r>(
 }
 
 /// Instance directories (`blueprint/instance`) of a listing, with their ids.
-pub fn instances(listing: &BTreeMap<String, Item<'_>>) -> Result<BTreeMap<String, Oid>> {
+pub(crate) fn instances(listing: &BTreeMap<String, Item<'_>>) -> Result<BTreeMap<String, Oid>> {
     let mut out = BTreeMap::new();
     for (blueprint, item) in listing.iter().filter(|(_, i)| i.is_tree()) {
         for (name, instance) in item.entries()? {
@@ -550,8 +562,24 @@ impl Repo {
         Ok(Branch(name))
     }
 
+    /// The URL of remote `name`, if it has one.
+    pub fn remote_url(&self, name: &str) -> Option<String> {
+        let remote = self.git.find_remote(name).ok()?;
+        remote.url().ok().map(str::to_string)
+    }
+
+    /// The entries Kiln owns under `path` at `commit` (none without one).
+    pub(crate) fn owned_at(
+        &self,
+        commit: Option<&git2::Commit<'_>>,
+        path: &str,
+    ) -> Result<BTreeMap<String, Item<'_>>> {
+        let dir = self.tree_at(commit, path)?;
+        owned(&self.git, dir.as_ref())
+    }
+
     /// The commit a ref points to, if the ref exists.
-    pub fn tip(&self, refname: &Branch) -> Result<Option<git2::Commit<'_>>> {
+    pub(crate) fn tip(&self, refname: &Branch) -> Result<Option<git2::Commit<'_>>> {
         match self.git.find_reference(refname.refname()) {
             Ok(reference) => Ok(Some(reference.peel_to_commit().map_err(git)?)),
             Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
@@ -560,7 +588,7 @@ impl Repo {
     }
 
     /// The tree at `path` ("" is the root) of a commit, if there is one.
-    pub fn tree_at<'s>(
+    pub(crate) fn tree_at<'s>(
         &'s self,
         commit: Option<&git2::Commit<'s>>,
         path: &str,
@@ -585,7 +613,7 @@ impl Repo {
     }
 
     /// Every file under `tree`, by path relative to it.
-    pub fn read_tree(&self, tree: &git2::Tree<'_>) -> Result<Tree> {
+    pub(crate) fn read_tree(&self, tree: &git2::Tree<'_>) -> Result<Tree> {
         let mut files = BTreeMap::new();
         let mut failure = None;
         tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
@@ -672,7 +700,7 @@ impl Repo {
     }
 
     /// Writes a commit of `tree` on `parent` without moving any ref.
-    pub fn commit(
+    pub(crate) fn commit(
         &self,
         tree: Oid,
         parent: Option<&git2::Commit<'_>>,

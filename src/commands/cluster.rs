@@ -99,34 +99,12 @@ impl TreeArgs {
             bail!("say what to apply: --dir DIR or --git REPO");
         }
         let target = target::resolve(&self.git, None)?;
-        let repo = &target.repo;
-        let path = target.options.path.as_str();
-        let commit = match &self.rev {
-            Some(rev) => repo
-                .git
-                .revparse_single(rev)
-                .and_then(|o| o.peel_to_commit())
-                .map_err(|e| anyhow::anyhow!("--rev {rev}: {}", e.message()))?,
-            None => {
-                let refname = repo.branch_ref(target.options.branch.as_deref())?;
-                match repo.tip(&refname)? {
-                    Some(commit) => commit,
-                    None => bail!(
-                        "{}: branch {refname} has no commits",
-                        repo.location.display()
-                    ),
-                }
-            }
-        };
-        let Some(tree) = repo.tree_at(Some(&commit), path)? else {
-            bail!(
-                "{}: commit {} has no directory {}",
-                repo.location.display(),
-                commit.id(),
-                kiln_render::history::path_label(path)
-            );
-        };
-        let tree = repo.read_tree(&tree)?;
+        let tree = target
+            .tree(self.rev.as_deref())
+            .map_err(|e| match &self.rev {
+                Some(_) => anyhow::anyhow!("--rev {e}"),
+                None => e.into(),
+            })?;
         Ok(desired::from_tree(&tree)?)
     }
 }

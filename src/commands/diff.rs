@@ -1,9 +1,6 @@
 //! `kiln diff`: render in memory and show what would change on the branch.
 
-use std::collections::BTreeMap;
-
 use kiln_render::diff::{self, Report};
-use kiln_render::repo::{self, Item, Node};
 use kiln_render::tree::Summary;
 
 use super::ConfigArgs;
@@ -57,32 +54,18 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let rendering = render_all(&args.config)?;
     let pipeline = rendering.pipeline(&args.config)?;
     let target = target::resolve(&args.git, pipeline)?;
-    let repo = &target.repo;
     let path = target.options.path.as_str();
-    let (base, label) = match &args.base {
-        Some(rev) => {
-            let commit = repo
-                .git
-                .revparse_single(rev)
-                .and_then(|o| o.peel_to_commit())
-                .map_err(|e| anyhow::anyhow!("--base {rev}: {}", e.message()))?;
-            (Some(commit), rev.clone())
-        }
-        None => {
-            let refname = repo.branch_ref(target.options.branch.as_deref())?;
-            let label = refname.short().to_string();
-            (repo.tip(&refname)?, label)
-        }
+    let label = match &args.base {
+        Some(rev) => rev.clone(),
+        None => target.refname()?.short().to_string(),
     };
-    let dir = repo.tree_at(base.as_ref(), path)?;
-    let mut old = repo::owned(&repo.git, dir.as_ref())?;
-    let node = Node::build(&rendering.tree)?;
-    let new: BTreeMap<String, Item<'_>> = Item::Rendered(&node).entries()?;
-    // What `render --emit` wrote is not rendered from the configuration;
-    // a diff compares what is.
-    old.remove(kiln_render::emit::DIR);
-    let changes = repo::compare(&old, &new)?;
-    let summary = Summary::of_instances(&repo::instances(&old)?, &repo::instances(&new)?);
+    let comparison = target
+        .compare(args.base.as_deref(), &rendering.tree)
+        .map_err(|e| match &args.base {
+            Some(_) => anyhow::anyhow!("--base {e}"),
+            None => e.into(),
+        })?;
+    let (changes, summary) = (comparison.changes, comparison.summary);
     let report = Report::new(&summary, &changes);
     let title = format!(
         "Kiln diff against `{label}` ({}/)",

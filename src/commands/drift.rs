@@ -37,13 +37,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         anyhow::bail!("--dir and --rev go with --cluster");
     }
     let target = target::resolve(&args.tree.git, None)?;
-    let repo = &target.repo;
     let path = target.options.path.as_str();
-    let refname = repo.branch_ref(target.options.branch.as_deref())?;
+    let refname = target.refname()?;
     let branch = refname.short();
-    let tip = repo.tip(&refname)?;
-    let last = history::last(tip.as_ref(), path)?;
-    let Some(drift) = history::drift(repo, tip.as_ref(), path, last.as_ref())? else {
+    let Some(drift) = target.drift()? else {
         if args.format == DiffFormat::Json {
             println!(
                 "{}",

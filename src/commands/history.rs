@@ -21,11 +21,9 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let target = target::resolve(&args.git, None)?;
-    let repo = &target.repo;
     let path = target.options.path.as_str();
-    let refname = repo.branch_ref(target.options.branch.as_deref())?;
-    let tip = repo.tip(&refname)?;
-    let records = history::records(tip.as_ref(), path, args.limit)?;
+    let refname = target.refname()?;
+    let records = target.history(args.limit)?;
     if args.format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(Outcome::Clean);

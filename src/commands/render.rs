@@ -215,12 +215,7 @@ fn emit(
     branch: &str,
     path: &str,
 ) -> anyhow::Result<()> {
-    let origin = repo.and_then(|r| {
-        r.git
-            .find_remote("origin")
-            .ok()
-            .and_then(|o| o.url().ok().map(str::to_string))
-    });
+    let origin = repo.and_then(|r| r.remote_url("origin"));
     let from_pipeline = pipeline
         .and_then(|p| p.spec.git.as_ref())
         .and_then(|g| g.url.clone())

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_render::config::Config;
-use kiln_render::history;
 use kiln_render::publish::{self, Inputs, Published, Target};
 use kiln_render::render::{self, Compiled};
 use kiln_render::repo::{Branch, CommitId};
@@ -331,8 +330,7 @@ fn commit(
     let mut events = Vec::new();
     let repo = &target.repo;
     let refname = target.refname()?;
-    let tip = repo.tip(&refname)?;
-    if let Some(pin) = history::pin(tip.as_ref(), &target.options.path)? {
+    if let Some(pin) = target.pin()? {
         if !pinned_reported {
             events.push(Event::Pinned {
                 branch: refname.clone(),
@@ -376,20 +374,11 @@ fn read_tip(
     target: &Target,
     (tip, have_desired): (Option<CommitId>, bool),
 ) -> Result<Option<(CommitId, Vec<Desired>)>> {
-    let repo = &target.repo;
-    let refname = target.refname()?;
-    let Some(commit) = repo.tip(&refname)? else {
-        return Ok(None);
-    };
-    let id = CommitId::from(commit.id());
-    if tip.as_ref() == Some(&id) && have_desired {
-        return Ok(None);
+    let known = tip.filter(|_| have_desired);
+    match target.tip_tree(known.as_ref())? {
+        Some((id, tree)) => Ok(Some((id, desired::from_tree(&tree)?))),
+        None => Ok(None),
     }
-    let Some(dir) = repo.tree_at(Some(&commit), &target.options.path)? else {
-        return Ok(None);
-    };
-    let tree = repo.read_tree(&dir)?;
-    Ok(Some((id, desired::from_tree(&tree)?)))
 }
 
 /// Runs `work` on the blocking pool: Git and rendering never hold an async
