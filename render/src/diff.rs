@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use similar::TextDiff;
 
-use crate::repo::Change;
+use crate::git::repo::Change;
 use crate::tree::{KUSTOMIZATION, Summary};
 use crate::yaml;
 

@@ -6,16 +6,13 @@ pub mod api;
 pub mod config;
 pub mod diff;
 pub mod emit;
+pub mod git;
 pub mod graph;
-pub mod history;
 pub mod manifest;
-pub mod pack;
 mod parallel;
 pub mod policy;
 pub mod printed;
-pub mod publish;
 pub mod render;
-pub mod repo;
 pub mod source;
 pub mod template;
 pub mod tree;
@@ -132,7 +129,7 @@ pub enum Refusal {
         /// What it is pinned to.
         to: String,
         /// The rollback commit.
-        commit: crate::repo::CommitId,
+        commit: crate::git::repo::CommitId,
         /// The repository, as given.
         repo: String,
         /// ` --path P`, or nothing.

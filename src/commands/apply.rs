@@ -24,7 +24,7 @@ pub struct Args {
     #[arg(long)]
     allow_mass_delete: bool,
     /// The share of the inventory's instances one apply may remove.
-    #[arg(long, value_name = "PERCENT", default_value_t = kiln_render::publish::DEFAULT_MAX_DELETE_PERCENT,
+    #[arg(long, value_name = "PERCENT", default_value_t = kiln_render::git::publish::DEFAULT_MAX_DELETE_PERCENT,
           value_parser = clap::value_parser!(u32).range(0..=100))]
     max_delete_percent: u32,
     /// text (people) or json (programs), on stdout.

@@ -69,7 +69,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let report = Report::new(&summary, &changes);
     let title = format!(
         "Kiln diff against `{label}` ({}/)",
-        kiln_render::history::path_label(path)
+        kiln_render::git::history::path_label(path)
     );
     print!("{}", report.format(args.format.into(), &title));
     if args.format == DiffFormat::Unified || args.format == DiffFormat::Stat {

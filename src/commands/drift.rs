@@ -2,7 +2,7 @@
 //! or with `--cluster`, live objects that differ from the rendered tree.
 
 use kiln_render::diff::Report;
-use kiln_render::history;
+use kiln_render::git::history;
 use kiln_render::tree::Summary;
 
 use super::cluster::{ClusterArgs, TreeArgs};

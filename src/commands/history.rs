@@ -1,6 +1,6 @@
 //! `kiln history`: Kiln's commits on a branch, newest first.
 
-use kiln_render::history::{self, Action};
+use kiln_render::git::history::{self, Action};
 
 use super::Format;
 use super::target::{self, GitArgs};

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use kiln_render::api::PipelineSpec;
 use kiln_render::config::{Config, Named};
-use kiln_render::publish::{self, DEFAULT_MAX_DELETE_PERCENT, Inputs};
+use kiln_render::git::publish::{self, DEFAULT_MAX_DELETE_PERCENT, Inputs};
+use kiln_render::git::repo;
+use kiln_render::render;
 use kiln_render::render::Rendered;
 use kiln_render::tree::{self, Tree};
-use kiln_render::{render, repo};
 
 use super::target::{self, GitArgs};
 use super::{ConfigArgs, Format, runtime};

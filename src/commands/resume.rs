@@ -1,6 +1,6 @@
 //! `kiln resume`: end a rollback's pin so renders move the branch again.
 
-use kiln_render::publish;
+use kiln_render::git::publish;
 
 use super::target::{self, GitArgs};
 use crate::Outcome;

@@ -1,6 +1,6 @@
 //! `kiln rollback`: restore an earlier render and pin the branch there.
 
-use kiln_render::publish;
+use kiln_render::git::publish;
 
 use super::target::{self, GitArgs};
 use crate::Outcome;

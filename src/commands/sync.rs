@@ -261,7 +261,7 @@ fn settings(
     apply.allow_mass_delete = args.allow_mass_delete;
     apply.max_delete_percent = pipeline
         .and_then(|p| p.spec.deletion_guard.as_ref())
-        .map_or(kiln_render::publish::DEFAULT_MAX_DELETE_PERCENT, |g| {
+        .map_or(kiln_render::git::publish::DEFAULT_MAX_DELETE_PERCENT, |g| {
             g.max_percent
         });
     Ok(Settings {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::bail;
 use kiln_render::api::PipelineSpec;
 use kiln_render::config::{Config, Named};
-use kiln_render::publish::{DEFAULT_MAX_DELETE_PERCENT, Options};
-use kiln_render::repo::{CommitId, Repo};
+use kiln_render::git::publish::{DEFAULT_MAX_DELETE_PERCENT, Options};
+use kiln_render::git::repo::{CommitId, Repo};
 
 /// The repository, branch and directory.
 #[derive(Debug, Clone, clap::Args)]
@@ -23,7 +23,7 @@ pub struct GitArgs {
     pub path: Option<String>,
 }
 
-pub use kiln_render::publish::Target;
+pub use kiln_render::git::publish::Target;
 
 /// Prepares the target's work tree (see [`Target::prepare_work_tree`]) and
 /// says what it brought up to date. Returns whether the branch is checked
@@ -63,7 +63,7 @@ impl Place {
         format!(
             "{}: brought {files} files under {}/ up to Kiln's commit {} on {}: a render was stopped before the work tree followed it",
             self.location.display(),
-            kiln_render::history::path_label(&self.path),
+            kiln_render::git::history::path_label(&self.path),
             commit.short(),
             self.branch
         )

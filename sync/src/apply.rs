@@ -53,7 +53,7 @@ impl Default for Options {
             inventory_namespace: "kiln-system".into(),
             inventory: "default".into(),
             allow_mass_delete: false,
-            max_delete_percent: kiln_render::publish::DEFAULT_MAX_DELETE_PERCENT,
+            max_delete_percent: kiln_render::git::publish::DEFAULT_MAX_DELETE_PERCENT,
         }
     }
 }

@@ -24,8 +24,10 @@ pub fn check(name: &str, inventory: &[Entry], desired: &[Desired], max_percent: 
         .map(|d| (format!("{}/{}", d.owner.blueprint, d.owner.instance), ()))
         .collect();
     let summary = Summary::of_instances(&before, &after);
-    kiln_render::publish::check_deletions(&summary, max_percent).map_err(|refusal| Error::Refused {
-        inventory: name.to_string(),
-        refusal: Box::new(refusal),
+    kiln_render::git::publish::check_deletions(&summary, max_percent).map_err(|refusal| {
+        Error::Refused {
+            inventory: name.to_string(),
+            refusal: Box::new(refusal),
+        }
     })
 }

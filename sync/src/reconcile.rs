@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_render::config::Config;
-use kiln_render::publish::{self, Inputs, Published, Target};
+use kiln_render::git::publish::{self, Inputs, Published, Target};
+use kiln_render::git::repo::{Branch, CommitId};
 use kiln_render::render::{self, Compiled};
-use kiln_render::repo::{Branch, CommitId};
 use kiln_render::source::{self, Row};
 use kiln_render::tree::{self, Tree};
 use tokio::sync::watch;

@@ -118,7 +118,7 @@ impl<'a> Node<'a> {
         let mut missing = Vec::new();
         self.collect_missing(odb, &mut std::collections::HashSet::new(), &mut missing);
         if missing.len() >= PACK_THRESHOLD {
-            crate::pack::write(odb, &missing)?;
+            crate::git::pack::write(odb, &missing)?;
         } else {
             for (kind, bytes) in &missing {
                 odb.write(*kind, bytes).map_err(git)?;

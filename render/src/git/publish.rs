@@ -9,9 +9,9 @@ use git2::Oid;
 use serde::Serialize;
 use sha2::Digest as _;
 
-use crate::history::{self, Action, Record};
+use crate::git::history::{self, Action, Record};
+use crate::git::repo::{self, Branch, CommitId, Item, Node, Repo, git};
 use crate::render::{Compiled, Rendered};
-use crate::repo::{self, Branch, CommitId, Item, Node, Repo, git};
 use crate::source::Row;
 use crate::template::hex;
 use crate::tree::{Summary, Tree};

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use git2::Oid;
 use serde::Serialize;
 
-use crate::repo::{self, Change, CommitId, Item, Repo, git};
+use crate::git::repo::{self, Change, CommitId, Item, Repo, git};
 use crate::{Error, Result};
 
 /// Trailer naming a render: its id.
@@ -81,7 +81,7 @@ impl Record {
     }
 }
 
-pub use crate::repo::path_label;
+pub use crate::git::repo::path_label;
 
 /// Reads a commit's Kiln record for `path`, if it is one.
 pub(crate) fn record(commit: &git2::Commit<'_>, path: &str) -> Option<Record> {
