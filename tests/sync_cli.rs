@@ -1514,7 +1514,7 @@ fn a_failing_source_holds_back_the_prune_of_another() {
     let mut config = std::fs::read_to_string(f.path("cfg/kiln.yaml")).unwrap();
     config.push_str(&format!(
         "---\napiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: more}}\n\
-         spec: {{url: \"file:../more.yaml\", key: id, interval: 1s}}\n---\n\
+         spec: {{url: \"file:../more.yaml\", key: id, interval: 3s}}\n---\n\
          apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: extra}}\n\
          spec:\n  source: more\n  namespace: \"{p}-{{{{ key }}}}\"\n  resources:\n{n}{c}",
         p = f.prefix,
@@ -1529,7 +1529,9 @@ fn a_failing_source_holds_back_the_prune_of_another() {
         present("a") && present("b") && get(&f.ns("x"), "configmap", "more").is_some()
     });
 
-    // `more` fails while `rows` loses b: the pass must not prune b.
+    // `more` fails while `rows` loses b: no pass may prune b, not even the
+    // ones in which only `rows` is due (it is read every second, `more`
+    // every three).
     std::fs::remove_file(f.path("more.yaml")).unwrap();
     eventually("more failing", Duration::from_secs(30), || {
         metric(&addr, "kiln_source_errors_total{source=\"more\"}").unwrap_or(0.0) >= 1.0

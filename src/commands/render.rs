@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use kiln_render::api::PipelineSpec;
 use kiln_render::config::{Config, Named};
-use kiln_render::git::publish::{self, DEFAULT_MAX_DELETE_PERCENT, Inputs};
+use kiln_render::git::publish::{self, Inputs};
 use kiln_render::git::repo;
 use kiln_render::render;
 use kiln_render::render::Rendered;
@@ -193,10 +193,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let old = tree::read_dir(out)?;
     let summary = tree::Summary::between(&old, &rendering.tree);
     if !args.allow_mass_delete {
-        let max = pipeline
-            .and_then(|p| p.spec.deletion_guard.as_ref())
-            .map_or(DEFAULT_MAX_DELETE_PERCENT, |g| g.max_percent);
-        publish::check_deletions(&summary, max)?;
+        publish::check_deletions(&summary, publish::max_delete_percent(pipeline))?;
     }
     tree::write_dir(out, &old, &rendering.tree)
         .with_context(|| format!("failed to write {}", out.display()))?;

@@ -259,11 +259,7 @@ fn settings(
     let mut apply = args.cluster.options(name)?;
     apply.detect_only = args.detect_only;
     apply.allow_mass_delete = args.allow_mass_delete;
-    apply.max_delete_percent = pipeline
-        .and_then(|p| p.spec.deletion_guard.as_ref())
-        .map_or(kiln_render::git::publish::DEFAULT_MAX_DELETE_PERCENT, |g| {
-            g.max_percent
-        });
+    apply.max_delete_percent = kiln_render::git::publish::max_delete_percent(pipeline);
     Ok(Settings {
         pipeline: name.to_string(),
         apply,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use kiln_render::api::PipelineSpec;
 use kiln_render::config::{Config, Named};
-use kiln_render::git::publish::{DEFAULT_MAX_DELETE_PERCENT, Options};
+use kiln_render::git::publish::Options;
 use kiln_render::git::repo::{CommitId, Repo};
 
 /// The repository, branch and directory.
@@ -119,9 +119,7 @@ pub fn resolve(args: &GitArgs, pipeline: Option<&Named<PipelineSpec>>) -> anyhow
             .clone()
             .or_else(|| spec.and_then(|g| g.branch.clone())),
         path,
-        max_delete_percent: pipeline
-            .and_then(|p| p.spec.deletion_guard.as_ref())
-            .map_or(DEFAULT_MAX_DELETE_PERCENT, |g| g.max_percent),
+        max_delete_percent: kiln_render::git::publish::max_delete_percent(pipeline),
         ..Options::default()
     };
     Ok(Target {

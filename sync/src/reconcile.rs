@@ -79,6 +79,9 @@ pub struct Reconciler {
     sources: Vec<String>,
     metrics: Metrics,
     rows: BTreeMap<String, Vec<Row>>,
+    /// Sources whose last read failed: until each reads again, no pass
+    /// prunes (their last rows may be stale).
+    failing: BTreeSet<String>,
     inputs: Option<Inputs>,
     /// Whether a source was read since the last render.
     read_any: bool,
@@ -116,6 +119,7 @@ impl Reconciler {
             sources: sources.into_iter().collect(),
             metrics,
             rows: BTreeMap::new(),
+            failing: BTreeSet::new(),
             inputs: None,
             read_any: false,
             tip: None,
@@ -162,11 +166,13 @@ impl Reconciler {
                 self.metrics.source_rows(name, rows.len());
                 let count = rows.len();
                 self.rows.insert(name.to_string(), rows);
+                self.failing.remove(name);
                 self.read_any = true;
                 Ok(count)
             }
             Err(e) => {
                 self.metrics.source_error(name);
+                self.failing.insert(name.to_string());
                 Err(e.into())
             }
         }
@@ -287,8 +293,9 @@ impl Reconciler {
         Ok(result?)
     }
 
-    /// Applies the desired state; `prune` false (a source failed, the render
-    /// failed) leaves what left the tree. `None` when there is nothing to
+    /// Applies the desired state; `prune` false (the render failed) leaves
+    /// what left the tree, as does a source whose last read failed, however
+    /// long ago. `None` when there is nothing to
     /// apply yet (no source has been read and rendered).
     pub async fn apply(
         &mut self,
@@ -298,7 +305,7 @@ impl Reconciler {
     ) -> Option<Result<Report>> {
         let desired = self.desired.clone()?;
         let mut options = self.settings.apply.clone();
-        options.prune = prune && !self.settings.no_prune;
+        options.prune = prune && !self.settings.no_prune && self.failing.is_empty();
         let started = Instant::now();
         let count = desired.len();
         let span =

@@ -20,6 +20,16 @@ use crate::{Error, MassDeletion, Refusal, Result};
 /// The default `deletionGuard.maxPercent`.
 pub const DEFAULT_MAX_DELETE_PERCENT: u32 = 20;
 
+/// The deletion guard's threshold a Pipeline sets, else the default: the
+/// one place every path that removes objects reads it from.
+pub fn max_delete_percent(
+    pipeline: Option<&crate::config::Named<crate::api::PipelineSpec>>,
+) -> u32 {
+    pipeline
+        .and_then(|p| p.spec.deletion_guard.as_ref())
+        .map_or(DEFAULT_MAX_DELETE_PERCENT, |g| g.max_percent)
+}
+
 /// How many times a render retries when another moved the branch first.
 const ATTEMPTS: usize = 8;
 
