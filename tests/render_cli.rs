@@ -82,18 +82,25 @@ fn blueprint(resources: &str) -> String {
 
 const CONFIG_MAP: &str = "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: cfg}\n      data: {plan: \"{{ row.plan }}\"}\n";
 
+/// `kiln render -f DIR --out OUT` with `extra` flags.
+fn render_out(dir: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "render",
+        "-f",
+        dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    kiln(&args)
+}
+
 /// Renders a project that must fail: exit 2, one line naming `expected`,
 /// and nothing written to the output directory.
 fn assert_refused(files: &[(&str, &str)], expected: &[&str]) {
     let dir = project(files);
     let out = dir.path().join("out");
-    let output = kiln(&[
-        "render",
-        "-f",
-        dir.path().to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let output = render_out(dir.path(), &out, &[]);
     let message = stderr(&output);
     assert_eq!(output.status.code(), Some(2), "{message}");
     assert_eq!(message.trim_end().lines().count(), 1, "one line: {message}");
@@ -651,15 +658,7 @@ fn a_render_has_an_output_budget_per_blueprint() {
         stderr(&output)
     );
     let out = dir.path().join("out");
-    let output = kiln(&[
-        "render",
-        "-f",
-        dir.path().to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-render-bytes",
-        "1000000",
-    ]);
+    let output = render_out(dir.path(), &out, &["--max-render-bytes", "1000000"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(read_tree(&out).contains_key("web/globex/config.yaml"));
 }

@@ -731,6 +731,20 @@ fn drift_cluster_reports_edits_to_managed_fields_but_not_ignored_ones() {
     assert_eq!(statuses, ["missing", "changed"], "{report}");
 }
 
+/// Edits the greeting of ConfigMap `config` in `namespace` by hand.
+fn edit_greeting(namespace: &str) {
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "config",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"edited"}}"#,
+    ]);
+}
+
 /// A Namespace and a ConfigMap `config` saying the row's greeting.
 fn greeting_from_rows() -> String {
     [
@@ -774,6 +788,14 @@ fn free_addr() -> String {
     listener.local_addr().unwrap().to_string()
 }
 
+/// SIGTERM to a running `kiln sync`, which must exit 0; its output.
+fn stop(sync: Child) -> Output {
+    terminate(&sync);
+    let out = finish(sync);
+    assert!(out.status.success(), "{}", stderr(&out));
+    out
+}
+
 fn terminate(child: &Child) {
     Command::new("kill")
         .arg("-TERM")
@@ -797,16 +819,7 @@ fn sync_puts_an_out_of_band_edit_back_serves_metrics_and_stops_on_sigterm() {
         http_get(&addr, "/readyz").starts_with("HTTP/1.1 200")
     });
 
-    kubectl_ok(&[
-        "patch",
-        "configmap",
-        "config",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"data":{"greeting":"edited"}}"#,
-    ]);
+    edit_greeting(&ns);
     eventually("the edit put back", Duration::from_secs(30), || {
         greeting() == Some("hello".into())
     });
@@ -830,9 +843,7 @@ fn sync_puts_an_out_of_band_edit_back_serves_metrics_and_stops_on_sigterm() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(greeting().is_some(), "a failing source pruned");
 
-    terminate(&sync);
-    let out = finish(sync);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = stop(sync);
     assert!(
         stdout(&out).contains("corrected ConfigMap"),
         "{}",
@@ -847,21 +858,10 @@ fn sync_detect_only_reports_drift_and_leaves_it() {
     let out = sync_once(&f, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let ns = f.ns("a");
-    kubectl_ok(&[
-        "patch",
-        "configmap",
-        "config",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"data":{"greeting":"edited"}}"#,
-    ]);
+    edit_greeting(&ns);
     let sync = f.spawn("sync", &["--detect-only"]);
     std::thread::sleep(Duration::from_secs(4));
-    terminate(&sync);
-    let out = finish(sync);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = stop(sync);
     assert!(
         stdout(&out).contains(&format!("drifted ConfigMap {ns}/config")),
         "{}",
@@ -1044,9 +1044,7 @@ fn sync_without_git_refuses_a_mass_deletion_across_restarts() {
     // and keeps running.
     let sync = f.spawn("sync", &[]);
     std::thread::sleep(Duration::from_secs(4));
-    terminate(&sync);
-    let out = finish(sync);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = stop(sync);
     assert!(
         stderr(&out).contains("refusing to remove 3 of 5 instances"),
         "{}",
@@ -1274,16 +1272,7 @@ fn a_render_over_budget_fails_the_pass_and_sync_keeps_the_last_good_state() {
         "a failed render was applied"
     );
     // The last good state is still what the loop holds to.
-    kubectl_ok(&[
-        "patch",
-        "configmap",
-        "config",
-        "-n",
-        &f.ns("a"),
-        "--type=merge",
-        "-p",
-        r#"{"data":{"greeting":"edited"}}"#,
-    ]);
+    edit_greeting(&f.ns("a"));
     eventually("the edit put back", Duration::from_secs(30), || {
         greeting("a") == Some("xxx".into())
     });
@@ -1292,9 +1281,7 @@ fn a_render_over_budget_fails_the_pass_and_sync_keeps_the_last_good_state() {
     eventually("the fixed rows applied", Duration::from_secs(30), || {
         greeting("a") == Some("xx".into()) && greeting("b") == Some("xx".into())
     });
-    terminate(&sync);
-    let out = finish(sync);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = stop(sync);
     let log = stderr(&out);
     assert!(
         log.contains("resource config, row a")
@@ -1358,25 +1345,10 @@ fn kilns_own_writes_start_no_pass_and_a_stop_is_one_line() {
     .unwrap();
     let addr = free_addr();
     let sync = f.spawn("sync", &["--metrics-addr", &addr]);
-    let passes = || {
-        let metrics = http_get(&addr, "/metrics");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("kiln_apply_duration_seconds_count "))
-            .map_or(0, |n| n.trim().parse::<u64>().unwrap())
-    };
+    let passes = || metric(&addr, "kiln_apply_duration_seconds_count").unwrap_or(0.0) as u64;
     eventually("the first pass", Duration::from_secs(60), || passes() == 1);
     let ns = f.ns("a");
-    kubectl_ok(&[
-        "patch",
-        "configmap",
-        "config",
-        "-n",
-        &ns,
-        "--type=merge",
-        "-p",
-        r#"{"data":{"greeting":"edited"}}"#,
-    ]);
+    edit_greeting(&ns);
     // The source is not read for an hour: only the watch can put it back,
     // and it does at once.
     eventually("the edit put back", Duration::from_secs(5), || {
@@ -1386,9 +1358,7 @@ fn kilns_own_writes_start_no_pass_and_a_stop_is_one_line() {
     // start a third pass.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(passes(), 2, "Kiln's own write started a pass");
-    terminate(&sync);
-    let out = finish(sync);
-    assert!(out.status.success(), "{}", stderr(&out));
+    stop(sync);
 
     // A stop in the middle of an apply: no line per object left, one count.
     let many: String = (0..300)
@@ -1550,9 +1520,7 @@ fn a_failing_source_holds_back_the_prune_of_another() {
     std::fs::write(f.path("more.yaml"), "- {id: x}\n").unwrap();
     eventually("b pruned", Duration::from_secs(30), || !present("b"));
     assert!(present("a"));
-    terminate(&sync);
-    let out = finish(sync);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = stop(sync);
     assert!(
         stderr(&out).contains("keeping its last rows and pruning nothing"),
         "{}",

@@ -5,9 +5,9 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
 
-use kiln_render::config::Config;
-use kiln_render::render;
 use serde_json::{Value, json};
+
+mod common;
 
 /// Values a tenant might type into a signup form, aimed at YAML's syntax.
 const PAYLOADS: &[&str] = &[
@@ -121,16 +121,7 @@ fn render_one(template: &str, payload: &str) -> Result<Value, String> {
         ),
     )
     .unwrap();
-    let config = Config::load(&[dir.path().join("kiln.yaml")]).map_err(|e| e.to_string())?;
-    let blueprints = render::compile(&config, &[]).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let rows = runtime
-        .block_on(render::read_sources(&blueprints, &config, None))
-        .unwrap();
-    let rendered = render::render(&blueprints, &config, &rows, true).map_err(|e| e.to_string())?;
+    let rendered = common::render_config(&dir.path().join("kiln.yaml"))?;
     assert_eq!(rendered.instances.len(), 1);
     let objects = &rendered.instances[0].objects;
     assert_eq!(objects.len(), 1, "one object, never more");

@@ -4,20 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
 
-use kiln_render::config::Config;
-use kiln_render::{render, tree};
+use kiln_render::tree;
+
+mod common;
 
 fn render_tree(config: &std::path::Path) -> String {
-    let config = Config::load(&[config.to_path_buf()]).unwrap();
-    let blueprints = render::compile(&config, &[]).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let rows = runtime
-        .block_on(render::read_sources(&blueprints, &config, None))
-        .unwrap();
-    let rendered = render::render(&blueprints, &config, &rows, true).unwrap();
+    let rendered = common::render_config(config).unwrap();
     let tree = tree::build(&rendered).unwrap();
     tree.files
         .iter()

@@ -77,14 +77,7 @@ pub async fn prepare(
 ) -> Result<Prepared> {
     let inventory =
         Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
-    if options.prune && !options.allow_mass_delete {
-        crate::guard::check(
-            &options.inventory,
-            &inventory.entries,
-            &desired,
-            options.max_delete_percent,
-        )?;
-    }
+    crate::guard::check_apply(options, &inventory.entries, &desired)?;
     let live = read_live(cluster, &mut desired, &options.inventory, true).await?;
     let plan = Plan::new(desired, &live, &inventory.entries, options.prune)?;
     Ok(Prepared {

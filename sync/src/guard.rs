@@ -8,9 +8,40 @@ use std::collections::BTreeMap;
 
 use kiln_render::tree::Summary;
 
+use crate::apply::Options;
+use crate::cluster::Cluster;
 use crate::desired::Desired;
-use crate::inventory::Entry;
+use crate::inventory::{Entry, Inventory};
 use crate::{Error, Result};
+
+/// The guard as an apply with `options` runs it: nothing to check when it
+/// does not prune or the person allowed it; else [`check`] against the
+/// inventory's `entries`.
+pub fn check_apply(options: &Options, entries: &[Entry], desired: &[Desired]) -> Result<()> {
+    if !options.prune || options.allow_mass_delete {
+        return Ok(());
+    }
+    check(
+        &options.inventory,
+        entries,
+        desired,
+        options.max_delete_percent,
+    )
+}
+
+/// [`check_apply`], reading the inventory first.
+pub async fn check_cluster(
+    cluster: &Cluster,
+    options: &Options,
+    desired: &[Desired],
+) -> Result<()> {
+    if !options.prune || options.allow_mass_delete {
+        return Ok(());
+    }
+    let inventory =
+        Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
+    check_apply(options, &inventory.entries, desired)
+}
 
 /// Refuses to apply `desired` when it would remove too many of the
 /// instances (`blueprint/instance`) the inventory `name` holds.

@@ -25,7 +25,6 @@ use tracing::Instrument as _;
 use crate::apply::{self, Options, Report};
 use crate::cluster::Cluster;
 use crate::desired::{self, Desired};
-use crate::inventory::Inventory;
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
@@ -230,21 +229,9 @@ impl Reconciler {
                         // The guard compares with the inventory, not with
                         // the last render: it holds across restarts, and a
                         // refused render keeps the last desired state.
-                        let options = &self.settings.apply;
-                        if !self.settings.no_prune && !options.allow_mass_delete {
-                            let inventory = Inventory::read(
-                                cluster,
-                                &options.inventory_namespace,
-                                &options.inventory,
-                            )
-                            .await?;
-                            crate::guard::check(
-                                &options.inventory,
-                                &inventory.entries,
-                                &desired,
-                                options.max_delete_percent,
-                            )?;
-                        }
+                        let mut options = self.settings.apply.clone();
+                        options.prune = !self.settings.no_prune;
+                        crate::guard::check_cluster(cluster, &options, &desired).await?;
                         self.desired = Some(Arc::new(desired));
                     }
                 }

@@ -601,6 +601,17 @@ fn attempt(
 }
 
 /// The render commit's message: a subject, per-blueprint lines, trailers.
+/// The trailers every Kiln commit carries: what it did, the render
+/// directory and the tree there.
+fn trailers((action, value): (&str, &str), path: &str, tree: impl std::fmt::Display) -> String {
+    format!(
+        "{action}: {value}\n{}: {}\n{}: {tree}\n",
+        history::PATH,
+        history::path_label(path),
+        history::TREE
+    )
+}
+
 fn message(summary: &Summary, inputs: &Inputs, options: &Options, tree: Oid) -> String {
     let mut per: BTreeMap<&str, [Vec<&str>; 3]> = BTreeMap::new();
     for (i, list) in [&summary.added, &summary.changed, &summary.removed]
@@ -651,14 +662,8 @@ fn message(summary: &Summary, inputs: &Inputs, options: &Options, tree: Oid) -> 
         id.update(digest.as_bytes());
     }
     id.update(tree.as_bytes());
-    let _ = writeln!(text, "{}: {}", history::RENDER, &hex(&id.finalize())[..16]);
-    let _ = writeln!(
-        text,
-        "{}: {}",
-        history::PATH,
-        history::path_label(&options.path)
-    );
-    let _ = writeln!(text, "{}: {tree}", history::TREE);
+    let render = &hex(&id.finalize())[..16];
+    text.push_str(&trailers((history::RENDER, render), &options.path, tree));
     let _ = writeln!(text, "{}: {}", history::CONFIG, inputs.config);
     for line in inputs.source_lines() {
         let _ = writeln!(text, "{}: {line}", history::SOURCE);
@@ -716,16 +721,12 @@ pub fn rollback(repo: &Repo, options: &Options, rev: &str) -> Result<Published> 
             )
         });
         let message = format!(
-            "{subject}\n\nRestores the tree of \"{}\" and pins the branch there until `kiln resume`.\n{} added, {} changed, {} removed\n\n{}: {}\n{}: {}\n{}: {tree}\n",
+            "{subject}\n\nRestores the tree of \"{}\" and pins the branch there until `kiln resume`.\n{} added, {} changed, {} removed\n\n{}",
             restored.subject,
             summary.added.len(),
             summary.changed.len(),
             summary.removed.len(),
-            history::ROLLBACK,
-            restored.commit,
-            history::PATH,
-            history::path_label(path),
-            history::TREE,
+            trailers((history::ROLLBACK, restored.commit.as_str()), path, tree),
         );
         let commit = repo.commit(root, tip.as_ref(), &message, &author, &committer)?;
         if repo.advance(
@@ -764,15 +765,10 @@ pub fn resume(repo: &Repo, options: &Options) -> Result<Published> {
             return Ok(None);
         };
         let message = format!(
-            "kiln: resume rendering {}/\n\nEnds the pin of rollback {}.\n\n{}: {}\n{}: {}\n{}: {}\n",
+            "kiln: resume rendering {}/\n\nEnds the pin of rollback {}.\n\n{}",
             history::path_label(path),
             pin.commit.short(),
-            history::RESUME,
-            pin.commit,
-            history::PATH,
-            history::path_label(path),
-            history::TREE,
-            pin.tree,
+            trailers((history::RESUME, pin.commit.as_str()), path, &pin.tree),
         );
         let commit = repo.commit(
             parent.tree_id(),
