@@ -65,9 +65,6 @@ pub enum Error {
         first: String,
         second: String,
     },
-    /// Anything else a template did wrong.
-    #[error("{message}")]
-    Template { message: String },
     /// The rendered tree could not be written.
     #[error("{message}")]
     Output { message: String },
@@ -269,7 +266,7 @@ impl Error {
             Error::InvalidYaml { .. } | Error::YamlOutput { .. } => "InvalidYaml",
             Error::Config { .. } => "InvalidConfiguration",
             Error::QueryFailed { .. } => "QueryFailed",
-            Error::TemplateFailed { .. } | Error::Template { .. } => "TemplateFailed",
+            Error::TemplateFailed { .. } => "TemplateFailed",
             Error::InstanceCollision { .. } => "InstanceCollision",
             Error::DuplicateObject { .. } => "DuplicateObject",
             Error::Output { .. } => "OutputFailed",

@@ -42,7 +42,8 @@ pub struct Settings {
     /// Commit Secrets that carry data in plain text.
     pub allow_plaintext_secrets: bool,
     /// Where renders are committed; without one the render is applied as
-    /// it is.
+    /// it is. [`Reconciler::new`] takes it (it is used from the blocking
+    /// pool), so [`Reconciler::settings`] shows `None` here.
     pub git: Option<Target>,
 }
 

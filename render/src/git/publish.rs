@@ -192,15 +192,15 @@ impl Target {
         }
         let path = &self.options.path;
         let tip = self.repo.tip(&refname)?;
-        if tip.is_none_or(|t| history::record(&t, path).is_none()) {
-            // Only Kiln's own commit is finished; anything else is left to
-            // the clean-work-tree check before a commit.
+        // Only Kiln's own commit is finished; anything else is left to the
+        // clean-work-tree check before a commit.
+        let Some(tip) = tip.filter(|t| history::record(t, path).is_some()) else {
             return Ok(WorkTree {
                 checked_out: true,
                 recovered: None,
             });
-        }
-        let recovered = match self.repo.recover_work_tree(&refname, path)? {
+        };
+        let recovered = match self.repo.recover_work_tree(&tip, path)? {
             repo::Recovery::Nothing => None,
             repo::Recovery::Recovered { files, tip } => Some((files, tip)),
             repo::Recovery::Edited => {

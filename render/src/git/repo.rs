@@ -252,8 +252,8 @@ pub(crate) fn git(error: git2::Error) -> Error {
 /// What [`Repo::recover_work_tree`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recovery {
-    /// Nothing to do: the branch is not checked out, or nothing under the
-    /// path differs from its tip.
+    /// Nothing to do: nothing under the path differs from the tip (or the
+    /// repository has no work tree).
     Nothing,
     /// Files under the path were behind Kiln's commit and were brought up
     /// to it.
@@ -823,13 +823,7 @@ impl Repo {
     /// the tip; returns how many, and the tip. When a changed file holds
     /// anything else (a person's edit) nothing is touched and the answer
     /// says so.
-    pub fn recover_work_tree(&self, refname: &Branch, path: &str) -> Result<Recovery> {
-        if !self.checked_out(refname) {
-            return Ok(Recovery::Nothing);
-        }
-        let Some(tip) = self.tip(refname)? else {
-            return Ok(Recovery::Nothing);
-        };
+    pub(crate) fn recover_work_tree(&self, tip: &git2::Commit<'_>, path: &str) -> Result<Recovery> {
         let dirty = self.dirty(path)?;
         if dirty.is_empty() {
             return Ok(Recovery::Nothing);
