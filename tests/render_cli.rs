@@ -230,6 +230,35 @@ fn broken_template_is_refused() {
 }
 
 #[test]
+fn a_template_kept_in_a_configmap_is_for_the_controller_only() {
+    let from = "  - id: config\n    templateFrom: {configMapKeyRef: {name: templates, key: config.yaml}}\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(from)),
+        ],
+        &[
+            "bp.yaml",
+            "Blueprint web",
+            "spec.resources[0] (id config)",
+            "templateFrom",
+            "kiln controller",
+        ],
+    );
+    let both =
+        "  - id: config\n    template: x\n    templateFrom: {configMapKeyRef: {name: t, key: k}}\n";
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(both)),
+        ],
+        &["set one of template, templateFile and templateFrom"],
+    );
+}
+
+#[test]
 fn missing_column_names_blueprint_resource_row_and_line() {
     let bad = "  - id: config\n    templateFile: t/config.yaml.j2\n";
     assert_refused(

@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{kiln, stderr, stdout};
+use common::{eventually, free_addr, http_get, kiln, kubectl, metric, stderr, stdout};
 use serde_json::Value;
 
 /// A configuration with one file source and one blueprint `app`, whose
@@ -109,14 +108,6 @@ impl Fixture {
     }
 }
 
-fn kubectl(args: &[&str]) -> Output {
-    kiln_testenv::cluster()
-        .kubectl()
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn kubectl_ok(args: &[&str]) {
     let out = kubectl(args);
     assert!(out.status.success(), "kubectl {args:?}: {}", stderr(&out));
@@ -132,17 +123,6 @@ fn get(namespace: &str, kind: &str, name: &str) -> Option<Value> {
     out.status
         .success()
         .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
-fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("{what} did not happen within {limit:?}");
 }
 
 fn finish(child: Child) -> Output {
@@ -771,21 +751,6 @@ fn greeting_resources() -> String {
         ),
     ]
     .concat()
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
-        return String::new();
-    };
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: kiln\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    text
-}
-
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
 }
 
 /// SIGTERM to a running `kiln sync`, which must exit 0; its output.
@@ -1467,13 +1432,6 @@ fn drift_cluster_and_sync_detect_only_agree() {
         "edited",
         "--detect-only wrote"
     );
-}
-
-/// The value of a metric line, exactly as named (labels included).
-fn metric(addr: &str, name: &str) -> Option<f64> {
-    http_get(addr, "/metrics")
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[test]

@@ -77,6 +77,24 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
+/// Where a template is kept instead of inline.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateFrom {
+    /// A key of a ConfigMap in the Blueprint's namespace.
+    pub config_map_key_ref: KeyRef,
+}
+
+/// A key of a ConfigMap.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyRef {
+    /// The ConfigMap's name.
+    pub name: String,
+    /// The key inside its data.
+    pub key: String,
+}
+
 /// A set of templates rendered once per active row of a source.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -165,7 +183,7 @@ impl RenderLimits {
 
 /// One object of a blueprint: its template, dependencies and policies.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("has(self.template) != has(self.templateFile)").message("exactly one of template and templateFile must be set"))]
+#[x_kube(validation = Rule::new("[has(self.template), has(self.templateFile), has(self.templateFrom)].filter(x, x).size() == 1").message("exactly one of template, templateFile and templateFrom must be set"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResourceSpec {
     /// Unique within the blueprint; names the file `<id>.yaml`.
@@ -178,6 +196,10 @@ pub struct ResourceSpec {
     /// A template file, relative to the configuration file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_file: Option<String>,
+    /// A template kept in a ConfigMap of the Blueprint's namespace
+    /// (controller only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_from: Option<TemplateFrom>,
     /// Ids of resources of the same blueprint that must be applied first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
@@ -260,7 +282,14 @@ pub enum PatchStrategy {
     version = "v1alpha1",
     kind = "Pipeline",
     namespaced,
-    doc = "Which blueprints render to which Git branch and directory"
+    status = "PipelineStatus",
+    doc = "Which blueprints render to which Git branch and directory",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Instances","type":"integer","jsonPath":".status.instances"}"#,
+    printcolumn = r#"{"name":"Objects","type":"integer","jsonPath":".status.objects"}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.lastAppliedRevision"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PipelineSpec {
@@ -273,6 +302,78 @@ pub struct PipelineSpec {
     /// Refuses renders that would remove too many instances at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_guard: Option<DeletionGuard>,
+}
+
+/// What the controller last did with a Pipeline. Its size does not grow
+/// with the number of instances: failing instances are named up to
+/// [`PipelineStatus::MAX_NAMED`], and counted.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineStatus {
+    /// The generation of the spec the last pass followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Reconciling` and `Stalled`, with a reason from what failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    /// The last commit the controller made (with `spec.git`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_commit: Option<String>,
+    /// The revision of the desired state last applied in full: a commit
+    /// with Git, else the digest of what shaped the render.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_revision: Option<String>,
+    /// When the last pass ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Instances in the desired state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u64>,
+    /// Objects in the desired state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objects: Option<u64>,
+    /// Objects the last pass created, updated or corrected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<u64>,
+    /// Objects whose apply failed in the last pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<u64>,
+    /// Objects found drifted in the last pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drifted: Option<u64>,
+    /// Objects the last pass deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<u64>,
+    /// Instances with a failed object in the last pass, counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_instances: Option<u64>,
+    /// Some of them, `blueprint/instance`, at most [`PipelineStatus::MAX_NAMED`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub failing: Vec<String>,
+    /// Each source the Pipeline reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub sources: Vec<SourceState>,
+}
+
+impl PipelineStatus {
+    /// How many failing instances the status names.
+    pub const MAX_NAMED: usize = 10;
+}
+
+/// What the last read of one source gave.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceState {
+    /// The Source's name.
+    pub name: String,
+    /// Rows the last good read returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    /// Why the last read failed; absent when it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A branch and directory of a Git repository.

@@ -73,6 +73,22 @@ impl Config {
         Ok(config)
     }
 
+    /// A configuration of objects read elsewhere (the controller reads them
+    /// from the cluster), checked as [`Config::load`] checks files.
+    pub fn assemble(
+        sources: Vec<Named<SourceSpec>>,
+        blueprints: Vec<Named<BlueprintSpec>>,
+        pipelines: Vec<Named<PipelineSpec>>,
+    ) -> Result<Self> {
+        let config = Config {
+            sources: by_name(sources),
+            blueprints: by_name(blueprints),
+            pipelines: by_name(pipelines),
+        };
+        Error::all(config.check_references())?;
+        Ok(config)
+    }
+
     fn load_file(&mut self, file: &Path) -> Result<()> {
         let text = std::fs::read_to_string(file)
             .map_err(|e| Error::config(file.display(), format!("cannot read: {e}")))?;
@@ -224,16 +240,25 @@ impl Config {
                         resource.id
                     )));
                 }
-                match (&resource.template, &resource.template_file) {
-                    (Some(_), Some(_)) => errors.push(at(format!(
-                        "{field} (id {}): set template or templateFile, not both",
-                        resource.id
-                    ))),
-                    (None, None) => errors.push(at(format!(
+                let set = [
+                    resource.template.is_some(),
+                    resource.template_file.is_some(),
+                    resource.template_from.is_some(),
+                ];
+                match set.iter().filter(|s| **s).count() {
+                    0 => errors.push(at(format!(
                         "{field} (id {}): template or templateFile is required",
                         resource.id
                     ))),
-                    _ => {}
+                    1 if resource.template_from.is_some() => errors.push(at(format!(
+                        "{field} (id {}): templateFrom reads a ConfigMap, which only `kiln controller` can; use template or templateFile",
+                        resource.id
+                    ))),
+                    1 => {}
+                    _ => errors.push(at(format!(
+                        "{field} (id {}): set one of template, templateFile and templateFrom",
+                        resource.id
+                    ))),
                 }
             }
         }
@@ -263,6 +288,10 @@ impl Config {
         }
         errors
     }
+}
+
+fn by_name<T>(objects: Vec<Named<T>>) -> BTreeMap<String, Named<T>> {
+    objects.into_iter().map(|o| (o.name.clone(), o)).collect()
 }
 
 /// The files named by `paths`: files as given (YAML or JSON), and the

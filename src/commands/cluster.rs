@@ -40,15 +40,7 @@ pub struct ClusterArgs {
 impl ClusterArgs {
     /// Connects.
     pub async fn connect(&self) -> anyhow::Result<Cluster> {
-        // A kubeconfig given through the environment may list several files.
-        let kubeconfig = self
-            .kubeconfig
-            .as_ref()
-            .filter(|p| !p.as_os_str().to_string_lossy().contains(':'));
-        let client =
-            kiln_sync::client::connect(kubeconfig.map(PathBuf::as_path), self.context.as_deref())
-                .await?;
-        Ok(Cluster::new(client))
+        connect(self.kubeconfig.as_deref(), self.context.as_deref()).await
     }
 
     /// Apply options with these settings; `fallback` names the inventory
@@ -67,6 +59,17 @@ impl ClusterArgs {
             ..Options::default()
         })
     }
+}
+
+/// Connects with `--kubeconfig` and `--context`.
+pub async fn connect(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> anyhow::Result<Cluster> {
+    // A kubeconfig given through the environment may list several files.
+    let kubeconfig = kubeconfig.filter(|p| !p.as_os_str().to_string_lossy().contains(':'));
+    let client = kiln_sync::client::connect(kubeconfig, context).await?;
+    Ok(Cluster::new(client))
 }
 
 /// A rendered tree: a directory, or a revision of a Git repository.

@@ -2,6 +2,7 @@
 
 mod apply;
 mod cluster;
+mod controller;
 mod crds;
 mod diff;
 mod drift;
@@ -42,11 +43,23 @@ pub enum Command {
     /// Check a configuration: load it, compile every template, check the
     /// dependency graphs, render sample rows; report every error found.
     Validate(validate::Args),
+    /// Run in a cluster: follow Kiln's Pipelines, Blueprints and Sources,
+    /// render and apply each Pipeline, report in its status and Events.
+    Controller(controller::Args),
     /// Print the CustomResourceDefinitions of Kiln's kinds as YAML.
     Crds(crds::Args),
 }
 
 impl Command {
+    /// What is logged when KILN_LOG does not say: a long-running
+    /// controller tells what it does; a command only what went wrong.
+    pub fn default_log(&self) -> &'static str {
+        match self {
+            Command::Controller(_) => "info,kube=warn,sqlx::query=error",
+            _ => "warn,sqlx::query=error",
+        }
+    }
+
     /// Runs the command.
     pub fn run(self) -> anyhow::Result<Outcome> {
         match self {
@@ -60,6 +73,7 @@ impl Command {
             Command::Resume(args) => resume::run(&args),
             Command::Validate(args) => validate::run(&args),
             Command::Crds(args) => crds::run(&args),
+            Command::Controller(args) => controller::run(&args),
         }
     }
 }

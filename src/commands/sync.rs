@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use kiln_render::render;
-use kiln_render::source;
 use kiln_sync::apply::Status;
 use kiln_sync::metrics::{self, Metrics};
-use kiln_sync::reconcile::{Event, Reconciler, Settings};
+use kiln_sync::reconcile::{DEFAULT_INTERVAL, Event, Polled, Reconciler, Settings};
 use kiln_sync::watch::Watches;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -20,9 +19,6 @@ use super::cluster::ClusterArgs;
 use super::render::check_selection;
 use super::target::{self, GitArgs};
 use crate::Outcome;
-
-/// How often a source is read when it does not say.
-const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Arguments of `kiln sync`.
 #[derive(Debug, clap::Args)]
@@ -84,13 +80,6 @@ pub fn stop_on_signal(stop: watch::Sender<bool>) -> tokio::task::JoinHandle<()> 
     })
 }
 
-/// One source the loop polls.
-struct Polled {
-    name: String,
-    interval: Duration,
-    due: Instant,
-}
-
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let config = args.config.load()?;
     check_selection(&config, &args.config.blueprints)?;
@@ -103,38 +92,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
     let blueprints = render::compile(&config, &selected)?;
     let settings = settings(args, pipeline.as_ref())?;
-    let mut polled = Vec::new();
-    for name in blueprints
-        .iter()
-        .map(|b| b.spec.source.clone())
-        .collect::<std::collections::BTreeSet<_>>()
-    {
-        let spec = &config.sources[&name];
-        let interval = match &spec.spec.interval {
-            Some(text) => source::parse_duration(text).map_err(|e| {
-                anyhow::anyhow!("{}: Source {name}: spec.interval: {e}", spec.file.display())
-            })?,
-            None => DEFAULT_INTERVAL,
-        };
-        polled.push(Polled {
-            name,
-            interval: interval.max(Duration::from_secs(1)),
-            due: Instant::now(),
-        });
-    }
+    let mut polled = Polled::all(&config, &blueprints)?;
 
     super::runtime()?.block_on(async move {
         let cluster = args.cluster.connect().await?;
         let metrics = Metrics::default();
-        let server = match args.metrics_addr {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("--metrics-addr {addr}"))?;
-                Some(tokio::spawn(metrics::serve(listener, metrics.clone())))
-            }
-            None => None,
-        };
+        let server = serve_metrics(args.metrics_addr, &metrics).await?;
         let (stop_tx, mut stop) = watch::channel(false);
         let stopper = stop_on_signal(stop_tx);
         let (changed_tx, mut changed) = mpsc::unbounded_channel();
@@ -240,6 +203,24 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
         result.map(|()| Outcome::Clean)
     })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`, if given, until
+/// the task is aborted.
+pub async fn serve_metrics(
+    addr: Option<SocketAddr>,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-addr {addr}"))?;
+    Ok(Some(tokio::spawn(metrics::serve(
+        listener,
+        metrics.clone(),
+    ))))
 }
 
 /// The pass's settings from the flags and the Pipeline, settled once.

@@ -274,6 +274,7 @@ pub async fn execute(
                 outcomes[i] = Some(Outcome {
                     status: Status::Stopped,
                     object: step.desired.label(),
+                    owner: step.desired.owner.clone(),
                     detail: String::new(),
                 });
                 continue;
@@ -287,6 +288,7 @@ pub async fn execute(
                 outcomes[i] = Some(Outcome {
                     status: Status::Skipped,
                     object: step.desired.label(),
+                    owner: step.desired.owner.clone(),
                     detail: format!(
                         "dependency {} did not succeed",
                         plan.steps[d].desired.identity
@@ -404,6 +406,7 @@ async fn run_step(
         let outcome = Outcome {
             status,
             object: desired.label(),
+            owner: desired.owner.clone(),
             detail,
         };
         (outcome, None)
@@ -515,6 +518,7 @@ async fn run_step(
         let outcome = Outcome {
             status,
             object: desired.label(),
+            owner: desired.owner.clone(),
             detail,
         };
         (outcome, uid.clone())

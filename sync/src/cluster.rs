@@ -36,6 +36,12 @@ impl Failure {
         matches!(&self.error, kube::Error::Api(s) if s.code == 409 && s.message.contains("conflict"))
     }
 
+    /// 409 of any kind: the object changed since it was read, or exists
+    /// already.
+    pub fn is_stale(&self) -> bool {
+        matches!(&self.error, kube::Error::Api(s) if s.code == 409)
+    }
+
     /// 404.
     pub fn is_not_found(&self) -> bool {
         matches!(&self.error, kube::Error::Api(s) if s.code == 404)
@@ -66,6 +72,12 @@ impl std::fmt::Display for Failure {
 }
 
 impl std::error::Error for Failure {}
+
+impl From<kube::Error> for Failure {
+    fn from(error: kube::Error) -> Self {
+        Failure { error }
+    }
+}
 
 /// A kind the server serves: its resource and scope.
 #[derive(Debug, Clone)]

@@ -34,20 +34,40 @@ impl Histogram {
         self.count += 1;
     }
 
-    fn write(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    /// The series of one label set; `labels` is `pipeline="x",` or empty.
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
         for (bound, count) in BUCKETS.iter().zip(self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {count}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", self.count);
+        let labels = braces(labels);
+        let _ = writeln!(
+            out,
+            "{name}_sum{labels} {}\n{name}_count{labels} {}",
+            self.sum, self.count
+        );
     }
 }
 
+/// `{a="b"}` from `a="b",`; nothing from nothing.
+fn braces(labels: &str) -> String {
+    match labels.strip_suffix(',') {
+        Some(inner) => format!("{{{inner}}}"),
+        None => String::new(),
+    }
+}
+
+/// A metric read off each pipeline's figures: name, help, type, value.
+type Series = (&'static str, &'static str, &'static str, fn(&State) -> u64);
+
+/// One pipeline's figures.
 #[derive(Debug, Default)]
 struct State {
     render: Histogram,
     apply: Histogram,
+    reconcile: Histogram,
+    reconciles: u64,
+    reconcile_errors: u64,
     applied: u64,
     failed: u64,
     drifted: u64,
@@ -56,19 +76,47 @@ struct State {
     desired: u64,
     rows: BTreeMap<String, u64>,
     source_errors: BTreeMap<String, u64>,
-    ready: bool,
 }
 
-/// The loop's metrics, shared with the server.
+#[derive(Debug, Default)]
+struct Registry {
+    /// By label set: empty for `kiln sync`, `pipeline="ns/name",` in the
+    /// controller.
+    pipelines: BTreeMap<String, State>,
+    /// Whether a pass has succeeded (`kiln sync`), or the controller runs.
+    ready: bool,
+    /// The controller's leader state; absent in `kiln sync`.
+    leader: Option<bool>,
+}
+
+/// The figures of a loop or of one of the controller's pipelines, shared
+/// with the server.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    state: Arc<Mutex<State>>,
+    registry: Arc<Mutex<Registry>>,
+    labels: String,
 }
 
 impl Metrics {
     fn with(&self, f: impl FnOnce(&mut State)) {
-        if let Ok(mut state) = self.state.lock() {
-            f(&mut state);
+        if let Ok(mut registry) = self.registry.lock() {
+            f(registry.pipelines.entry(self.labels.clone()).or_default());
+        }
+    }
+
+    /// The same registry, with figures of `pipeline` labelled by it.
+    pub fn pipeline(&self, pipeline: &str) -> Metrics {
+        let escaped = pipeline.replace('\\', "\\\\").replace('"', "\\\"");
+        Metrics {
+            registry: self.registry.clone(),
+            labels: format!("pipeline=\"{escaped}\","),
+        }
+    }
+
+    /// Drops the figures of this handle's pipeline (it was deleted).
+    pub fn forget(&self) {
+        if let Ok(mut registry) = self.registry.lock() {
+            registry.pipelines.remove(&self.labels);
         }
     }
 
@@ -102,85 +150,179 @@ impl Metrics {
             s.failed += report.count(Status::Failed) as u64;
             s.drifted += (report.count(Status::Drifted) + report.count(Status::Corrected)) as u64;
             s.pruned += report.count(Status::Pruned) as u64;
-            if !report.failed() {
-                s.ready = true;
+        });
+        if !report.failed() {
+            self.set_ready();
+        }
+    }
+
+    /// A controller's reconcile took `elapsed`; `ok` whether it succeeded.
+    pub fn reconciled(&self, elapsed: Duration, ok: bool) {
+        self.with(|s| {
+            s.reconcile.observe(elapsed.as_secs_f64());
+            s.reconciles += 1;
+            if !ok {
+                s.reconcile_errors += 1;
             }
         });
     }
 
-    /// Whether a pass has succeeded.
+    /// Marks the process ready for `/readyz`.
+    pub fn set_ready(&self) {
+        if let Ok(mut registry) = self.registry.lock() {
+            registry.ready = true;
+        }
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        if let Ok(mut registry) = self.registry.lock() {
+            registry.leader = Some(leading);
+        }
+    }
+
+    /// Whether `/readyz` answers ok.
     pub fn ready(&self) -> bool {
-        self.state.lock().map(|s| s.ready).unwrap_or(false)
+        self.registry.lock().map(|r| r.ready).unwrap_or(false)
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let Ok(s) = self.state.lock() else {
+        let Ok(registry) = self.registry.lock() else {
             return String::new();
         };
+        let states = &registry.pipelines;
         let mut out = String::new();
-        s.render.write(
+        let histogram = |out: &mut String,
+                         name: &str,
+                         help: &str,
+                         pick: fn(&State) -> &Histogram,
+                         always: bool| {
+            let mut header = false;
+            for (labels, state) in states {
+                let h = pick(state);
+                if h.count == 0 && !always {
+                    continue;
+                }
+                if !std::mem::replace(&mut header, true) {
+                    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+                }
+                h.write(out, name, labels);
+            }
+        };
+        histogram(
             &mut out,
             "kiln_render_duration_seconds",
             "Time to render the tree.",
+            |s| &s.render,
+            true,
         );
-        s.apply.write(
+        histogram(
             &mut out,
             "kiln_apply_duration_seconds",
             "Time to apply the tree, prune included.",
+            |s| &s.apply,
+            true,
         );
-        for (name, help, value) in [
+        histogram(
+            &mut out,
+            "kiln_reconcile_duration_seconds",
+            "Time of one controller reconcile of a Pipeline.",
+            |s| &s.reconcile,
+            false,
+        );
+        let counters: [Series; 8] = [
             (
                 "kiln_objects_applied_total",
                 "Objects created, updated or corrected.",
-                s.applied,
+                "counter",
+                |s| s.applied,
             ),
             (
                 "kiln_objects_failed_total",
                 "Objects whose apply failed.",
-                s.failed,
+                "counter",
+                |s| s.failed,
             ),
             (
                 "kiln_objects_drifted_total",
                 "Objects found drifted (corrected or, with --detect-only, reported).",
-                s.drifted,
+                "counter",
+                |s| s.drifted,
             ),
             (
                 "kiln_objects_corrected_total",
                 "Drifted objects put back.",
-                s.corrected,
+                "counter",
+                |s| s.corrected,
             ),
             (
                 "kiln_objects_pruned_total",
                 "Objects deleted because they left the tree.",
-                s.pruned,
+                "counter",
+                |s| s.pruned,
             ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
+            (
+                "kiln_objects_desired",
+                "Objects in the tree.",
+                "gauge",
+                |s| s.desired,
+            ),
+            (
+                "kiln_reconciles_total",
+                "Controller reconciles of a Pipeline.",
+                "counter",
+                |s| s.reconciles,
+            ),
+            (
+                "kiln_reconcile_errors_total",
+                "Controller reconciles of a Pipeline that failed.",
+                "counter",
+                |s| s.reconcile_errors,
+            ),
+        ];
+        for (name, help, kind, value) in counters {
+            let controller_only = name.starts_with("kiln_reconcile");
+            let mut header = false;
+            for (labels, state) in states {
+                if controller_only && state.reconciles == 0 {
+                    continue;
+                }
+                if !std::mem::replace(&mut header, true) {
+                    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                }
+                let _ = writeln!(out, "{name}{} {}", braces(labels), value(state));
+            }
         }
-        let _ = writeln!(
-            out,
-            "# HELP kiln_objects_desired Objects in the tree.\n# TYPE kiln_objects_desired gauge\nkiln_objects_desired {}",
-            s.desired
-        );
         let _ = writeln!(
             out,
             "# HELP kiln_source_rows Rows a source returned last.\n# TYPE kiln_source_rows gauge"
         );
-        for (source, rows) in &s.rows {
-            let _ = writeln!(out, "kiln_source_rows{{source=\"{source}\"}} {rows}");
+        for (labels, state) in states {
+            for (source, rows) in &state.rows {
+                let _ = writeln!(
+                    out,
+                    "kiln_source_rows{{{labels}source=\"{source}\"}} {rows}"
+                );
+            }
         }
         let _ = writeln!(
             out,
             "# HELP kiln_source_errors_total Failed reads of a source.\n# TYPE kiln_source_errors_total counter"
         );
-        for (source, errors) in &s.source_errors {
+        for (labels, state) in states {
+            for (source, errors) in &state.source_errors {
+                let _ = writeln!(
+                    out,
+                    "kiln_source_errors_total{{{labels}source=\"{source}\"}} {errors}"
+                );
+            }
+        }
+        if let Some(leader) = registry.leader {
             let _ = writeln!(
                 out,
-                "kiln_source_errors_total{{source=\"{source}\"}} {errors}"
+                "# HELP kiln_leader Whether this replica holds the controller's Lease.\n# TYPE kiln_leader gauge\nkiln_leader {}",
+                u8::from(leader)
             );
         }
         out

@@ -73,6 +73,7 @@ pub(crate) async fn prune(
                     report.outcomes.push(Outcome {
                         status,
                         object,
+                        owner: p.entry.owner.clone(),
                         detail,
                     });
                 }
@@ -82,6 +83,7 @@ pub(crate) async fn prune(
                     report.outcomes.push(Outcome {
                         status: Status::Failed,
                         object,
+                        owner: p.entry.owner.clone(),
                         detail,
                     });
                 }
@@ -200,8 +202,11 @@ async fn strangers(
         .namespaced_kinds()
         .await
         .map_err(|e| format!("cannot tell what the namespace holds: {e}"))?;
-    let lists = futures_util::stream::iter(kinds.iter().map(|kind| async move {
-        let objects = cluster.list_metadata(kind, namespace, 20).await;
+    // Each future owns its kind: a future borrowing from the closure's
+    // argument would not be `Send` for every lifetime, which the
+    // controller's spawned passes need.
+    let lists = futures_util::stream::iter(kinds.iter().cloned().map(|kind| async move {
+        let objects = cluster.list_metadata(&kind, namespace, 20).await;
         (kind, objects)
     }))
     .buffer_unordered(8)

@@ -47,6 +47,48 @@ pub struct Settings {
     pub git: Option<Target>,
 }
 
+/// How often a source is read when it does not say.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A source a loop reads, how often, and when next.
+#[derive(Debug, Clone)]
+pub struct Polled {
+    /// The Source's name.
+    pub name: String,
+    /// Its `spec.interval` (default [`DEFAULT_INTERVAL`]), at least a second.
+    pub interval: Duration,
+    /// When it is read next.
+    pub due: tokio::time::Instant,
+}
+
+impl Polled {
+    /// Every source `blueprints` read, due now.
+    pub fn all(config: &Config, blueprints: &[Compiled]) -> kiln_render::Result<Vec<Polled>> {
+        let names: BTreeSet<&str> = blueprints.iter().map(|b| b.spec.source.as_str()).collect();
+        let mut polled = Vec::new();
+        for name in names {
+            let Some(spec) = config.sources.get(name) else {
+                continue;
+            };
+            let interval = match &spec.spec.interval {
+                Some(text) => source::parse_duration(text).map_err(|e| {
+                    kiln_render::Error::config(
+                        spec.file.display(),
+                        format!("Source {name}: spec.interval: {e}"),
+                    )
+                })?,
+                None => DEFAULT_INTERVAL,
+            };
+            polled.push(Polled {
+                name: name.to_string(),
+                interval: interval.max(Duration::from_secs(1)),
+                due: tokio::time::Instant::now(),
+            });
+        }
+        Ok(polled)
+    }
+}
+
 /// What a render did that a person would want to know.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -142,6 +184,17 @@ impl Reconciler {
     /// The settings.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Lets the next passes remove more instances than the deletion guard
+    /// allows (the controller's Pipeline annotation), or not.
+    pub fn allow_mass_delete(&mut self, allow: bool) {
+        self.settings.apply.allow_mass_delete = allow;
+        if let Some(git) = &self.git
+            && let Ok(mut target) = git.lock()
+        {
+            target.options.allow_mass_delete = allow;
+        }
     }
 
     /// The desired state the next apply writes, once there is one.

@@ -66,6 +66,8 @@ pub struct Outcome {
     pub status: Status,
     /// `Kind namespace/name (blueprint/instance/resource)`.
     pub object: String,
+    /// Where the object comes from.
+    pub owner: crate::desired::Owner,
     /// Why, for failures and skips.
     pub detail: String,
 }

@@ -2,8 +2,10 @@
 
 #![allow(clippy::unwrap_used, dead_code)] // not every test file uses every helper
 
+use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// Runs the kiln binary with a fixed commit author.
 pub fn kiln(args: &[&str]) -> Output {
@@ -62,4 +64,49 @@ pub fn tenants(dir: &Path, prefix: &str, rows: usize, resources: &str) -> std::p
     )
     .unwrap();
     config
+}
+
+/// kubectl against the test environment's API server.
+pub fn kubectl(args: &[&str]) -> Output {
+    kiln_testenv::cluster()
+        .kubectl()
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Waits for `check` to hold, polling every 200 ms; panics after `limit`.
+pub fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{what} did not happen within {limit:?}");
+}
+
+/// A GET's whole answer, headers included; empty when nothing listens.
+pub fn http_get(addr: &str, path: &str) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: kiln\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text
+}
+
+/// The value of a metric line, exactly as named (labels included).
+pub fn metric(addr: &str, name: &str) -> Option<f64> {
+    http_get(addr, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A loopback address nothing listens on (yet).
+pub fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
 }

@@ -1,0 +1,289 @@
+//! A Pipeline's configuration read from the cluster: what files give the
+//! CLI comes from Blueprints, Sources, ConfigMaps and Secrets here. A
+//! Pipeline reads only objects of its own namespace, so one team's
+//! Pipeline cannot borrow another's templates or database passwords.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kiln_render::api::{Blueprint, Pipeline, Source};
+use kiln_render::config::{Config, Named};
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+use sha2::Digest as _;
+
+use crate::cluster::Failure;
+
+/// A ConfigMap or Secret a Pipeline's objects name, in its namespace.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reference {
+    /// A ConfigMap holding a template.
+    ConfigMap(String),
+    /// A Secret holding a source's URL.
+    Secret(String),
+}
+
+/// Why a configuration could not be assembled.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    /// A status condition's reason.
+    pub reason: &'static str,
+    /// One line, naming the object and field.
+    pub message: String,
+    /// Whether retrying without a change cannot help.
+    pub stalled: bool,
+}
+
+impl Problem {
+    fn invalid(message: String) -> Self {
+        Problem {
+            reason: "InvalidConfiguration",
+            message,
+            stalled: true,
+        }
+    }
+
+    fn missing(message: String) -> Self {
+        Problem {
+            reason: "ReferenceNotFound",
+            message,
+            stalled: true,
+        }
+    }
+
+    fn api(what: String, e: kube::Error) -> Self {
+        let failure = Failure::from(e);
+        Problem {
+            reason: if failure.is_forbidden() {
+                "Forbidden"
+            } else {
+                "ApiFailed"
+            },
+            message: format!("{what}: {failure}"),
+            stalled: false,
+        }
+    }
+}
+
+/// A Pipeline's configuration, as the CLI would have loaded it from files.
+#[derive(Debug)]
+pub struct Gathered {
+    /// The Pipeline, its blueprints and their sources, templates inline and
+    /// URLs resolved.
+    pub config: Config,
+    /// The blueprints the Pipeline names (all of the namespace's when none).
+    pub selected: Vec<String>,
+    /// SHA-256 of everything above: a change means a new engine.
+    pub digest: String,
+}
+
+/// Reads what `pipeline` renders. The references are returned even when the
+/// configuration is incomplete: a ConfigMap that is missing now starts a
+/// pass when it is created.
+pub async fn gather(
+    client: &Client,
+    pipeline: &Pipeline,
+) -> (BTreeSet<Reference>, Result<Gathered, Problem>) {
+    let mut references = BTreeSet::new();
+    let result = assemble(client, pipeline, &mut references).await;
+    (references, result)
+}
+
+async fn assemble(
+    client: &Client,
+    pipeline: &Pipeline,
+    references: &mut BTreeSet<Reference>,
+) -> Result<Gathered, Problem> {
+    let namespace = pipeline.namespace().unwrap_or_default();
+    let origin = PathBuf::from(format!("namespace {namespace}"));
+    let blueprints: Api<Blueprint> = Api::namespaced(client.clone(), &namespace);
+    let sources: Api<Source> = Api::namespaced(client.clone(), &namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let mut all_blueprints = blueprints
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| Problem::api(format!("list Blueprints in {namespace}"), e))?
+        .items;
+    all_blueprints.sort_by_key(ResourceExt::name_any);
+    let selected: Vec<String> = if pipeline.spec.blueprints.is_empty() {
+        all_blueprints.iter().map(ResourceExt::name_any).collect()
+    } else {
+        pipeline.spec.blueprints.clone()
+    };
+    let mut named_blueprints = Vec::new();
+    for blueprint in all_blueprints {
+        let name = blueprint.name_any();
+        if !selected.contains(&name) {
+            continue;
+        }
+        let mut spec = blueprint.spec;
+        for (i, resource) in spec.resources.iter_mut().enumerate() {
+            let at = format!("Blueprint {name}: spec.resources[{i}] (id {})", resource.id);
+            if resource.template_file.is_some() {
+                return Err(Problem::invalid(format!(
+                    "{at}: templateFile names a file of the controller's file system; use template or templateFrom"
+                )));
+            }
+            let Some(from) = resource.template_from.take() else {
+                continue;
+            };
+            let key = from.config_map_key_ref;
+            references.insert(Reference::ConfigMap(key.name.clone()));
+            let config_map = config_maps
+                .get_opt(&key.name)
+                .await
+                .map_err(|e| Problem::api(format!("{at}: read ConfigMap {}", key.name), e))?
+                .ok_or_else(|| {
+                    Problem::missing(format!(
+                        "{at}: templateFrom: no ConfigMap {namespace}/{}",
+                        key.name
+                    ))
+                })?;
+            let text = config_map
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&key.key))
+                .ok_or_else(|| {
+                    Problem::missing(format!(
+                        "{at}: templateFrom: ConfigMap {namespace}/{} has no key {}",
+                        key.name, key.key
+                    ))
+                })?;
+            resource.template = Some(text.clone());
+        }
+        named_blueprints.push(Named {
+            name,
+            spec,
+            file: origin.clone(),
+        });
+    }
+    let wanted: BTreeSet<String> = named_blueprints
+        .iter()
+        .map(|b| b.spec.source.clone())
+        .collect();
+    let mut named_sources = Vec::new();
+    let mut listed = sources
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| Problem::api(format!("list Sources in {namespace}"), e))?
+        .items;
+    listed.sort_by_key(ResourceExt::name_any);
+    for source in listed {
+        let name = source.name_any();
+        if !wanted.contains(&name) {
+            continue;
+        }
+        let mut spec = source.spec;
+        let at = format!("Source {name}");
+        if spec.seed_file.is_some() {
+            return Err(Problem::invalid(format!(
+                "{at}: spec.seedFile names a file of the controller's file system; create the database beforehand"
+            )));
+        }
+        if let Some(from) = spec.url_from.take() {
+            if from.env.is_some() {
+                return Err(Problem::invalid(format!(
+                    "{at}: urlFrom.env would read the controller's environment; use urlFrom.secretKeyRef"
+                )));
+            }
+            if let Some(key) = from.secret_key_ref {
+                references.insert(Reference::Secret(key.name.clone()));
+                let secret = secrets
+                    .get_opt(&key.name)
+                    .await
+                    .map_err(|e| Problem::api(format!("{at}: read Secret {}", key.name), e))?
+                    .ok_or_else(|| {
+                        Problem::missing(format!(
+                            "{at}: urlFrom.secretKeyRef: no Secret {namespace}/{}",
+                            key.name
+                        ))
+                    })?;
+                let bytes = secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(&key.key))
+                    .ok_or_else(|| {
+                        Problem::missing(format!(
+                            "{at}: urlFrom.secretKeyRef: Secret {namespace}/{} has no key {}",
+                            key.name, key.key
+                        ))
+                    })?;
+                let url = String::from_utf8(bytes.0.clone()).map_err(|_| {
+                    Problem::invalid(format!(
+                        "{at}: urlFrom.secretKeyRef: Secret {namespace}/{} key {} is not UTF-8",
+                        key.name, key.key
+                    ))
+                })?;
+                spec.url = Some(url.trim().to_string());
+            }
+        }
+        if let Some(url) = &spec.url {
+            check_path(&at, url)?;
+        }
+        named_sources.push(Named {
+            name,
+            spec,
+            file: origin.clone(),
+        });
+    }
+    let pipeline_named = Named {
+        name: pipeline.name_any(),
+        spec: pipeline.spec.clone(),
+        file: origin.clone(),
+    };
+    let digest = {
+        let mut hasher = sha2::Sha256::new();
+        let mut feed = |value: serde_json::Result<Vec<u8>>| {
+            hasher.update(value.unwrap_or_default());
+            hasher.update([0]);
+        };
+        feed(serde_json::to_vec(&pipeline_named.spec));
+        for b in &named_blueprints {
+            feed(serde_json::to_vec(&(&b.name, &b.spec)));
+        }
+        for s in &named_sources {
+            feed(serde_json::to_vec(&(&s.name, &s.spec)));
+        }
+        format!("{:x}", hasher.finalize())
+    };
+    let config = Config::assemble(named_sources, named_blueprints, vec![pipeline_named])
+        .map_err(|e| Problem::invalid(one_line(&e)))?;
+    Ok(Gathered {
+        config,
+        selected,
+        digest,
+    })
+}
+
+/// A file or SQLite source must name an absolute path: there is no
+/// configuration file for a relative one to resolve against.
+fn check_path(at: &str, url: &str) -> Result<(), Problem> {
+    let Some((scheme, rest)) = url.split_once(':') else {
+        return Ok(());
+    };
+    if !matches!(scheme.to_ascii_lowercase().as_str(), "file" | "sqlite") {
+        return Ok(());
+    }
+    let path = rest.trim_start_matches("//");
+    let path = path.split('?').next().unwrap_or_default();
+    if Path::new(path).is_absolute() || path.starts_with(":memory:") {
+        Ok(())
+    } else {
+        Err(Problem::invalid(format!(
+            "{at}: spec.url: a {scheme}: path must be absolute in the controller (a mounted volume)"
+        )))
+    }
+}
+
+/// Every problem of an error on one line.
+pub fn one_line(error: &dyn std::fmt::Display) -> String {
+    error
+        .to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}

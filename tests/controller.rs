@@ -1,0 +1,551 @@
+//! `kiln controller` as a process against the test environment's API
+//! server, configured only through Kiln's custom resources: rows in
+//! PostgreSQL behind a Secret, templates in a ConfigMap, status and Events
+//! read back with kubectl, leader election between two replicas.
+//!
+//! Each test runs its own controller(s) with a `--selector` of its own, so
+//! that tests running side by side never reconcile each other's Pipelines.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
+
+mod common;
+
+use std::io::Write as _;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{eventually, free_addr, http_get, kubectl, metric, stderr};
+use serde_json::Value;
+
+fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(out.status.success(), "kubectl {args:?}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kubectl apply` of a YAML text.
+fn apply(yaml: &str) {
+    let mut child = kiln_testenv::cluster()
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}\n{yaml}",
+        stderr(&out)
+    );
+}
+
+fn get(namespace: &str, kind: &str, name: &str) -> Option<Value> {
+    let out = kubectl(&["get", kind, name, "-n", namespace, "-o", "json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Runs SQL statements on a PostgreSQL database.
+fn sql(url: &str, statements: &str) {
+    use sqlx::Connection as _;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statements.to_string()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    });
+}
+
+fn postgres(hint: &str) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(kiln_testenv::postgres().database(hint))
+        .unwrap()
+}
+
+/// A namespace of the test's own, with Kiln's CRDs installed, and the
+/// label its controllers select Pipelines by.
+struct Scene {
+    namespace: String,
+    selector: String,
+}
+
+impl Scene {
+    fn new(hint: &str) -> Self {
+        let namespace = kiln_testenv::unique_name(hint);
+        let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kiln.dev.yaml");
+        kubectl_ok(&["apply", "--server-side", "-f", crds]);
+        kubectl_ok(&["create", "namespace", &namespace]);
+        // The CRDs may take a moment to be served after their first apply.
+        eventually(
+            "the Pipeline kind is served",
+            Duration::from_secs(30),
+            || {
+                kubectl(&["get", "pipelines", "-n", &namespace])
+                    .status
+                    .success()
+            },
+        );
+        let selector = format!("kiln.test/scene={namespace}");
+        Scene {
+            namespace,
+            selector,
+        }
+    }
+
+    /// Starts a controller for this scene's Pipelines.
+    fn controller(&self, metrics: &str, extra: &[&str]) -> Child {
+        let cluster = kiln_testenv::cluster();
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["controller", "--kubeconfig"])
+            .arg(&cluster.kubeconfig)
+            .args(["--selector", &self.selector])
+            .args(["--namespace", &self.namespace])
+            .args(["--metrics-addr", metrics])
+            .args(extra)
+            .env("KILN_LOG", "info,kube=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// A Pipeline of this scene (labelled for its controllers).
+    fn pipeline(&self, name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels: {{kiln.test/scene: {ns}}}\nspec: {spec}\n",
+            ns = self.namespace
+        )
+    }
+
+    fn status(&self, pipeline: &str) -> Value {
+        get(&self.namespace, "pipelines.kiln.dev", pipeline)
+            .map(|p| p["status"].clone())
+            .unwrap_or(Value::Null)
+    }
+
+    fn condition(&self, pipeline: &str, kind: &str) -> (String, String) {
+        let status = self.status(pipeline);
+        status["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == kind))
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or_default().to_string(),
+                    c["reason"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .unwrap_or_default()
+    }
+
+    fn config_map_data(&self, name: &str) -> Option<Value> {
+        get(&self.namespace, "configmap", name).map(|c| c["data"].clone())
+    }
+
+    /// Reasons of the Events on the Pipeline.
+    fn event_reasons(&self, pipeline: &str) -> Vec<(String, String)> {
+        let out = kubectl_ok(&[
+            "get",
+            "events.events.k8s.io",
+            "-n",
+            &self.namespace,
+            "--field-selector",
+            &format!("regarding.name={pipeline},regarding.kind=Pipeline"),
+            "-o",
+            "json",
+        ]);
+        let list: Value = serde_json::from_str(&out).unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap_or_default().to_string(),
+                    e["reason"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.namespace, "--wait=false"]);
+    }
+}
+
+/// Kills a process group member for good when the test ends, passing or not.
+struct Running(Option<Child>);
+
+impl Running {
+    fn terminate(&mut self) -> Output {
+        let child = self.0.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.0.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+const TEMPLATE: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: \"plan-{{ key }}\"}\ndata: {plan: \"{{ row.plan }}\"}\n";
+
+/// A Secret holding `url`, a ConfigMap holding `template`, a Source and a
+/// Blueprint reading them.
+fn tenants_configuration(scene: &Scene, url: &str, template: &str) -> String {
+    let indented: String = template.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: db, namespace: {ns}}}\nstringData: {{url: \"{url}\"}}\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: templates, namespace: {ns}}}\ndata:\n  plan.yaml: |\n{indented}---\n\
+         apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: tenants, namespace: {ns}}}\n\
+         spec: {{urlFrom: {{secretKeyRef: {{name: db, key: url}}}}, query: \"SELECT id, plan, active FROM tenants\", key: id, active: active, interval: 1s}}\n---\n\
+         apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app, namespace: {ns}}}\n\
+         spec:\n  source: tenants\n  namespace: {ns}\n  resources:\n  - id: plan\n    templateFrom: {{configMapKeyRef: {{name: templates, key: plan.yaml}}}}\n",
+        ns = scene.namespace
+    )
+}
+
+/// A Source reading a YAML file of one row (`a`) and a Blueprint whose one
+/// resource `plan` is `resource` (its template field). The file's
+/// directory lives as long as the first value.
+fn file_configuration(scene: &Scene, resource: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let rows = tempfile::tempdir().unwrap();
+    let file = rows.path().join("rows.yaml");
+    std::fs::write(&file, "- {id: a, plan: gold}\n").unwrap();
+    apply(&format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows, namespace: {ns}}}\n\
+         spec: {{url: \"file:{file}\", key: id, interval: 1s}}\n---\n\
+         apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app, namespace: {ns}}}\n\
+         spec:\n  source: rows\n  namespace: {ns}\n  resources:\n  - id: plan\n{resource}",
+        ns = scene.namespace,
+        file = file.display()
+    ));
+    (rows, file)
+}
+
+#[test]
+fn the_controller_follows_rows_templates_and_secrets_and_reports_in_status_and_events() {
+    let scene = Scene::new("ctl");
+    let url = postgres("ctl");
+    sql(
+        &url,
+        "CREATE TABLE tenants (id TEXT PRIMARY KEY, plan TEXT, active BOOLEAN);\
+         INSERT INTO tenants VALUES ('acme', 'gold', true), ('globex', 'silver', true);",
+    );
+    apply(&tenants_configuration(&scene, &url, TEMPLATE));
+    apply(&scene.pipeline("main", "{}"));
+    let addr = free_addr();
+    let mut controller = Running(Some(scene.controller(&addr, &[])));
+    let plan = |key: &str| {
+        scene
+            .config_map_data(&format!("plan-{key}"))
+            .map(|d| d["plan"].as_str().unwrap_or_default().to_string())
+    };
+
+    eventually("the first pass", Duration::from_secs(60), || {
+        plan("acme").as_deref() == Some("gold") && plan("globex").as_deref() == Some("silver")
+    });
+    eventually("Ready", Duration::from_secs(20), || {
+        scene.condition("main", "Ready") == ("True".into(), "Succeeded".into())
+    });
+    let status = scene.status("main");
+    assert_eq!(status["instances"], 2, "{status}");
+    assert_eq!(status["objects"], 2, "{status}");
+    assert_eq!(status["sources"][0]["name"], "tenants", "{status}");
+    assert_eq!(status["sources"][0]["rows"], 2, "{status}");
+    let pipeline = get(&scene.namespace, "pipelines.kiln.dev", "main").unwrap();
+    assert_eq!(
+        status["observedGeneration"], pipeline["metadata"]["generation"],
+        "{status}"
+    );
+    let first_revision = status["lastAppliedRevision"].as_str().unwrap().to_string();
+    assert!(first_revision.starts_with("sha256:"), "{status}");
+    assert_eq!(scene.condition("main", "Stalled").0, "False");
+    let columns = kubectl_ok(&["get", "pipelines", "-n", &scene.namespace]);
+    assert!(columns.contains("READY"), "{columns}");
+    assert!(columns.contains("INSTANCES"), "{columns}");
+    assert!(
+        columns.lines().nth(1).unwrap().contains("True"),
+        "{columns}"
+    );
+
+    // A row added, one changed, one deactivated: each within seconds.
+    sql(
+        &url,
+        "INSERT INTO tenants VALUES ('initech', 'bronze', true);\
+         UPDATE tenants SET plan = 'platinum' WHERE id = 'acme';\
+         UPDATE tenants SET active = false WHERE id = 'globex';",
+    );
+    // Deactivating one of two instances is more than the deletion guard's
+    // 20%: the render is refused and the last state kept, until the
+    // Pipeline allows it.
+    eventually("MassDeletion", Duration::from_secs(20), || {
+        scene.condition("main", "Ready") == ("False".into(), "MassDeletion".into())
+    });
+    assert_eq!(plan("globex").as_deref(), Some("silver"));
+    assert_eq!(plan("initech"), None);
+    kubectl_ok(&[
+        "annotate",
+        "pipeline",
+        "main",
+        "-n",
+        &scene.namespace,
+        "kiln.dev/allow-mass-delete=true",
+    ]);
+    eventually("the rows' changes", Duration::from_secs(20), || {
+        plan("initech").as_deref() == Some("bronze")
+            && plan("acme").as_deref() == Some("platinum")
+            && plan("globex").is_none()
+    });
+    eventually("the status follows", Duration::from_secs(20), || {
+        let status = scene.status("main");
+        status["instances"] == 2 && status["lastAppliedRevision"] != first_revision.as_str()
+    });
+
+    kubectl_ok(&[
+        "annotate",
+        "pipeline",
+        "main",
+        "-n",
+        &scene.namespace,
+        "kiln.dev/allow-mass-delete-",
+    ]);
+
+    // A template change in the ConfigMap reaches every instance.
+    let changed = TEMPLATE.replace(
+        "plan: \"{{ row.plan }}\"",
+        "plan: \"{{ row.plan | upper }}\"",
+    );
+    apply(&tenants_configuration(&scene, &url, &changed));
+    eventually("the template change", Duration::from_secs(20), || {
+        plan("acme").as_deref() == Some("PLATINUM") && plan("initech").as_deref() == Some("BRONZE")
+    });
+
+    // Someone else's edit of a managed object is put back.
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "plan-acme",
+        "-n",
+        &scene.namespace,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"plan":"edited"}}"#,
+    ]);
+    eventually("the edit put back", Duration::from_secs(20), || {
+        plan("acme").as_deref() == Some("PLATINUM")
+    });
+
+    // A database that cannot be reached: the last state stays, nothing is
+    // pruned, and the status says why.
+    let broken = tenants_configuration(&scene, "postgres://kiln:wrong@127.0.0.1:1/none", &changed);
+    apply(&broken);
+    eventually("SourceFailed", Duration::from_secs(30), || {
+        scene.condition("main", "Ready") == ("False".into(), "SourceFailed".into())
+    });
+    let status = scene.status("main");
+    assert!(
+        status["sources"][0]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("tenants") && !e.contains("wrong")),
+        "the error names the source and hides the password: {status}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(plan("acme").as_deref(), Some("PLATINUM"));
+    assert_eq!(plan("initech").as_deref(), Some("BRONZE"));
+    apply(&tenants_configuration(&scene, &url, &changed));
+    eventually("Ready again", Duration::from_secs(30), || {
+        scene.condition("main", "Ready").0 == "True"
+    });
+
+    // A row removed from the table is pruned, once the Pipeline's guard
+    // allows one instance of two.
+    apply(&scene.pipeline("main", "{deletionGuard: {maxPercent: 50}}"));
+    sql(&url, "DELETE FROM tenants WHERE id = 'initech';");
+    eventually("the prune", Duration::from_secs(20), || {
+        plan("initech").is_none()
+    });
+
+    let reasons = scene.event_reasons("main");
+    for (kind, reason) in [
+        ("Normal", "Applied"),
+        ("Normal", "Pruned"),
+        ("Normal", "DriftCorrected"),
+        ("Warning", "SourceFailed"),
+        ("Warning", "MassDeletion"),
+    ] {
+        assert!(
+            reasons.contains(&(kind.to_string(), reason.to_string())),
+            "no {kind} {reason} event: {reasons:?}"
+        );
+    }
+    let described = kubectl_ok(&["describe", "pipeline", "main", "-n", &scene.namespace]);
+    assert!(described.contains("SourceFailed"), "{described}");
+    assert!(
+        metric(
+            &addr,
+            &format!(
+                "kiln_reconciles_total{{pipeline=\"{}/main\"}}",
+                scene.namespace
+            )
+        )
+        .is_some_and(|n| n > 0.0)
+    );
+    assert!(
+        metric(
+            &addr,
+            &format!(
+                "kiln_source_rows{{pipeline=\"{}/main\",source=\"tenants\"}}",
+                scene.namespace
+            )
+        ) == Some(2.0)
+    );
+    let out = controller.terminate();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
+    let scene = Scene::new("ctlref");
+    let (_rows, _) = file_configuration(
+        &scene,
+        "    templateFrom: {configMapKeyRef: {name: later, key: plan.yaml}}\n",
+    );
+    apply(&scene.pipeline("main", "{}"));
+    let addr = free_addr();
+    let mut controller = Running(Some(scene.controller(&addr, &[])));
+    eventually("ReferenceNotFound", Duration::from_secs(60), || {
+        scene.condition("main", "Ready") == ("False".into(), "ReferenceNotFound".into())
+    });
+    assert_eq!(
+        scene.condition("main", "Stalled"),
+        ("True".into(), "ReferenceNotFound".into())
+    );
+    let message = scene.status("main")["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("Blueprint app") && message.contains("later"),
+        "{message}"
+    );
+    // The ConfigMap appears: the watch on ConfigMaps starts a pass.
+    let indented: String = TEMPLATE.lines().map(|l| format!("    {l}\n")).collect();
+    apply(&format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: later, namespace: {}}}\ndata:\n  plan.yaml: |\n{indented}",
+        scene.namespace
+    ));
+    eventually("the object", Duration::from_secs(15), || {
+        scene.config_map_data("plan-a").is_some()
+    });
+    eventually("Ready", Duration::from_secs(15), || {
+        scene.condition("main", "Ready").0 == "True"
+    });
+    // A relative file path means nothing in a cluster: refused by name.
+    apply(&format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows, namespace: {ns}}}\n\
+         spec: {{url: \"file:rows.yaml\", key: id, interval: 1s}}\n",
+        ns = scene.namespace
+    ));
+    eventually("InvalidConfiguration", Duration::from_secs(15), || {
+        scene.condition("main", "Ready") == ("False".into(), "InvalidConfiguration".into())
+    });
+    assert!(
+        scene.config_map_data("plan-a").is_some(),
+        "a bad configuration keeps the last state"
+    );
+    controller.terminate();
+}
+
+#[test]
+fn two_replicas_elect_one_leader_which_a_standby_replaces() {
+    let scene = Scene::new("ctlha");
+    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
+    let (_rows, file) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    apply(&scene.pipeline("main", "{}"));
+    let election = ["--leader-elect", "--lease-duration", "3s"];
+    let (first, second) = (free_addr(), free_addr());
+    let mut one = Running(Some(
+        scene.controller(&first, &[&election[..], &["--identity", "one"]].concat()),
+    ));
+    eventually("one leads", Duration::from_secs(30), || {
+        metric(&first, "kiln_leader") == Some(1.0)
+    });
+    let mut two = Running(Some(
+        scene.controller(&second, &[&election[..], &["--identity", "two"]].concat()),
+    ));
+    eventually("two stands by", Duration::from_secs(30), || {
+        metric(&second, "kiln_leader") == Some(0.0)
+    });
+    eventually("the leader's pass", Duration::from_secs(30), || {
+        scene.config_map_data("plan-a").is_some()
+    });
+    let holder = || {
+        get(&scene.namespace, "lease", "kiln-controller")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    };
+    assert_eq!(holder().as_deref(), Some("one"));
+    // The standby writes nothing: its reconcile counter stays absent.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !http_get(&second, "/metrics").contains("kiln_reconciles_total"),
+        "the standby reconciled"
+    );
+
+    // kill -9 the leader: the standby takes over within the Lease's
+    // duration (and a few renewal periods), and applies a new row.
+    one.kill();
+    let killed = Instant::now();
+    eventually("two leads", Duration::from_secs(15), || {
+        metric(&second, "kiln_leader") == Some(1.0)
+    });
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "took over too early: {took:?}"
+    );
+    assert_eq!(holder().as_deref(), Some("two"));
+    std::fs::write(&file, "- {id: a, plan: gold}\n- {id: b, plan: silver}\n").unwrap();
+    eventually("the new leader's pass", Duration::from_secs(20), || {
+        scene.config_map_data("plan-b").is_some()
+    });
+
+    // SIGTERM gives the Lease up at once.
+    let out = two.terminate();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(holder(), None, "the Lease was not released");
+}
