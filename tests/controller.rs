@@ -549,3 +549,175 @@ fn two_replicas_elect_one_leader_which_a_standby_replaces() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(holder(), None, "the Lease was not released");
 }
+
+/// The `Tenant` kind of the tests: a CRD of its own group, namespaced.
+fn tenant_crd() {
+    apply(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n\
+         metadata: {name: tenants.kiln-test.example.com}\n\
+         spec:\n  group: kiln-test.example.com\n  scope: Namespaced\n\
+         \x20 names: {plural: tenants, singular: tenant, kind: Tenant}\n\
+         \x20 versions:\n  - name: v1\n    served: true\n    storage: true\n\
+         \x20   schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}\n",
+    );
+    eventually("the Tenant kind is served", Duration::from_secs(30), || {
+        kubectl(&["get", "tenants.kiln-test.example.com", "-A"])
+            .status
+            .success()
+    });
+}
+
+fn tenant(namespace: &str, name: &str, plan: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: kiln-test.example.com/v1\nkind: Tenant\n\
+         metadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
+         spec: {{plan: {plan}, active: true}}\n"
+    )
+}
+
+/// A Source of the Tenants of `namespace` labelled `kiln.test/tenant=yes`
+/// (read every hour: only the watch can make a change show within seconds)
+/// and a Blueprint of one ConfigMap per Tenant in `target`.
+fn tenants_as_rows(namespace: &str, source_namespace: &str, target: &str) -> String {
+    format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: tenants, namespace: {source_namespace}}}\n\
+         spec:\n  kubernetes: {{apiVersion: kiln-test.example.com/v1, kind: Tenant, namespace: {namespace}, labelSelector: kiln.test/tenant=yes}}\n\
+         \x20 active: spec.active\n  interval: 1h\n---\n\
+         apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app, namespace: {source_namespace}}}\n\
+         spec:\n  source: tenants\n  namespace: {target}\n  resources:\n  - id: plan\n    template: |\n\
+         \x20     apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: \"tenant-{{{{ row.metadata.name }}}}\"}}\n\
+         \x20     data: {{plan: \"{{{{ row.spec.plan }}}}\", key: \"{{{{ key }}}}\"}}\n"
+    )
+}
+
+#[test]
+fn custom_resources_are_rows_for_render_sync_and_the_controller() {
+    tenant_crd();
+    let scene = Scene::new("ctlcr");
+    let ns = scene.namespace.clone();
+    apply(&tenant(&ns, "acme", "gold", "kiln.test/tenant: \"yes\""));
+    apply(&tenant(
+        &ns,
+        "globex",
+        "silver",
+        "kiln.test/tenant: \"yes\"",
+    ));
+    apply(&tenant(&ns, "stray", "none", ""));
+
+    // The CLI reads them through the kubeconfig.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.yaml");
+    let elsewhere = kiln_testenv::unique_name("ctlcr-sync");
+    kubectl_ok(&["create", "namespace", &elsewhere]);
+    std::fs::write(&config, tenants_as_rows(&ns, "default", &elsewhere)).unwrap();
+    let cluster = kiln_testenv::cluster();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["render", "-f"])
+        .arg(&config)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    assert!(rendered.contains("name: tenant-acme"), "{rendered}");
+    assert!(rendered.contains("plan: silver"), "{rendered}");
+    assert!(
+        rendered.contains(&format!("key: {ns}/acme")),
+        "the key is namespace/name: {rendered}"
+    );
+    assert!(
+        !rendered.contains("tenant-stray"),
+        "the label selector: {rendered}"
+    );
+
+    // `kiln sync` watches them: a change is applied within seconds.
+    let mut sync = Running(Some(
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["sync", "-f"])
+            .arg(&config)
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .args(["--inventory", &elsewhere])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let synced = |name: &str| {
+        get(&elsewhere, "configmap", &format!("tenant-{name}"))
+            .map(|c| c["data"]["plan"].as_str().unwrap_or_default().to_string())
+    };
+    eventually("the sync's first pass", Duration::from_secs(30), || {
+        synced("globex").as_deref() == Some("silver")
+    });
+    apply(&tenant(&ns, "globex", "gold", "kiln.test/tenant: \"yes\""));
+    eventually("the sync follows a Tenant", Duration::from_secs(10), || {
+        synced("globex").as_deref() == Some("gold")
+    });
+    let out = sync.terminate();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = kubectl(&["delete", "namespace", &elsewhere, "--wait=false"]);
+    apply(&tenant(
+        &ns,
+        "globex",
+        "silver",
+        "kiln.test/tenant: \"yes\"",
+    ));
+
+    // The controller watches them: a change shows within seconds though the
+    // Source is read every hour.
+    apply(&tenants_as_rows(&ns, &ns, &ns));
+    apply(&scene.pipeline("main", "{deletionGuard: {maxPercent: 100}}"));
+    let addr = free_addr();
+    let mut controller = Running(Some(scene.controller(&addr, &[])));
+    let plan = |name: &str| {
+        scene
+            .config_map_data(&format!("tenant-{name}"))
+            .map(|d| d["plan"].as_str().unwrap_or_default().to_string())
+    };
+    eventually("the first pass", Duration::from_secs(60), || {
+        plan("acme").as_deref() == Some("gold") && plan("globex").as_deref() == Some("silver")
+    });
+    assert_eq!(plan("stray"), None);
+    apply(&tenant(
+        &ns,
+        "acme",
+        "platinum",
+        "kiln.test/tenant: \"yes\"",
+    ));
+    eventually("a changed Tenant", Duration::from_secs(10), || {
+        plan("acme").as_deref() == Some("platinum")
+    });
+    apply(&tenant(
+        &ns,
+        "initech",
+        "bronze",
+        "kiln.test/tenant: \"yes\"",
+    ));
+    eventually("a new Tenant", Duration::from_secs(10), || {
+        plan("initech").as_deref() == Some("bronze")
+    });
+    kubectl_ok(&[
+        "delete",
+        "tenants.kiln-test.example.com",
+        "globex",
+        "-n",
+        &ns,
+    ]);
+    eventually("a deleted Tenant", Duration::from_secs(10), || {
+        plan("globex").is_none()
+    });
+    assert_eq!(scene.status("main")["instances"], 2);
+
+    // A Source may not read another namespace's objects.
+    apply(&tenants_as_rows("default", &ns, &ns));
+    eventually("InvalidConfiguration", Duration::from_secs(15), || {
+        scene.condition("main", "Ready") == ("False".into(), "InvalidConfiguration".into())
+    });
+    assert_eq!(
+        plan("acme").as_deref(),
+        Some("platinum"),
+        "the last state stays"
+    );
+    controller.terminate();
+}

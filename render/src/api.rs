@@ -20,7 +20,8 @@ pub const API_VERSION: &str = "kiln.dev/v1alpha1";
     printcolumn = r#"{"name":"Key","type":"string","jsonPath":".spec.key"}"#,
     printcolumn = r#"{"name":"Interval","type":"string","jsonPath":".spec.interval"}"#
 )]
-#[x_kube(validation = Rule::new("has(self.url) != has(self.urlFrom)").message("exactly one of url and urlFrom must be set"))]
+#[x_kube(validation = Rule::new("[has(self.url), has(self.urlFrom), has(self.kubernetes)].filter(x, x).size() == 1").message("exactly one of url, urlFrom and kubernetes must be set"))]
+#[x_kube(validation = Rule::new("has(self.kubernetes) || (has(self.key) && self.key != '')").message("key must name a column"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
     /// Connection URL; the scheme picks the driver: `sqlite:`, `postgres:` or
@@ -32,14 +33,19 @@ pub struct SourceSpec {
     /// configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_from: Option<UrlFrom>,
+    /// Kubernetes objects as rows, one per object, instead of a URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<ObjectsSpec>,
     /// The SQL query (SQL drivers only; a file source reads the whole file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
     /// The column that identifies a row; duplicate and NULL keys are errors.
-    #[x_kube(validation = Rule::new("self != ''").message("key must name a column"))]
+    /// For Kubernetes objects a dotted path such as `spec.tenantId`,
+    /// default `namespace/name` (`name` for cluster-scoped objects).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
     /// Optional column: a row renders only when it is truthy (true, 1, yes,
-    /// on, case-insensitive).
+    /// on, case-insensitive). A dotted path for Kubernetes objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active: Option<String>,
     /// How often the sync loop polls the source, e.g. `30s`, `5m`.
@@ -52,6 +58,29 @@ pub struct SourceSpec {
     /// not exist yet (demos, tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_file: Option<String>,
+}
+
+/// Which Kubernetes objects a Source reads: each is a row whose values are
+/// the object (`row.metadata.labels`, `row.spec.plan`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectsSpec {
+    /// The objects' `apiVersion`, e.g. `example.com/v1`.
+    #[x_kube(validation = Rule::new("self != ''").message("apiVersion is required"))]
+    pub api_version: String,
+    /// Their kind, e.g. `Tenant`.
+    #[x_kube(validation = Rule::new("self != ''").message("kind is required"))]
+    pub kind: String,
+    /// Only this namespace (default: every namespace; in the controller, the
+    /// Source's own and no other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Only objects with these labels, e.g. `tier=gold,!legacy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<String>,
+    /// Only objects with these fields, e.g. `metadata.name!=test`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_selector: Option<String>,
 }
 
 /// Indirect sources of a Source's URL.

@@ -189,16 +189,33 @@ impl Config {
                     format!("Source {}: {message}", source.name),
                 )
             };
-            match (&source.spec.url, &source.spec.url_from) {
-                (Some(_), Some(_)) => errors.push(at("set url or urlFrom, not both")),
-                (None, None) => errors.push(at("spec.url or spec.urlFrom is required")),
-                (None, Some(from)) if from.env.is_none() && from.secret_key_ref.is_none() => {
+            let spec = &source.spec;
+            match (&spec.url, &spec.url_from, &spec.kubernetes) {
+                (None, None, None) => {
+                    errors.push(at("spec.url, spec.urlFrom or spec.kubernetes is required"))
+                }
+                (Some(_), Some(_), _) => errors.push(at("set url or urlFrom, not both")),
+                (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => errors.push(at(
+                    "spec.kubernetes reads objects, not a URL: set one of them",
+                )),
+                (None, Some(from), None) if from.env.is_none() && from.secret_key_ref.is_none() => {
                     errors.push(at("spec.urlFrom needs env or secretKeyRef"))
                 }
                 _ => {}
             }
-            if source.spec.key.is_empty() {
-                errors.push(at("spec.key must name a column"));
+            match &spec.kubernetes {
+                Some(objects) => {
+                    if objects.api_version.is_empty() || objects.kind.is_empty() {
+                        errors.push(at("spec.kubernetes needs apiVersion and kind"));
+                    }
+                    if spec.query.is_some() || spec.seed_file.is_some() {
+                        errors.push(at(
+                            "spec.query and spec.seedFile are for SQL sources, not spec.kubernetes",
+                        ));
+                    }
+                }
+                None if spec.key.is_empty() => errors.push(at("spec.key must name a column")),
+                None => {}
             }
         }
         for blueprint in self.blueprints.values() {

@@ -566,11 +566,12 @@ fn kind_of(value: &Value) -> &'static str {
 }
 
 /// Reads the sources the `blueprints` need, concurrently, each once; at most
-/// `limit` rows each.
+/// `limit` rows each. `objects` lists what `kubernetes` sources read.
 pub async fn read_sources(
     blueprints: &[Compiled],
     config: &Config,
     limit: Option<usize>,
+    objects: Option<&dyn crate::source::Objects>,
 ) -> Result<BTreeMap<String, Vec<Row>>> {
     let names: std::collections::BTreeSet<&str> =
         blueprints.iter().map(|b| b.spec.source.as_str()).collect();
@@ -578,7 +579,7 @@ pub async fn read_sources(
         .into_iter()
         .filter_map(|name| config.sources.get(name))
         .map(|source| async move {
-            crate::source::read(source, limit)
+            crate::source::read(source, limit, objects)
                 .await
                 .map(|rows| (source.name.clone(), rows))
         });

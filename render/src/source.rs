@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::{Stream, TryStreamExt};
 use serde_json::{Map, Value};
 use sqlx::{Column, Connection, Row as _, TypeInfo, ValueRef};
 
-use crate::api::SourceSpec;
+use crate::api::{ObjectsSpec, SourceSpec};
 use crate::config::Named;
 use crate::{Error, Result, yaml};
 
@@ -37,13 +38,53 @@ pub struct Row {
     pub values: Map<String, Value>,
 }
 
-/// Reads a source's rows, at most `limit` of them, checking keys.
-pub async fn read(source: &Named<SourceSpec>, limit: Option<usize>) -> Result<Vec<Row>> {
+/// Lists Kubernetes objects for a `kubernetes` source. This crate never
+/// talks to a cluster: the binary and the controller provide one.
+pub trait Objects: Send + Sync {
+    /// Every object `spec` selects, as JSON; an error is one line.
+    fn list<'a>(
+        &'a self,
+        spec: &'a ObjectsSpec,
+    ) -> BoxFuture<'a, std::result::Result<Vec<Map<String, Value>>, String>>;
+}
+
+/// Reads a source's rows, at most `limit` of them, checking keys. A
+/// `kubernetes` source needs `objects`.
+pub async fn read(
+    source: &Named<SourceSpec>,
+    limit: Option<usize>,
+    objects: Option<&dyn Objects>,
+) -> Result<Vec<Row>> {
     let timeout = match &source.spec.timeout {
         Some(text) => parse_duration(text)
             .map_err(|e| Error::source(&source.name, format!("spec.timeout: {e}")))?,
         None => DEFAULT_TIMEOUT,
     };
+    if let Some(spec) = &source.spec.kubernetes {
+        let objects = objects.ok_or_else(|| {
+            Error::source(
+                &source.name,
+                format!(
+                    "reads {} objects from a cluster, and none was given",
+                    spec.kind
+                ),
+            )
+        })?;
+        let listed = tokio::time::timeout(timeout, objects.list(spec))
+            .await
+            .map_err(|_| {
+                Error::source(
+                    &source.name,
+                    format!("no answer within {}s (spec.timeout)", timeout.as_secs_f64()),
+                )
+            })?
+            .map_err(|e| Error::source(&source.name, e))?;
+        let mut rows = keyed_objects(source, listed)?;
+        if let Some(limit) = limit {
+            rows.truncate(limit);
+        }
+        return Ok(rows);
+    }
     let url = url(source)?;
     let read = read_url(source, &url, limit);
     let values = tokio::time::timeout(timeout, read).await.map_err(|_| {
@@ -271,6 +312,80 @@ async fn collect<R>(
 }
 
 /// Checks keys (present, not NULL, unique) and reads `active`.
+/// Kubernetes objects as rows, in key order: the key is the value at the
+/// dotted path `spec.key`, else `namespace/name` (`name` without a
+/// namespace); `spec.active` is a dotted path too.
+fn keyed_objects(source: &Named<SourceSpec>, objects: Vec<Map<String, Value>>) -> Result<Vec<Row>> {
+    let mut rows = Vec::with_capacity(objects.len());
+    let mut seen = HashSet::with_capacity(objects.len());
+    for values in objects {
+        let meta = |field: &str| {
+            values
+                .get("metadata")
+                .and_then(|m| m.get(field))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (namespace, name) = (meta("namespace"), meta("name"));
+        let object = if namespace.is_empty() {
+            name.clone()
+        } else {
+            format!("{namespace}/{name}")
+        };
+        let key = if source.spec.key.is_empty() {
+            object.clone()
+        } else {
+            match at_path(&values, &source.spec.key) {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+                other => {
+                    return Err(Error::source(
+                        &source.name,
+                        format!(
+                            "{} {object}: key {} must be a string or a number, found {}",
+                            values
+                                .get("kind")
+                                .and_then(Value::as_str)
+                                .unwrap_or("object"),
+                            source.spec.key,
+                            other.map_or("nothing".to_string(), ToString::to_string)
+                        ),
+                    ));
+                }
+            }
+        };
+        let active = source
+            .spec
+            .active
+            .as_deref()
+            .is_none_or(|path| at_path(&values, path).is_some_and(truthy));
+        if !seen.insert(key.clone()) {
+            return Err(Error::source(
+                &source.name,
+                format!("duplicate key {key} (object {object})"),
+            ));
+        }
+        rows.push(Row {
+            key,
+            active,
+            values,
+        });
+    }
+    rows.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(rows)
+}
+
+/// The value at a dotted path: `spec.plan`, `metadata.labels.tier`.
+fn at_path<'v>(values: &'v Map<String, Value>, path: &str) -> Option<&'v Value> {
+    let mut parts = path.split('.');
+    let mut value = values.get(parts.next()?)?;
+    for part in parts {
+        value = value.get(part)?;
+    }
+    Some(value)
+}
+
 fn keyed(source: &Named<SourceSpec>, rows: Vec<Map<String, Value>>) -> Result<Vec<Row>> {
     let key_column = &source.spec.key;
     let mut seen = HashSet::with_capacity(rows.len());
@@ -554,6 +669,76 @@ fn mysql_row(row: &sqlx::mysql::MySqlRow) -> Result<Map<String, Value>, String> 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn objects_source(key: &str, active: Option<&str>) -> Named<SourceSpec> {
+        Named {
+            name: "tenants".into(),
+            spec: SourceSpec {
+                url: None,
+                url_from: None,
+                kubernetes: Some(ObjectsSpec {
+                    api_version: "example.com/v1".into(),
+                    kind: "Tenant".into(),
+                    ..ObjectsSpec::default()
+                }),
+                query: None,
+                key: key.into(),
+                active: active.map(str::to_string),
+                interval: None,
+                timeout: None,
+                seed_file: None,
+            },
+            file: "kiln.yaml".into(),
+        }
+    }
+
+    fn tenant(namespace: Option<&str>, name: &str, spec: Value) -> Map<String, Value> {
+        let mut metadata = json!({"name": name});
+        if let Some(ns) = namespace {
+            metadata["namespace"] = json!(ns);
+        }
+        let Value::Object(map) = json!({"kind": "Tenant", "metadata": metadata, "spec": spec})
+        else {
+            unreachable!()
+        };
+        map
+    }
+
+    #[test]
+    fn objects_are_keyed_by_namespace_and_name_or_a_dotted_path() {
+        let objects = vec![
+            tenant(Some("b"), "globex", json!({"id": 7, "on": false})),
+            tenant(Some("a"), "acme", json!({"id": 3, "on": "yes"})),
+            tenant(None, "cluster-wide", json!({"id": 9})),
+        ];
+        let rows = keyed_objects(&objects_source("", None), objects.clone()).unwrap();
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["a/acme", "b/globex", "cluster-wide"]);
+        assert!(rows.iter().all(|r| r.active));
+        assert_eq!(rows[0].values["spec"]["id"], 3, "the row is the object");
+
+        let rows = keyed_objects(&objects_source("spec.id", Some("spec.on")), objects).unwrap();
+        let keyed: Vec<(&str, bool)> = rows.iter().map(|r| (r.key.as_str(), r.active)).collect();
+        assert_eq!(keyed, [("3", true), ("7", false), ("9", false)]);
+
+        let twice = vec![
+            tenant(Some("a"), "x", json!({"id": 1})),
+            tenant(Some("b"), "y", json!({"id": 1})),
+        ];
+        let error = keyed_objects(&objects_source("spec.id", None), twice).unwrap_err();
+        assert!(
+            error.to_string().contains("duplicate key 1 (object b/y)"),
+            "{error}"
+        );
+        let missing = vec![tenant(Some("a"), "x", json!({}))];
+        let error = keyed_objects(&objects_source("spec.id", None), missing).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("Tenant a/x: key spec.id must be a string or a number"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn truthiness_follows_the_documented_words() {

@@ -43,7 +43,7 @@ async fn render_from(dir: &Path, url: &str) -> tree::Tree {
     std::fs::write(dir.join("blueprint.yaml"), BLUEPRINT).unwrap();
     let config = Config::load(&[dir.to_path_buf()]).unwrap();
     let blueprints = render::compile(&config, &[]).unwrap();
-    let rows = render::read_sources(&blueprints, &config, None)
+    let rows = render::read_sources(&blueprints, &config, None, None)
         .await
         .unwrap();
     let rendered = render::render(&blueprints, &config, &rows, true).unwrap();

@@ -137,6 +137,26 @@ pub enum Format {
     Json,
 }
 
+/// What lists the Kubernetes objects `blueprints` read as rows, connected
+/// through the kubeconfig (KUBECONFIG, ~/.kube/config, in-cluster) only
+/// when one of their sources reads objects.
+async fn cluster_objects(
+    blueprints: &[kiln_render::render::Compiled],
+    config: &kiln_render::config::Config,
+) -> anyhow::Result<Option<kiln_sync::rows::ClusterObjects>> {
+    let wants_cluster = blueprints.iter().any(|b| {
+        config
+            .sources
+            .get(&b.spec.source)
+            .is_some_and(|s| s.spec.kubernetes.is_some())
+    });
+    if !wants_cluster {
+        return Ok(None);
+    }
+    let cluster = cluster::connect(None, None).await?;
+    Ok(Some(kiln_sync::rows::ClusterObjects::new(cluster)))
+}
+
 /// A runtime for the async parts (database drivers).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()

@@ -115,7 +115,13 @@ pub fn load(args: &ConfigArgs) -> anyhow::Result<Loaded> {
     }
     let blueprints = render::compile(&config, &selected)?;
     let started = std::time::Instant::now();
-    let rows = runtime()?.block_on(render::read_sources(&blueprints, &config, None))?;
+    let rows = runtime()?.block_on(async {
+        let objects = super::cluster_objects(&blueprints, &config).await?;
+        let objects = objects
+            .as_ref()
+            .map(|o| o as &dyn kiln_render::source::Objects);
+        anyhow::Ok(render::read_sources(&blueprints, &config, None, objects).await?)
+    })?;
     tracing::debug!(elapsed = ?started.elapsed(), "sources read");
     let inputs = Inputs::digest(&blueprints, &config, &rows);
     Ok(Loaded {

@@ -10,6 +10,7 @@ use kiln_render::render;
 use kiln_sync::apply::Status;
 use kiln_sync::metrics::{self, Metrics};
 use kiln_sync::reconcile::{DEFAULT_INTERVAL, Event, Polled, Reconciler, Settings};
+use kiln_sync::rows::{self, ClusterObjects};
 use kiln_sync::watch::Watches;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -107,7 +108,25 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .as_ref()
             .map(target::Place::of)
             .unwrap_or_default();
-        let mut reconciler = Reconciler::new(config, blueprints, settings, metrics.clone());
+        // Sources of Kubernetes objects are watched: a change reads them at once.
+        let objects = ClusterObjects::new(cluster.clone());
+        let (rows_tx, mut rows_changed) = mpsc::unbounded_channel();
+        let row_watches: Vec<_> = config
+            .sources
+            .values()
+            .filter(|s| polled.iter().any(|p| p.name == s.name))
+            .filter_map(|s| {
+                let spec = s.spec.kubernetes.clone()?;
+                Some(rows::watch(
+                    objects.clone(),
+                    spec,
+                    s.name.clone(),
+                    rows_tx.clone(),
+                ))
+            })
+            .collect();
+        let mut reconciler = Reconciler::new(config, blueprints, settings, metrics.clone())
+            .with_objects(std::sync::Arc::new(objects));
         let result = loop {
             // Read the sources that are due; one that fails keeps its last rows.
             let mut failures = Vec::new();
@@ -178,6 +197,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => break,
+                    Some(first) = rows_changed.recv() => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let mut names = vec![first];
+                        while let Ok(name) = rows_changed.try_recv() {
+                            names.push(name);
+                        }
+                        for p in polled.iter_mut().filter(|p| names.contains(&p.name)) {
+                            p.due = Instant::now();
+                        }
+                        break;
+                    }
                     Some(note) = changed.recv() => {
                         // Let a burst of changes settle into one pass; the
                         // events of Kiln's own writes start none.
@@ -198,6 +228,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             }
         };
         stopper.abort();
+        for watch in row_watches {
+            watch.abort();
+        }
         if let Some(server) = server {
             server.abort();
         }

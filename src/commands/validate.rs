@@ -26,11 +26,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             Vec::new()
         }
     };
-    let rows = runtime()?.block_on(render::read_sources(
-        &blueprints,
-        &config,
-        Some(args.sample),
-    ));
+    let rows = runtime()?.block_on(async {
+        let objects = super::cluster_objects(&blueprints, &config).await?;
+        let objects = objects
+            .as_ref()
+            .map(|o| o as &dyn kiln_render::source::Objects);
+        anyhow::Ok(render::read_sources(&blueprints, &config, Some(args.sample), objects).await)
+    })?;
     let mut sampled = 0;
     match rows {
         Ok(rows) => {

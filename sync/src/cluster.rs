@@ -366,12 +366,26 @@ impl Cluster {
         namespace: Option<&str>,
         selector: &str,
     ) -> Result<Vec<Value>> {
+        self.list_selected(kind, namespace, Some(selector), None)
+            .await
+    }
+
+    /// Every object of `kind` matching the label and field selectors, in
+    /// `namespace` or in all, a page at a time.
+    pub async fn list_selected(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        labels: Option<&str>,
+        fields: Option<&str>,
+    ) -> Result<Vec<Value>> {
         let requests = Self::requests(kind, namespace.unwrap_or_default());
         let mut objects = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let params = ListParams {
-                label_selector: Some(selector.to_string()),
+                label_selector: labels.map(str::to_string),
+                field_selector: fields.map(str::to_string),
                 limit: Some(1000),
                 continue_token: token.clone(),
                 ..ListParams::default()

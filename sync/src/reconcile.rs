@@ -120,6 +120,7 @@ pub struct Reconciler {
     blueprints: Arc<Vec<Compiled>>,
     sources: Vec<String>,
     metrics: Metrics,
+    objects: Option<Arc<dyn source::Objects>>,
     rows: BTreeMap<String, Vec<Row>>,
     /// Sources whose last read failed: until each reads again, no pass
     /// prunes (their last rows may be stale).
@@ -160,6 +161,7 @@ impl Reconciler {
             blueprints: Arc::new(blueprints),
             sources: sources.into_iter().collect(),
             metrics,
+            objects: None,
             rows: BTreeMap::new(),
             failing: BTreeSet::new(),
             inputs: None,
@@ -169,6 +171,12 @@ impl Reconciler {
             desired: None,
             pinned_reported: false,
         }
+    }
+
+    /// Reads `kubernetes` sources through `objects`.
+    pub fn with_objects(mut self, objects: Arc<dyn source::Objects>) -> Self {
+        self.objects = Some(objects);
+        self
     }
 
     /// The sources the blueprints read, by name.
@@ -214,7 +222,10 @@ impl Reconciler {
                 message: format!("no Source {name} in the configuration"),
             })?;
         let span = tracing::info_span!("read", pipeline = %self.settings.pipeline, source = %name);
-        match source::read(spec, None).instrument(span).await {
+        match source::read(spec, None, self.objects.as_deref())
+            .instrument(span)
+            .await
+        {
             Ok(rows) => {
                 self.metrics.source_rows(name, rows.len());
                 let count = rows.len();

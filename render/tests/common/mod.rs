@@ -13,7 +13,7 @@ pub fn render_config(path: &std::path::Path) -> Result<Rendered, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let rows = runtime
-        .block_on(render::read_sources(&blueprints, &config, None))
+        .block_on(render::read_sources(&blueprints, &config, None, None))
         .map_err(|e| e.to_string())?;
     render::render(&blueprints, &config, &rows, true).map_err(|e| e.to_string())
 }

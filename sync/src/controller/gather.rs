@@ -222,6 +222,16 @@ async fn assemble(
         if let Some(url) = &spec.url {
             check_path(&at, url)?;
         }
+        if let Some(objects) = spec.kubernetes.as_mut() {
+            match &objects.namespace {
+                Some(other) if *other != namespace => {
+                    return Err(Problem::invalid(format!(
+                        "{at}: spec.kubernetes.namespace {other}: a Source reads objects of its own namespace only"
+                    )));
+                }
+                _ => objects.namespace = Some(namespace.clone()),
+            }
+        }
         named_sources.push(Named {
             name,
             spec,

@@ -36,6 +36,7 @@ use crate::cluster::Cluster;
 use crate::lease::Elector;
 use crate::metrics::Metrics;
 use crate::reconcile::{DEFAULT_INTERVAL, Event, Polled, Reconciler, Settings};
+use crate::rows::{self, ClusterObjects};
 use crate::watch::{Note, Watches};
 use crate::{Error, Result};
 
@@ -204,6 +205,8 @@ struct Slot {
     reconfigure: AtomicBool,
     /// One of its objects changed: apply again.
     poked: AtomicBool,
+    /// Sources whose objects changed: read them now.
+    stale: Mutex<BTreeSet<String>>,
     /// The ConfigMaps and Secrets it names.
     references: Mutex<BTreeSet<Reference>>,
     state: tokio::sync::Mutex<Option<State>>,
@@ -215,7 +218,8 @@ struct State {
     trigger: (Option<i64>, bool),
     reconciler: Reconciler,
     watches: Watches,
-    forwarder: JoinHandle<()>,
+    /// The tasks that turn watch events into passes.
+    tasks: Vec<JoinHandle<()>>,
     polled: Vec<Polled>,
     sources: BTreeMap<String, SourceState>,
     shape: Option<Shape>,
@@ -223,7 +227,9 @@ struct State {
 
 impl Drop for State {
     fn drop(&mut self) {
-        self.forwarder.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -380,6 +386,16 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
     let changed = state
         .as_ref()
         .is_none_or(|s| s.trigger != trigger(&pipeline));
+    let stale = slot
+        .stale
+        .lock()
+        .map(|mut s| std::mem::take(&mut *s))
+        .unwrap_or_default();
+    if let Some(s) = state.as_mut() {
+        for p in s.polled.iter_mut().filter(|p| stale.contains(&p.name)) {
+            p.due = Instant::now();
+        }
+    }
     let due = state
         .as_ref()
         .is_some_and(|s| s.polled.iter().any(|p| p.due <= Instant::now()));
@@ -611,19 +627,42 @@ impl Context {
         };
         let (notes_tx, notes) = mpsc::unbounded_channel();
         let watches = Watches::new(self.cluster.clone(), &inventory, notes_tx);
-        let forwarder = tokio::spawn(forward(
+        let mut tasks = vec![tokio::spawn(forward(
             notes,
             Arc::downgrade(slot),
             key.clone(),
             self.cluster.clone(),
             self.wake.clone(),
-        ));
+        ))];
+        // Sources of Kubernetes objects are watched, not only polled.
+        let objects = ClusterObjects::confined(
+            self.cluster.clone(),
+            key.namespace.as_deref().unwrap_or_default(),
+        );
+        let (rows_tx, rows_changed) = mpsc::unbounded_channel();
+        for p in &polled {
+            if let Some(spec) = config.sources[&p.name].spec.kubernetes.clone() {
+                tasks.push(rows::watch(
+                    objects.clone(),
+                    spec,
+                    p.name.clone(),
+                    rows_tx.clone(),
+                ));
+            }
+        }
+        tasks.push(tokio::spawn(mark_stale(
+            rows_changed,
+            Arc::downgrade(slot),
+            key.clone(),
+            self.wake.clone(),
+        )));
         Ok(State {
             digest: gathered.digest,
             trigger: (None, false),
-            reconciler: Reconciler::new(config, blueprints, settings, metrics.clone()),
+            reconciler: Reconciler::new(config, blueprints, settings, metrics.clone())
+                .with_objects(Arc::new(objects)),
             watches,
-            forwarder,
+            tasks,
             polled,
             sources: BTreeMap::new(),
             shape: None,
@@ -708,6 +747,30 @@ async fn forward(
             if wake.send(key.clone()).is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Marks sources whose objects changed for the next pass, and wakes it.
+async fn mark_stale(
+    mut changed: mpsc::UnboundedReceiver<String>,
+    slot: Weak<Slot>,
+    key: ObjectRef<Pipeline>,
+    wake: mpsc::UnboundedSender<ObjectRef<Pipeline>>,
+) {
+    while let Some(first) = changed.recv().await {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(slot) = slot.upgrade() else {
+            return;
+        };
+        if let Ok(mut stale) = slot.stale.lock() {
+            stale.insert(first);
+            while let Ok(name) = changed.try_recv() {
+                stale.insert(name);
+            }
+        }
+        if wake.send(key.clone()).is_err() {
+            return;
         }
     }
 }
