@@ -721,3 +721,204 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
     );
     controller.terminate();
 }
+
+/// `git daemon` serving the bare repositories under a directory, pushes
+/// allowed, on a loopback port; stopped when dropped.
+struct GitDaemon {
+    root: tempfile::TempDir,
+    port: u16,
+    _process: Running,
+}
+
+impl GitDaemon {
+    fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let port: u16 = free_addr().rsplit(':').next().unwrap().parse().unwrap();
+        let process = Command::new("git")
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                "--enable=receive-pack",
+                "--listen=127.0.0.1",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", root.path().display()))
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let daemon = GitDaemon {
+            root,
+            port,
+            _process: Running(Some(process)),
+        };
+        eventually("git daemon listens", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        daemon
+    }
+
+    /// A bare repository whose `main` holds one commit of someone's.
+    fn repository(&self, name: &str) -> String {
+        let bare = self.root.path().join(name);
+        common::git(
+            self.root.path(),
+            &["init", "-q", "--bare", "-b", "main", name],
+        );
+        let work = tempfile::tempdir().unwrap();
+        common::git(work.path(), &["init", "-q", "-b", "main"]);
+        std::fs::write(work.path().join("README.md"), "the fleet\n").unwrap();
+        common::git(work.path(), &["add", "README.md"]);
+        common::git(work.path(), &["commit", "-q", "-m", "start"]);
+        common::git(work.path(), &["push", "-q", bare.to_str().unwrap(), "main"]);
+        format!("git://127.0.0.1:{}/{name}", self.port)
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.root.path().join(name)
+    }
+}
+
+#[test]
+fn a_pipeline_with_git_commits_pushes_over_the_network_and_then_applies() {
+    let daemon = GitDaemon::start();
+    let url = daemon.repository("fleet.git");
+    let bare = daemon.path("fleet.git");
+    let scene = Scene::new("ctlgit");
+    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
+    let (_rows, file) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    std::fs::write(
+        &file,
+        "- {id: a, plan: gold}\n- {id: b, plan: silver}\n- {id: c, plan: bronze}\n",
+    )
+    .unwrap();
+    apply(&scene.pipeline(
+        "main",
+        &format!("{{git: {{url: \"{url}\", branch: main, path: fleet}}, deletionGuard: {{maxPercent: 40}}}}"),
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut controller = Running(Some(
+        scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]),
+    ));
+    let remote_tip = || common::git(&bare, &["rev-parse", "main"]);
+    let remote_file = |path: &str| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&bare)
+            .args(["show", &format!("main:{path}")])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    eventually("the commit and the apply", Duration::from_secs(60), || {
+        scene.condition("main", "Ready").0 == "True"
+    });
+    let status = scene.status("main");
+    let tip = remote_tip();
+    assert_eq!(status["lastCommit"], tip.as_str(), "{status}");
+    assert_eq!(
+        status["lastAppliedRevision"].as_str().unwrap(),
+        &tip[..12],
+        "{status}"
+    );
+    assert!(
+        remote_file("fleet/app/a/plan.yaml")
+            .unwrap()
+            .contains("plan: gold")
+    );
+    assert_eq!(remote_file("README.md").as_deref(), Some("the fleet\n"));
+    assert!(
+        scene.config_map_data("plan-a").is_some(),
+        "applied from the branch"
+    );
+    assert!(
+        scene
+            .event_reasons("main")
+            .contains(&("Normal".into(), "Committed".into())),
+        "{:?}",
+        scene.event_reasons("main")
+    );
+
+    // Someone pushes to the branch; Kiln's next commit goes on top of it.
+    let work = tempfile::tempdir().unwrap();
+    common::git(work.path(), &["clone", "-q", bare.to_str().unwrap(), "."]);
+    std::fs::write(work.path().join("NOTES.md"), "on call: someone\n").unwrap();
+    common::git(work.path(), &["add", "NOTES.md"]);
+    common::git(work.path(), &["commit", "-q", "-m", "notes"]);
+    common::git(work.path(), &["push", "-q", "origin", "main"]);
+    let theirs = remote_tip();
+    std::fs::write(
+        &file,
+        "- {id: a, plan: platinum}\n- {id: b, plan: silver}\n- {id: c, plan: bronze}\n",
+    )
+    .unwrap();
+    eventually("a commit on top of theirs", Duration::from_secs(20), || {
+        remote_file("fleet/app/a/plan.yaml").is_some_and(|f| f.contains("platinum"))
+    });
+    assert_eq!(
+        common::git(&bare, &["rev-parse", "main^"]),
+        theirs,
+        "a fast-forward of their commit"
+    );
+    assert_eq!(
+        remote_file("NOTES.md").as_deref(),
+        Some("on call: someone\n")
+    );
+    eventually(
+        "the apply of the new commit",
+        Duration::from_secs(20),
+        || {
+            scene
+                .config_map_data("plan-a")
+                .is_some_and(|d| d["plan"] == "platinum")
+        },
+    );
+
+    // Two rows of three gone is more than the guard allows: nothing is
+    // committed or pushed, and the status says why.
+    let before = remote_tip();
+    std::fs::write(&file, "- {id: a, plan: platinum}\n").unwrap();
+    eventually("MassDeletion", Duration::from_secs(20), || {
+        scene.condition("main", "Ready") == ("False".into(), "MassDeletion".into())
+    });
+    assert_eq!(remote_tip(), before);
+    assert!(scene.config_map_data("plan-b").is_some());
+    controller.terminate();
+}
+
+#[test]
+fn a_pipeline_that_leaves_applying_to_others_only_commits() {
+    let daemon = GitDaemon::start();
+    let url = daemon.repository("fleet.git");
+    let bare = daemon.path("fleet.git");
+    let scene = Scene::new("ctlgitonly");
+    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
+    let (_rows, _) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    apply(&scene.pipeline(
+        "main",
+        &format!("{{git: {{url: \"{url}\", branch: rendered}}, apply: false}}"),
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut controller = Running(Some(
+        scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]),
+    ));
+    eventually("Committed", Duration::from_secs(60), || {
+        scene.condition("main", "Ready") == ("True".into(), "Committed".into())
+    });
+    let tip = common::git(&bare, &["rev-parse", "rendered"]);
+    assert_eq!(scene.status("main")["lastCommit"], tip.as_str());
+    let listed = common::git(&bare, &["ls-tree", "-r", "--name-only", "rendered"]);
+    assert!(listed.contains("app/a/plan.yaml"), "{listed}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        scene.config_map_data("plan-a").is_none(),
+        "spec.apply: false applies nothing"
+    );
+    controller.terminate();
+}

@@ -331,6 +331,11 @@ pub struct PipelineSpec {
     /// Refuses renders that would remove too many instances at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_guard: Option<DeletionGuard>,
+    /// Whether the controller applies what it renders (default true). With
+    /// `git` and `apply: false` it only commits and pushes, and ArgoCD or
+    /// Flux applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply: Option<bool>,
 }
 
 /// What the controller last did with a Pipeline. Its size does not grow
@@ -418,6 +423,19 @@ pub struct GitTarget {
     /// The directory inside the repository (default: its root).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// A Secret of the Pipeline's namespace with the credentials to fetch
+    /// and push (controller only): `username` and `password` (a token) for
+    /// HTTPS, or `identity` (a private SSH key) and `known_hosts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+}
+
+/// An object of the same namespace, by name.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalObjectReference {
+    /// Its name.
+    pub name: String,
 }
 
 /// The mass deletion guard.

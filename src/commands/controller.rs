@@ -50,6 +50,10 @@ pub struct Args {
     /// else host name and process id).
     #[arg(long, value_name = "NAME", env = "POD_NAME")]
     identity: Option<String>,
+    /// Where clones of Pipelines' Git remotes are kept (a writable volume
+    /// in a pod); each Pipeline has a directory of its own.
+    #[arg(long, value_name = "DIR", env = "KILN_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
     /// Serve /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9090.
     #[arg(long, value_name = "ADDR", env = "KILN_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -77,6 +81,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         concurrency: args.concurrency,
         selector: args.selector.clone(),
         identity,
+        cache_dir: args
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("kiln-cache")),
         lease: args.leader_elect.then(|| LeaseOptions {
             namespace: args.namespace.clone(),
             name: args.lease_name.clone(),

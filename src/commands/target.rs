@@ -125,17 +125,11 @@ pub fn resolve(args: &GitArgs, pipeline: Option<&Named<PipelineSpec>>) -> anyhow
     Ok(Target {
         repo: Repo::open(&repo)?,
         options,
+        remote: None,
     })
 }
 
 /// `a//b/` → `a/b`; `.` and `/` → the root; `..` is refused.
 fn normalise(path: &str) -> anyhow::Result<String> {
-    let parts: Vec<&str> = path
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
-    if parts.contains(&"..") {
-        bail!("--path {path}: must stay inside the repository (no '..')");
-    }
-    Ok(parts.join("/"))
+    kiln_render::git::publish::normalise_path(path).map_err(|e| anyhow::anyhow!("--path {e}"))
 }

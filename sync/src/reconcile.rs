@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use kiln_render::config::Config;
 use kiln_render::git::publish::{self, Inputs, Published, Target};
+use kiln_render::git::remote::PUSH_ATTEMPTS;
 use kiln_render::git::repo::{Branch, CommitId};
 use kiln_render::render::{self, Compiled};
 use kiln_render::source::{self, Row};
@@ -205,6 +206,11 @@ impl Reconciler {
         }
     }
 
+    /// With Git, the commit whose tree is the desired state.
+    pub fn tip(&self) -> Option<&CommitId> {
+        self.tip.as_ref()
+    }
+
     /// The desired state the next apply writes, once there is one.
     pub fn desired(&self) -> Option<&[Desired]> {
         self.desired.as_deref().map(Vec::as_slice)
@@ -278,7 +284,7 @@ impl Reconciler {
                         let commit_inputs = inputs.clone();
                         let outcome = blocking(move || {
                             let target = git.lock().map_err(|_| poisoned())?;
-                            commit(&target, &tree, &commit_inputs, pinned_reported)
+                            commit_and_push(&target, &tree, &commit_inputs, pinned_reported)
                         })
                         .await??;
                         self.pinned_reported = outcome.pinned;
@@ -379,6 +385,40 @@ struct Committed {
     pinned: bool,
 }
 
+/// Commits the render, and with a remote pushes it: the branch is fetched
+/// first, and fetched and committed again when the remote moved before the
+/// push went through.
+fn commit_and_push(
+    target: &Target,
+    tree: &Tree,
+    inputs: &Inputs,
+    pinned_reported: bool,
+) -> Result<Committed> {
+    let Some(remote) = &target.remote else {
+        return commit(target, tree, inputs, pinned_reported);
+    };
+    let refname = target.refname()?;
+    for attempt in 1..=PUSH_ATTEMPTS {
+        remote.fetch(&target.repo, &refname)?;
+        let committed = commit(target, tree, inputs, pinned_reported)?;
+        if committed.committed.is_none() || remote.push(&target.repo, &refname)? {
+            return Ok(committed);
+        }
+        tracing::info!(
+            attempt,
+            "the remote branch moved before the push: fetching and committing again"
+        );
+    }
+    Err(kiln_render::Error::Git {
+        message: format!(
+            "push of {} to {}: the remote branch moved {PUSH_ATTEMPTS} times before a push went through",
+            refname.short(),
+            remote.redacted()
+        ),
+    }
+    .into())
+}
+
 /// Commits the render unless a rollback pins the branch.
 fn commit(
     target: &Target,
@@ -433,6 +473,10 @@ fn read_tip(
     target: &Target,
     (tip, have_desired): (Option<CommitId>, bool),
 ) -> Result<Option<(CommitId, Vec<Desired>)>> {
+    // A rollback or a resume pushed by someone else is the branch's tip too.
+    if let Some(remote) = &target.remote {
+        remote.fetch(&target.repo, &target.refname()?)?;
+    }
     let known = tip.filter(|_| have_desired);
     match target.tip_tree(known.as_ref())? {
         Some((id, tree)) => Ok(Some((id, desired::from_tree(&tree)?))),

@@ -7,4 +7,5 @@
 pub mod history;
 pub(crate) mod pack;
 pub mod publish;
+pub mod remote;
 pub mod repo;

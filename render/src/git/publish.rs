@@ -52,6 +52,19 @@ pub struct Options {
     pub max_delete_percent: u32,
 }
 
+/// A directory inside a repository in canonical form: `a//b/` → `a/b`;
+/// `.` and `/` → the root; `..` is refused.
+pub fn normalise_path(path: &str) -> std::result::Result<String, String> {
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return Err(format!("{path}: must stay inside the repository (no '..')"));
+    }
+    Ok(parts.join("/"))
+}
+
 /// Where renders are committed: an opened repository, and how.
 #[derive(Debug)]
 pub struct Target {
@@ -59,6 +72,9 @@ pub struct Target {
     pub repo: Repo,
     /// Branch, path, guards.
     pub options: Options,
+    /// The remote `repo` is a clone of: fetched before a render, pushed
+    /// after a commit.
+    pub remote: Option<super::remote::Remote>,
 }
 
 /// What a render would change on the branch.

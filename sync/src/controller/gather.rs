@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kiln_render::api::{Blueprint, Pipeline, Source};
 use kiln_render::config::{Config, Named};
+use kiln_render::git::remote::Credentials;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use sha2::Digest as _;
@@ -74,6 +75,8 @@ pub struct Gathered {
     pub config: Config,
     /// The blueprints the Pipeline names (all of the namespace's when none).
     pub selected: Vec<String>,
+    /// The credentials of `spec.git.secretRef`.
+    pub git_credentials: Option<Credentials>,
     /// SHA-256 of everything above: a change means a new engine.
     pub digest: String,
 }
@@ -238,6 +241,44 @@ async fn assemble(
             file: origin.clone(),
         });
     }
+    let git_credentials = match pipeline
+        .spec
+        .git
+        .as_ref()
+        .and_then(|g| g.secret_ref.as_ref())
+    {
+        None => None,
+        Some(reference) => {
+            let at = "Pipeline: spec.git.secretRef";
+            references.insert(Reference::Secret(reference.name.clone()));
+            let secret = secrets
+                .get_opt(&reference.name)
+                .await
+                .map_err(|e| Problem::api(format!("{at}: read Secret {}", reference.name), e))?
+                .ok_or_else(|| {
+                    Problem::missing(format!("{at}: no Secret {namespace}/{}", reference.name))
+                })?;
+            let data = secret.data.unwrap_or_default();
+            let field = |key: &str| {
+                data.get(key)
+                    .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                    .filter(|v| !v.is_empty())
+            };
+            let credentials = Credentials {
+                username: field("username"),
+                password: field("password").or_else(|| field("bearerToken")),
+                identity: field("identity"),
+                known_hosts: field("known_hosts"),
+            };
+            if credentials.identity.is_some() && credentials.known_hosts.is_none() {
+                return Err(Problem::invalid(format!(
+                    "{at}: Secret {namespace}/{} has an identity but no known_hosts: Kiln does not trust an SSH host it cannot check",
+                    reference.name
+                )));
+            }
+            Some(credentials)
+        }
+    };
     let pipeline_named = Named {
         name: pipeline.name_any(),
         spec: pipeline.spec.clone(),
@@ -256,6 +297,14 @@ async fn assemble(
         for s in &named_sources {
             feed(serde_json::to_vec(&(&s.name, &s.spec)));
         }
+        if let Some(c) = &git_credentials {
+            feed(serde_json::to_vec(&(
+                &c.username,
+                &c.password,
+                &c.identity,
+                &c.known_hosts,
+            )));
+        }
         format!("{:x}", hasher.finalize())
     };
     let config = Config::assemble(named_sources, named_blueprints, vec![pipeline_named])
@@ -263,6 +312,7 @@ async fn assemble(
     Ok(Gathered {
         config,
         selected,
+        git_credentials,
         digest,
     })
 }

@@ -39,6 +39,8 @@ use crate::reconcile::{DEFAULT_INTERVAL, Event, Polled, Reconciler, Settings};
 use crate::rows::{self, ClusterObjects};
 use crate::watch::{Note, Watches};
 use crate::{Error, Result};
+use kiln_render::git::publish::Target;
+use kiln_render::git::remote::{Credentials, Remote};
 
 /// The annotation that lets a Pipeline's next passes remove more instances
 /// than its deletion guard allows (remove it afterwards).
@@ -60,6 +62,8 @@ pub struct Options {
     pub identity: String,
     /// Leader election; without it this replica always leads.
     pub lease: Option<LeaseOptions>,
+    /// Where clones of Pipelines' Git remotes are kept.
+    pub cache_dir: std::path::PathBuf,
 }
 
 /// The Lease replicas elect a leader through.
@@ -209,6 +213,12 @@ struct Slot {
     stale: Mutex<BTreeSet<String>>,
     /// The ConfigMaps and Secrets it names.
     references: Mutex<BTreeSet<Reference>>,
+    /// Why the configuration could not be read or built, until it can: each
+    /// pass reports it and tries again.
+    problem: Mutex<Option<(Trouble, Instant)>>,
+    /// The status this replica last wrote: the cached Pipeline may not show
+    /// it yet.
+    written: Mutex<Option<PipelineStatus>>,
     state: tokio::sync::Mutex<Option<State>>,
 }
 
@@ -381,7 +391,13 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
     let key = ObjectRef::from_obj(&*pipeline);
     let slot = context.slot(&key);
     let mut state = slot.state.lock().await;
-    let reconfigure = slot.reconfigure.swap(false, Ordering::SeqCst);
+    // A configuration that could not be read is read again every few
+    // seconds (a transient API failure heals without a change).
+    let retry = slot
+        .problem
+        .lock()
+        .is_ok_and(|p| p.as_ref().is_some_and(|(_, at)| *at <= Instant::now()));
+    let reconfigure = slot.reconfigure.swap(false, Ordering::SeqCst) || retry;
     let poked = slot.poked.swap(false, Ordering::SeqCst);
     let changed = state
         .as_ref()
@@ -401,7 +417,7 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
         .is_some_and(|s| s.polled.iter().any(|p| p.due <= Instant::now()));
     if !(reconfigure || poked || changed || due) {
         // A status write of ours, or a wake for a pass already made.
-        return Ok(Action::requeue(next_due(state.as_ref())));
+        return Ok(Action::requeue(next_due(state.as_ref(), &slot)));
     }
     let started = Instant::now();
     let name = format!("{}/{}", key.namespace.as_deref().unwrap_or(""), key.name);
@@ -418,22 +434,31 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
         .await;
     let ok = pass.trouble.is_none()
         && pass.source_failures.is_empty()
-        && pass.report.as_ref().is_some_and(|r| !r.failed());
+        && (pass.commit_only || pass.report.as_ref().is_some_and(|r| !r.failed()));
     metrics.reconciled(started.elapsed(), ok);
     let (shape, sources) = match state.as_ref() {
         Some(s) => (s.shape.clone(), s.sources.clone()),
         None => (None, BTreeMap::new()),
     };
+    let previous = slot
+        .written
+        .lock()
+        .ok()
+        .and_then(|w| w.clone())
+        .or_else(|| pipeline.status.clone());
     let status = status::status(
-        pipeline.status.as_ref(),
+        previous.as_ref(),
         pipeline.metadata.generation,
         &pass,
         shape.as_ref(),
         &sources,
     );
     context.publish(&pipeline, &pass).await;
-    context.write_status(&pipeline, status).await?;
-    Ok(Action::requeue(next_due(state.as_ref())))
+    context.write_status(&pipeline, &status).await?;
+    if let Ok(mut written) = slot.written.lock() {
+        *written = Some(status);
+    }
+    Ok(Action::requeue(next_due(state.as_ref(), &slot)))
 }
 
 /// What of the Pipeline object, besides references, asks for a pass: its
@@ -448,9 +473,20 @@ fn trigger(pipeline: &Pipeline) -> (Option<i64>, bool) {
     )
 }
 
-fn next_due(state: Option<&State>) -> Duration {
+/// How soon a configuration that could not be read is read again.
+const RETRY_CONFIGURATION: Duration = Duration::from_secs(5);
+
+fn next_due(state: Option<&State>, slot: &Slot) -> Duration {
+    let retry = slot
+        .problem
+        .lock()
+        .ok()
+        .and_then(|p| p.as_ref().map(|(_, at)| *at));
     state
         .and_then(|s| s.polled.iter().map(|p| p.due).min())
+        .into_iter()
+        .chain(retry)
+        .min()
         .map_or(DEFAULT_INTERVAL, |due| {
             due.saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(100))
@@ -510,6 +546,14 @@ impl Context {
                 s.trigger = trigger(pipeline);
                 s.reconciler.allow_mass_delete(s.trigger.1);
             }
+            if let Ok(mut problem) = slot.problem.lock() {
+                *problem = pass
+                    .trouble
+                    .clone()
+                    .map(|t| (t, Instant::now() + RETRY_CONFIGURATION));
+            }
+        } else if let Ok(problem) = slot.problem.lock() {
+            pass.trouble = problem.as_ref().map(|(t, _)| t.clone());
         }
         let Some(s) = state.as_mut() else {
             return pass;
@@ -544,7 +588,15 @@ impl Context {
         let mut degraded = pass.trouble.is_some() || !pass.source_failures.is_empty();
         if pass.trouble.is_none() && all_read {
             match s.reconciler.render(&self.cluster).await {
-                Ok(events) => pass.notes.extend(events.iter().map(note)),
+                Ok(events) => {
+                    for event in &events {
+                        if let Event::Committed(published) = event {
+                            pass.committed =
+                                published.commit.as_ref().map(|c| c.as_str().to_string());
+                        }
+                    }
+                    pass.notes.extend(events.iter().map(note));
+                }
                 Err(e) => {
                     let reason = e.reason();
                     pass.trouble = Some(Trouble {
@@ -556,11 +608,15 @@ impl Context {
                 }
             }
         }
-        match s
-            .reconciler
-            .apply(&self.cluster, !degraded, &self.halt)
-            .await
-        {
+        pass.commit_only = pipeline.spec.apply == Some(false);
+        let applied = if pass.commit_only {
+            None
+        } else {
+            s.reconciler
+                .apply(&self.cluster, !degraded, &self.halt)
+                .await
+        };
+        match applied {
             Some(Ok(report)) => pass.report = Some(report),
             Some(Err(e)) => {
                 let reason = e.reason();
@@ -573,8 +629,11 @@ impl Context {
             None => {}
         }
         if let Some(desired) = s.reconciler.desired() {
-            s.shape = Some(Shape::of(desired));
-            if let Err(e) = s.watches.cover(desired).await {
+            let tip = s.reconciler.tip().map(|t| t.short().to_string());
+            s.shape = Some(Shape::of(desired, tip.as_deref()));
+            if pass.commit_only {
+                // Nothing of ours to watch: ArgoCD or Flux applies.
+            } else if let Err(e) = s.watches.cover(desired).await {
                 tracing::warn!("cannot watch the objects of {}: {e}", key.name);
             }
         }
@@ -591,13 +650,6 @@ impl Context {
         metrics: &Metrics,
     ) -> std::result::Result<State, Problem> {
         let config = gathered.config;
-        if pipeline.spec.git.is_some() {
-            return Err(Problem {
-                reason: "Unsupported",
-                message: "spec.git: the controller does not commit to Git yet; remove spec.git to apply directly, or run `kiln sync --git`".into(),
-                stalled: true,
-            });
-        }
         let blueprints =
             kiln_render::render::compile(&config, &gathered.selected).map_err(|e| Problem {
                 reason: e.reason(),
@@ -611,6 +663,15 @@ impl Context {
             message: one_line(&e),
             stalled: true,
         })?;
+        let git = match &pipeline.spec.git {
+            Some(spec) => Some(self.git_target(
+                spec,
+                gathered.git_credentials.unwrap_or_default(),
+                &inventory,
+                named,
+            )?),
+            None => None,
+        };
         let settings = Settings {
             pipeline: format!("{}/{}", key.namespace.as_deref().unwrap_or(""), key.name),
             apply: apply::Options {
@@ -623,7 +684,7 @@ impl Context {
             },
             no_prune: false,
             allow_plaintext_secrets: false,
-            git: None,
+            git,
         };
         let (notes_tx, notes) = mpsc::unbounded_channel();
         let watches = Watches::new(self.cluster.clone(), &inventory, notes_tx);
@@ -669,6 +730,52 @@ impl Context {
         })
     }
 
+    /// The Pipeline's remote branch, through a clone in the cache directory.
+    fn git_target(
+        &self,
+        spec: &kiln_render::api::GitTarget,
+        credentials: Credentials,
+        inventory: &str,
+        named: Option<&kiln_render::config::Named<kiln_render::api::PipelineSpec>>,
+    ) -> std::result::Result<Target, Problem> {
+        let invalid = |message: String| Problem {
+            reason: "InvalidConfiguration",
+            message: format!("Pipeline: spec.git: {message}"),
+            stalled: true,
+        };
+        let url = spec
+            .url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| invalid("url is required in the cluster".into()))?;
+        if !(url.contains("://") || url.contains('@') || url.starts_with('/')) {
+            return Err(invalid(format!(
+                "url {url}: a remote URL (https://, ssh://, git@host:path, git://) or an absolute path"
+            )));
+        }
+        let branch = spec.branch.clone().unwrap_or_else(|| "main".into());
+        let path = kiln_render::git::publish::normalise_path(spec.path.as_deref().unwrap_or(""))
+            .map_err(|e| invalid(format!("path {e}")))?;
+        let remote = Remote { url, credentials };
+        let repo = remote
+            .cache(&self.options.cache_dir.join(inventory), &branch)
+            .map_err(|e| Problem {
+                reason: e.reason(),
+                message: one_line(&e),
+                stalled: false,
+            })?;
+        Ok(Target {
+            repo,
+            options: kiln_render::git::publish::Options {
+                branch: Some(branch),
+                path,
+                max_delete_percent: kiln_render::git::publish::max_delete_percent(named),
+                ..kiln_render::git::publish::Options::default()
+            },
+            remote: Some(remote),
+        })
+    }
+
     async fn publish(&self, pipeline: &Pipeline, pass: &Pass) {
         let reference = pipeline.object_ref(&());
         for (warning, reason, note) in status::events(pass) {
@@ -689,7 +796,7 @@ impl Context {
         }
     }
 
-    async fn write_status(&self, pipeline: &Pipeline, status: PipelineStatus) -> Result<()> {
+    async fn write_status(&self, pipeline: &Pipeline, status: &PipelineStatus) -> Result<()> {
         let api: Api<Pipeline> = Api::namespaced(
             self.cluster.client().clone(),
             &pipeline.namespace().unwrap_or_default(),

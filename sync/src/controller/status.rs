@@ -32,6 +32,10 @@ pub struct Pass {
     pub report: Option<Report>,
     /// Render notes for events: commits, pins.
     pub notes: Vec<(&'static str, String)>,
+    /// The commit this pass made (with Git).
+    pub committed: Option<String>,
+    /// Applying is left to others (`spec.apply: false`).
+    pub commit_only: bool,
 }
 
 /// Figures of the desired state.
@@ -41,13 +45,14 @@ pub struct Shape {
     pub instances: u64,
     /// Objects.
     pub objects: u64,
-    /// A digest of every object: the revision without Git.
+    /// The commit whose tree is applied (with Git), else a digest of every
+    /// object.
     pub revision: String,
 }
 
 impl Shape {
-    /// The figures of `desired`.
-    pub fn of(desired: &[Desired]) -> Shape {
+    /// The figures of `desired`, the tree of commit `tip` if there is one.
+    pub fn of(desired: &[Desired], tip: Option<&str>) -> Shape {
         use sha2::Digest as _;
         let instances: BTreeSet<(&str, &str)> = desired
             .iter()
@@ -69,7 +74,7 @@ impl Shape {
         Shape {
             instances: instances.len() as u64,
             objects: desired.len() as u64,
-            revision: format!("sha256:{}", &hex[..12]),
+            revision: tip.map_or_else(|| format!("sha256:{}", &hex[..12]), str::to_string),
         }
     }
 }
@@ -86,7 +91,10 @@ pub fn status(
     let mut status = PipelineStatus {
         observed_generation: generation,
         last_reconcile_time: Some(Time(Timestamp::now())),
-        last_commit: previous.and_then(|p| p.last_commit.clone()),
+        last_commit: pass
+            .committed
+            .clone()
+            .or_else(|| previous.and_then(|p| p.last_commit.clone())),
         last_applied_revision: previous.and_then(|p| p.last_applied_revision.clone()),
         sources: sources.values().cloned().collect(),
         ..PipelineStatus::default()
@@ -155,6 +163,17 @@ fn verdict(pass: &Pass, shape: Option<&Shape>) -> (bool, &'static str, String) {
                 } else {
                     String::new()
                 }
+            ),
+        );
+    }
+    if pass.commit_only {
+        return (
+            true,
+            "Committed",
+            format!(
+                "{} objects of {} instances rendered into Git; applying is left to ArgoCD or Flux (spec.apply: false)",
+                shape.map_or(0, |s| s.objects),
+                shape.map_or(0, |s| s.instances)
             ),
         );
     }
