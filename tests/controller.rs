@@ -922,3 +922,217 @@ fn a_pipeline_that_leaves_applying_to_others_only_commits() {
     );
     controller.terminate();
 }
+
+/// A Git server over HTTP on loopback: `git http-backend` run as a CGI
+/// program for each request, behind Basic authentication with one user and
+/// token. Requests without them get 401, as a hosted Git service answers.
+struct GitHttp {
+    root: tempfile::TempDir,
+    addr: String,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl GitHttp {
+    fn start(user: &str, token: &str) -> Self {
+        use base64::Engine as _;
+        let root = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"))
+        );
+        let project_root = root.path().to_path_buf();
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = refused.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (project_root, expected, counter) =
+                    (project_root.clone(), expected.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_git_http(stream, &project_root, &expected, &counter);
+                });
+            }
+        });
+        GitHttp {
+            root,
+            addr,
+            refused,
+        }
+    }
+}
+
+/// One request: read it, check its credentials, run `git http-backend`
+/// with the CGI variables, and send its answer back.
+fn serve_git_http(
+    mut stream: std::net::TcpStream,
+    project_root: &std::path::Path,
+    expected: &str,
+    refused: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<()> {
+    use std::io::{BufRead as _, BufReader, Read as _};
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (
+        parts.next().unwrap_or_default().to_string(),
+        parts.next().unwrap_or_default().to_string(),
+    );
+    let mut headers = std::collections::HashMap::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+        }
+    }
+    let mut body = Vec::new();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                .unwrap_or(0);
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(length) = headers.get("content-length") {
+        let mut chunk = vec![0; length.parse().unwrap_or(0)];
+        reader.read_exact(&mut chunk)?;
+        body = chunk;
+    }
+    if headers.get("authorization").map(String::as_str) != Some(expected) {
+        refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        stream.write_all(
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let mut cgi = Command::new("git")
+        .arg("http-backend")
+        .env("GIT_PROJECT_ROOT", project_root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("REQUEST_METHOD", &method)
+        .env("PATH_INFO", path)
+        .env("QUERY_STRING", query)
+        .env("REMOTE_USER", "kiln")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env(
+            "CONTENT_TYPE",
+            headers.get("content-type").cloned().unwrap_or_default(),
+        )
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    cgi.stdin.take().unwrap().write_all(&body)?;
+    let output = cgi.wait_with_output()?;
+    let split = output
+        .stdout
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4))
+        .or_else(|| {
+            output
+                .stdout
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|p| (p, 2))
+        });
+    let Some((at, gap)) = split else {
+        stream.write_all(
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    };
+    let head = String::from_utf8_lossy(&output.stdout[..at]).into_owned();
+    let content = &output.stdout[at + gap..];
+    let mut status = "200 OK".to_string();
+    let mut response = String::new();
+    for line in head.lines() {
+        match line.split_once(':') {
+            Some((name, value)) if name.eq_ignore_ascii_case("status") => {
+                status = value.trim().to_string();
+            }
+            Some(_) => {
+                response.push_str(line.trim_end());
+                response.push_str("\r\n");
+            }
+            None => {}
+        }
+    }
+    stream.write_all(
+        format!(
+            "HTTP/1.1 {status}\r\n{response}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            content.len()
+        )
+        .as_bytes(),
+    )?;
+    stream.write_all(content)
+}
+
+#[test]
+fn a_token_from_a_secret_pushes_over_https_style_authentication() {
+    let server = GitHttp::start("kiln-bot", "t0ken-from-the-secret");
+    common::git(
+        server.root.path(),
+        &["init", "-q", "--bare", "-b", "main", "fleet.git"],
+    );
+    common::git(
+        &server.root.path().join("fleet.git"),
+        &["config", "http.receivepack", "true"],
+    );
+    let url = format!("http://{}/fleet.git", server.addr);
+    let scene = Scene::new("ctlhttp");
+    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
+    let (_rows, _) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: fleet-git, namespace: {}}}\n\
+         stringData: {{username: kiln-bot, password: wrong}}\n",
+        scene.namespace
+    ));
+    apply(&scene.pipeline(
+        "main",
+        &format!("{{git: {{url: \"{url}\", secretRef: {{name: fleet-git}}}}, apply: false}}"),
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut controller = Running(Some(
+        scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]),
+    ));
+    // A wrong token: refused by the server, said in the status, never shown.
+    eventually("GitFailed", Duration::from_secs(60), || {
+        scene.condition("main", "Ready") == ("False".into(), "GitFailed".into())
+    });
+    assert!(server.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let status = scene.status("main").to_string();
+    assert!(!status.contains("wrong"), "{status}");
+    // The right token, through the Secret: the watch on Secrets starts a
+    // pass, which pushes.
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: fleet-git, namespace: {}}}\n\
+         stringData: {{username: kiln-bot, password: t0ken-from-the-secret}}\n",
+        scene.namespace
+    ));
+    eventually("Committed", Duration::from_secs(30), || {
+        scene.condition("main", "Ready") == ("True".into(), "Committed".into())
+    });
+    let bare = server.root.path().join("fleet.git");
+    let listed = common::git(&bare, &["ls-tree", "-r", "--name-only", "main"]);
+    assert!(listed.contains("app/a/plan.yaml"), "{listed}");
+    controller.terminate();
+}
