@@ -88,6 +88,10 @@ pub async fn run(
     metrics.set_ready();
     let elector = match &options.lease {
         Some(lease) => {
+            // The Lease's namespace may not exist yet on a fresh cluster.
+            if let Err(e) = cluster.ensure_namespace(&lease.namespace).await {
+                tracing::warn!("leader election: {e}");
+            }
             let mut elector = Elector::new(
                 cluster.client().clone(),
                 &lease.namespace,
@@ -422,6 +426,17 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
     let started = Instant::now();
     let name = format!("{}/{}", key.namespace.as_deref().unwrap_or(""), key.name);
     let metrics = context.metrics.pipeline(&name);
+    let previous = slot
+        .written
+        .lock()
+        .ok()
+        .and_then(|w| w.clone())
+        .or_else(|| pipeline.status.clone());
+    // A new spec: say so before a pass that may take minutes.
+    if previous.as_ref().and_then(|p| p.observed_generation) != pipeline.metadata.generation {
+        let progressing = status::progressing(previous.as_ref(), pipeline.metadata.generation);
+        context.write_status(&pipeline, &progressing).await?;
+    }
     let pass = context
         .pass(
             &pipeline,
@@ -440,12 +455,6 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
         Some(s) => (s.shape.clone(), s.sources.clone()),
         None => (None, BTreeMap::new()),
     };
-    let previous = slot
-        .written
-        .lock()
-        .ok()
-        .and_then(|w| w.clone())
-        .or_else(|| pipeline.status.clone());
     let status = status::status(
         previous.as_ref(),
         pipeline.metadata.generation,

@@ -143,6 +143,37 @@ pub fn status(
     status
 }
 
+/// The status while a pass for generation `generation` runs: what was
+/// known before, with `Reconciling` true.
+pub fn progressing(previous: Option<&PipelineStatus>, generation: Option<i64>) -> PipelineStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    let conditions = std::mem::take(&mut status.conditions);
+    status.conditions = conditions
+        .iter()
+        .filter(|c| c.type_ != "Reconciling")
+        .cloned()
+        .collect();
+    if !status.conditions.iter().any(|c| c.type_ == "Ready") {
+        status.conditions.push(condition(
+            &conditions,
+            generation,
+            "Ready",
+            false,
+            "Progressing",
+            "the first pass is running",
+        ));
+    }
+    status.conditions.push(condition(
+        &conditions,
+        generation,
+        "Reconciling",
+        true,
+        "Progressing",
+        &format!("reconciling generation {}", generation.unwrap_or_default()),
+    ));
+    status
+}
+
 /// Ready or not, why, and what to say.
 fn verdict(pass: &Pass, shape: Option<&Shape>) -> (bool, &'static str, String) {
     if let Some(trouble) = &pass.trouble {
@@ -383,6 +414,36 @@ mod tests {
         assert!(size < 4096, "{size} bytes");
         // The revision is kept from before when the apply was not whole.
         assert_eq!(status.last_applied_revision, None);
+    }
+
+    #[test]
+    fn a_new_generation_is_reconciling_until_its_pass_ends() {
+        let done = Pass {
+            report: Some(Report::default()),
+            ..Pass::default()
+        };
+        let before = status(None, Some(1), &done, None, &BTreeMap::new());
+        let during = progressing(Some(&before), Some(2));
+        let find = |s: &PipelineStatus, kind: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == kind)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+        };
+        assert_eq!(during.observed_generation, Some(1), "not observed yet");
+        assert_eq!(
+            find(&during, "Reconciling"),
+            Some(("True".into(), "Progressing".into()))
+        );
+        assert_eq!(find(&during, "Ready"), find(&before, "Ready"), "kept");
+        let first = progressing(None, Some(1));
+        assert_eq!(
+            find(&first, "Ready"),
+            Some(("False".into(), "Progressing".into()))
+        );
+        let after = status(Some(&during), Some(2), &done, None, &BTreeMap::new());
+        assert_eq!(find(&after, "Reconciling").unwrap().0, "False");
+        assert_eq!(after.observed_generation, Some(2));
     }
 
     #[test]
