@@ -84,7 +84,7 @@ async fn crds_install_and_their_rules_reject_bad_objects() {
     });
     let message = rejection(&sources, both).await;
     assert!(
-        message.contains("exactly one of url and urlFrom must be set"),
+        message.contains("exactly one of url, urlFrom and kubernetes must be set"),
         "{message}"
     );
 

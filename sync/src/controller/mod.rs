@@ -424,8 +424,7 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
         return Ok(Action::requeue(next_due(state.as_ref(), &slot)));
     }
     let started = Instant::now();
-    let name = format!("{}/{}", key.namespace.as_deref().unwrap_or(""), key.name);
-    let metrics = context.metrics.pipeline(&name);
+    let metrics = context.metrics.pipeline(&label(&key));
     let previous = slot
         .written
         .lock()
@@ -444,9 +443,13 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
             slot.clone(),
             &mut state,
             reconfigure || changed,
-            &metrics,
+            poked || changed || due,
         )
         .await;
+    let Some(pass) = pass else {
+        // The configuration was read again and had not changed.
+        return Ok(Action::requeue(next_due(state.as_ref(), &slot)));
+    };
     let ok = pass.trouble.is_none()
         && pass.source_failures.is_empty()
         && (pass.commit_only || pass.report.as_ref().is_some_and(|r| !r.failed()));
@@ -485,6 +488,11 @@ fn trigger(pipeline: &Pipeline) -> (Option<i64>, bool) {
 /// How soon a configuration that could not be read is read again.
 const RETRY_CONFIGURATION: Duration = Duration::from_secs(5);
 
+/// `namespace/name`, as metrics and spans name a Pipeline.
+fn label(key: &ObjectRef<Pipeline>) -> String {
+    format!("{}/{}", key.namespace.as_deref().unwrap_or(""), key.name)
+}
+
 fn next_due(state: Option<&State>, slot: &Slot) -> Duration {
     let retry = slot
         .problem
@@ -512,8 +520,7 @@ impl Context {
         slots.retain(|k, _| {
             let keep = k == key || self.store.get(k).is_some();
             if !keep {
-                let name = format!("{}/{}", k.namespace.as_deref().unwrap_or(""), k.name);
-                self.metrics.pipeline(&name).forget();
+                self.metrics.pipeline(&label(k)).forget();
             }
             keep
         });
@@ -527,16 +534,21 @@ impl Context {
         slot: Arc<Slot>,
         state: &mut Option<State>,
         reconfigure: bool,
-        metrics: &Metrics,
-    ) -> Pass {
+        needed: bool,
+    ) -> Option<Pass> {
+        let metrics = &self.metrics.pipeline(&label(&key));
         let mut pass = Pass::default();
+        let mut same = false;
         if reconfigure {
             let (references, gathered) = gather::gather(self.cluster.client(), pipeline).await;
             if let Ok(mut r) = slot.references.lock() {
                 *r = references;
             }
             let rebuilt = match gathered {
-                Ok(g) if state.as_ref().is_some_and(|s| s.digest == g.digest) => Ok(None),
+                Ok(g) if state.as_ref().is_some_and(|s| s.digest == g.digest) => {
+                    same = true;
+                    Ok(None)
+                }
                 Ok(g) => self.build(pipeline, &key, &slot, g, metrics).map(Some),
                 Err(problem) => Err(problem),
             };
@@ -555,17 +567,22 @@ impl Context {
                 s.trigger = trigger(pipeline);
                 s.reconciler.allow_mass_delete(s.trigger.1);
             }
+            let mut had_problem = false;
             if let Ok(mut problem) = slot.problem.lock() {
+                had_problem = problem.is_some();
                 *problem = pass
                     .trouble
                     .clone()
                     .map(|t| (t, Instant::now() + RETRY_CONFIGURATION));
             }
+            if same && !had_problem && !needed {
+                return None;
+            }
         } else if let Ok(problem) = slot.problem.lock() {
             pass.trouble = problem.as_ref().map(|(t, _)| t.clone());
         }
         let Some(s) = state.as_mut() else {
-            return pass;
+            return Some(pass);
         };
         let now = Instant::now();
         for p in s.polled.iter_mut().filter(|p| p.due <= now) {
@@ -646,7 +663,7 @@ impl Context {
                 tracing::warn!("cannot watch the objects of {}: {e}", key.name);
             }
         }
-        pass
+        Some(pass)
     }
 
     /// A new engine for a configuration.
@@ -682,7 +699,7 @@ impl Context {
             None => None,
         };
         let settings = Settings {
-            pipeline: format!("{}/{}", key.namespace.as_deref().unwrap_or(""), key.name),
+            pipeline: label(key),
             apply: apply::Options {
                 concurrency: self.options.concurrency.max(1),
                 inventory: inventory.clone(),
