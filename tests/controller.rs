@@ -92,7 +92,7 @@ impl Scene {
     fn new(hint: &str) -> Self {
         let namespace = kiln_testenv::unique_name(hint);
         let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/kiln.dev.yaml");
-        kubectl_ok(&["apply", "--server-side", "-f", crds]);
+        kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", crds]);
         kubectl_ok(&["create", "namespace", &namespace]);
         // The CRDs may take a moment to be served after their first apply.
         eventually(
@@ -558,6 +558,8 @@ fn tenant_crd() {
          spec:\n  group: kiln-test.example.com\n  scope: Namespaced\n\
          \x20 names: {plural: tenants, singular: tenant, kind: Tenant}\n\
          \x20 versions:\n  - name: v1\n    served: true\n    storage: true\n\
+         \x20   subresources: {status: {}}\n\
+         \x20   additionalPrinterColumns: [{name: Ready, type: string, jsonPath: \".status.conditions[?(@.type==\\\"Ready\\\")].status\"}]\n\
          \x20   schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}\n",
     );
     eventually("the Tenant kind is served", Duration::from_secs(30), || {
@@ -581,7 +583,7 @@ fn tenant(namespace: &str, name: &str, plan: &str, labels: &str) -> String {
 fn tenants_as_rows(namespace: &str, source_namespace: &str, target: &str) -> String {
     format!(
         "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: tenants, namespace: {source_namespace}}}\n\
-         spec:\n  kubernetes: {{apiVersion: kiln-test.example.com/v1, kind: Tenant, namespace: {namespace}, labelSelector: kiln.test/tenant=yes}}\n\
+         spec:\n  kubernetes: {{apiVersion: kiln-test.example.com/v1, kind: Tenant, namespace: {namespace}, labelSelector: kiln.test/tenant=yes, writeStatus: true}}\n\
          \x20 active: spec.active\n  interval: 1h\n---\n\
          apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app, namespace: {source_namespace}}}\n\
          spec:\n  source: tenants\n  namespace: {target}\n  resources:\n  - id: plan\n    template: |\n\
@@ -708,6 +710,20 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
         plan("globex").is_none()
     });
     assert_eq!(scene.status("main")["instances"], 2);
+
+    // Each Tenant is told how its objects are (writeStatus).
+    eventually("the Tenant's status", Duration::from_secs(10), || {
+        get(&ns, "tenants.kiln-test.example.com", "acme").is_some_and(|t| {
+            t["status"]["kiln"]["objects"] == 1
+                && t["status"]["kiln"]["pipeline"] == format!("{ns}/main").as_str()
+                && t["status"]["conditions"][0]["status"] == "True"
+        })
+    });
+    let listed = kubectl_ok(&["get", "tenants.kiln-test.example.com", "-n", &ns]);
+    assert!(
+        listed.lines().any(|l| l.starts_with("acme") && l.contains("True")),
+        "{listed}"
+    );
 
     // A Source may not read another namespace's objects.
     apply(&tenants_as_rows("default", &ns, &ns));

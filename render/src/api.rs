@@ -81,6 +81,12 @@ pub struct ObjectsSpec {
     /// Only objects with these fields, e.g. `metadata.name!=test`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field_selector: Option<String>,
+    /// Write a `Ready` condition and Kiln's object counts into each row
+    /// object's status after every apply (its kind needs a status
+    /// subresource), so that `kubectl get` on the kind shows each row's
+    /// health.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub write_status: bool,
 }
 
 /// Indirect sources of a Source's URL.

@@ -126,7 +126,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             })
             .collect();
         let mut reconciler = Reconciler::new(config, blueprints, settings, metrics.clone())
-            .with_objects(std::sync::Arc::new(objects));
+            .with_objects(std::sync::Arc::new(objects.clone()));
         let result = loop {
             // Read the sources that are due; one that fails keeps its last rows.
             let mut failures = Vec::new();
@@ -157,6 +157,11 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             }
             match reconciler.apply(&cluster, !degraded, &stop).await {
                 Some(Ok(report)) => {
+                    let writes = rows::healths(&reconciler, &report);
+                    let pipeline = reconciler.settings().pipeline.clone();
+                    for failure in rows::write_back(&objects, &pipeline, writes).await {
+                        eprintln!("warning: {failure}");
+                    }
                     for line in report.lines() {
                         println!("{line}");
                     }

@@ -206,6 +206,11 @@ impl Reconciler {
         }
     }
 
+    /// The rows a source returned last, if it was read.
+    pub fn rows(&self, source: &str) -> Option<&[Row]> {
+        self.rows.get(source).map(Vec::as_slice)
+    }
+
     /// With Git, the commit whose tree is the desired state.
     pub fn tip(&self) -> Option<&CommitId> {
         self.tip.as_ref()

@@ -156,3 +156,245 @@ pub fn watch(
         }
     })
 }
+
+/// What one row object is told of its instance's objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowHealth {
+    /// Objects of the instance in the desired state.
+    pub objects: usize,
+    /// Of them, failed in the last apply.
+    pub failed: usize,
+    /// The first failure, for the condition's message.
+    pub first_failure: Option<String>,
+}
+
+impl ClusterObjects {
+    /// Writes into the status of the object a row came from: a `Ready`
+    /// condition and Kiln's counts for its instance, under `status.kiln`
+    /// and `status.conditions`, with field manager `kiln-status`. Nothing
+    /// is written when it would not change.
+    pub async fn write_health(
+        &self,
+        spec: &ObjectsSpec,
+        object: &Map<String, Value>,
+        pipeline: &str,
+        health: &RowHealth,
+    ) -> Result<bool, String> {
+        let (kind, _) = self.resolve(spec).await?;
+        let meta = |f: &str| {
+            object
+                .get("metadata")
+                .and_then(|m| m.get(f))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let Some(name) = meta("name") else {
+            return Ok(false);
+        };
+        let namespace = meta("namespace");
+        let ready = health.failed == 0;
+        let (status, reason, message) = if ready {
+            (
+                "True",
+                "Applied",
+                format!("{} objects applied by Kiln", health.objects),
+            )
+        } else {
+            (
+                "False",
+                "ApplyFailed",
+                format!(
+                    "{} of {} objects failed{}",
+                    health.failed,
+                    health.objects,
+                    health
+                        .first_failure
+                        .as_ref()
+                        .map(|f| format!(", first: {f}"))
+                        .unwrap_or_default()
+                ),
+            )
+        };
+        let current = object.get("status");
+        let same = current.and_then(|s| s.get("kiln")).is_some_and(|k| {
+            k["objects"] == health.objects
+                && k["failed"] == health.failed
+                && k["pipeline"] == pipeline
+        }) && current
+            .and_then(|s| s.get("conditions"))
+            .and_then(Value::as_array)
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .is_some_and(|c| c["status"] == status && c["message"] == message.as_str());
+        if same {
+            return Ok(false);
+        }
+        let since = current
+            .and_then(|s| s.get("conditions"))
+            .and_then(Value::as_array)
+            .and_then(|c| {
+                c.iter()
+                    .find(|c| c["type"] == "Ready" && c["status"] == status)
+            })
+            .and_then(|c| c.get("lastTransitionTime").cloned())
+            .unwrap_or_else(|| Value::String(k8s_openapi::jiff::Timestamp::now().to_string()));
+        let time = since
+            .as_str()
+            .map(|t| {
+                t.split('.')
+                    .next()
+                    .unwrap_or(t)
+                    .trim_end_matches('Z')
+                    .to_string()
+                    + "Z"
+            })
+            .unwrap_or_default();
+        let body = serde_json::json!({
+            "apiVersion": object.get("apiVersion"),
+            "kind": object.get("kind"),
+            "metadata": {"name": name, "namespace": namespace},
+            "status": {
+                "conditions": [{
+                    "type": "Ready",
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": time,
+                }],
+                "kiln": {
+                    "pipeline": pipeline,
+                    "objects": health.objects,
+                    "failed": health.failed,
+                },
+            },
+        });
+        let client = self.cluster.client().clone();
+        let api: Api<DynamicObject> = match &namespace {
+            Some(ns) => Api::namespaced_with(client, ns, &kind.resource),
+            None => Api::all_with(client, &kind.resource),
+        };
+        api.patch_status(
+            &name,
+            &kube::api::PatchParams::apply("kiln-status").force(),
+            &kube::api::Patch::Apply(&body),
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "write the status of {} {name}: {}",
+                spec.kind,
+                crate::cluster::message(&e)
+            )
+        })?;
+        Ok(true)
+    }
+}
+
+/// What one row object's status is to say.
+#[derive(Debug, Clone)]
+pub struct HealthWrite {
+    spec: ObjectsSpec,
+    object: Map<String, Value>,
+    health: RowHealth,
+}
+
+/// After an apply: the health of the instance of each active row of every
+/// `writeStatus` source, to write with [`write_back`].
+pub fn healths(
+    reconciler: &crate::reconcile::Reconciler,
+    report: &crate::report::Report,
+) -> Vec<HealthWrite> {
+    use std::collections::HashMap;
+    let Some(desired) = reconciler.desired() else {
+        return Vec::new();
+    };
+    let config = reconciler.config();
+    let mut counts: HashMap<(&str, &str), RowHealth> = HashMap::new();
+    for d in desired {
+        counts
+            .entry((d.owner.blueprint.as_str(), d.owner.instance.as_str()))
+            .or_insert(RowHealth {
+                objects: 0,
+                failed: 0,
+                first_failure: None,
+            })
+            .objects += 1;
+    }
+    for outcome in report
+        .outcomes
+        .iter()
+        .filter(|o| o.status == crate::report::Status::Failed)
+    {
+        if let Some(health) = counts.get_mut(&(
+            outcome.owner.blueprint.as_str(),
+            outcome.owner.instance.as_str(),
+        )) {
+            health.failed += 1;
+            health
+                .first_failure
+                .get_or_insert_with(|| outcome.to_string());
+        }
+    }
+    let mut writes = Vec::new();
+    for name in reconciler.sources() {
+        let Some(source) = config.sources.get(name) else {
+            continue;
+        };
+        let Some(spec) = source.spec.kubernetes.as_ref().filter(|s| s.write_status) else {
+            continue;
+        };
+        let blueprints: Vec<&str> = config
+            .blueprints
+            .values()
+            .filter(|b| b.spec.source == *name)
+            .map(|b| b.name.as_str())
+            .collect();
+        for row in reconciler
+            .rows(name)
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.active)
+        {
+            let instance = kiln_render::template::dns_label(&row.key);
+            let mut health = RowHealth {
+                objects: 0,
+                failed: 0,
+                first_failure: None,
+            };
+            for blueprint in &blueprints {
+                if let Some(h) = counts.get(&(*blueprint, instance.as_str())) {
+                    health.objects += h.objects;
+                    health.failed += h.failed;
+                    if health.first_failure.is_none() {
+                        health.first_failure.clone_from(&h.first_failure);
+                    }
+                }
+            }
+            writes.push(HealthWrite {
+                spec: spec.clone(),
+                object: row.values.clone(),
+                health,
+            });
+        }
+    }
+    writes
+}
+
+/// Writes each row object's health, 8 at a time; what could not be
+/// written, one line each.
+pub async fn write_back(
+    objects: &ClusterObjects,
+    pipeline: &str,
+    writes: Vec<HealthWrite>,
+) -> Vec<String> {
+    futures_util::stream::iter(writes)
+        .map(|w| async move {
+            objects
+                .write_health(&w.spec, &w.object, pipeline, &w.health)
+                .await
+                .err()
+        })
+        .buffer_unordered(8)
+        .filter_map(|e| async move { e })
+        .collect()
+        .await
+}

@@ -232,6 +232,9 @@ struct State {
     trigger: (Option<i64>, bool),
     reconciler: Reconciler,
     watches: Watches,
+    /// What lists the objects of `kubernetes` sources, and writes their
+    /// status.
+    objects: ClusterObjects,
     /// The tasks that turn watch events into passes.
     tasks: Vec<JoinHandle<()>>,
     polled: Vec<Polled>,
@@ -643,7 +646,14 @@ impl Context {
                 .await
         };
         match applied {
-            Some(Ok(report)) => pass.report = Some(report),
+            Some(Ok(report)) => {
+                let writes = rows::healths(&s.reconciler, &report);
+                let pipeline = label(&key);
+                for failure in rows::write_back(&s.objects, &pipeline, writes).await {
+                    tracing::warn!("{failure}");
+                }
+                pass.report = Some(report);
+            }
             Some(Err(e)) => {
                 let reason = e.reason();
                 pass.trouble = Some(Trouble {
@@ -747,7 +757,8 @@ impl Context {
             digest: gathered.digest,
             trigger: (None, false),
             reconciler: Reconciler::new(config, blueprints, settings, metrics.clone())
-                .with_objects(Arc::new(objects)),
+                .with_objects(Arc::new(objects.clone())),
+            objects,
             watches,
             tasks,
             polled,
