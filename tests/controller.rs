@@ -402,6 +402,7 @@ fn the_controller_follows_rows_templates_and_secrets_and_reports_in_status_and_e
 
     let reasons = scene.event_reasons("main");
     for (kind, reason) in [
+        ("Normal", "Rendered"),
         ("Normal", "Applied"),
         ("Normal", "Pruned"),
         ("Normal", "DriftCorrected"),
@@ -721,7 +722,9 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
     });
     let listed = kubectl_ok(&["get", "tenants.kiln-test.example.com", "-n", &ns]);
     assert!(
-        listed.lines().any(|l| l.starts_with("acme") && l.contains("True")),
+        listed
+            .lines()
+            .any(|l| l.starts_with("acme") && l.contains("True")),
         "{listed}"
     );
 

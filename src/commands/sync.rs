@@ -146,7 +146,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             match reconciler.render(&cluster).await {
                 Ok(events) => {
                     for event in events {
-                        eprintln!("{}", describe(&event, &place));
+                        if let Some(line) = describe(&event, &place) {
+                            eprintln!("{line}");
+                        }
                     }
                 }
                 Err(e) if args.once => break Err(e.into()),
@@ -288,9 +290,11 @@ fn settings(
     })
 }
 
-/// A render's event as a person reads it.
-fn describe(event: &Event, place: &target::Place) -> String {
-    match event {
+/// A render's event as a person reads it; a render alone says nothing
+/// (what it changes is in the report that follows).
+fn describe(event: &Event, place: &target::Place) -> Option<String> {
+    Some(match event {
+        Event::Rendered { .. } => return None,
         Event::Recovered { files, commit } => place.recovered(*files, commit),
         Event::Committed(published) => format!(
             "committed {} to {}: {}",
@@ -302,5 +306,5 @@ fn describe(event: &Event, place: &target::Place) -> String {
             "{branch} is pinned by rollback commit {}: applying it and committing nothing until `kiln resume`",
             commit.short()
         ),
-    }
+    })
 }

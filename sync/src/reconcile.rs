@@ -93,6 +93,16 @@ impl Polled {
 /// What a render did that a person would want to know.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// Changed rows or configuration were rendered (and, with Git,
+    /// committed or found unchanged).
+    Rendered {
+        /// Instances rendered.
+        instances: usize,
+        /// Objects rendered.
+        objects: usize,
+        /// How long rendering took.
+        elapsed: Duration,
+    },
     /// An interrupted render's work tree was brought up to Kiln's commit.
     Recovered {
         /// Files brought up to date.
@@ -281,6 +291,7 @@ impl Reconciler {
                             .await??;
                         let (tree, rendered) = tree;
                         self.metrics.rendered(elapsed);
+                        let made = rendered_event(&rendered, elapsed);
                         if !self.settings.allow_plaintext_secrets {
                             publish::check_secrets(&rendered)?;
                         }
@@ -296,10 +307,12 @@ impl Reconciler {
                         if outcome.committed.is_some() {
                             self.committed = outcome.committed;
                         }
+                        events.push(made);
                         events.extend(outcome.events);
                     }
                     None => {
                         self.metrics.rendered(elapsed);
+                        let made = rendered_event(&rendered, elapsed);
                         let desired = desired::from_rendered(&rendered)?;
                         drop(rendered);
                         // The guard compares with the inventory, not with
@@ -309,6 +322,7 @@ impl Reconciler {
                         options.prune = !self.settings.no_prune;
                         crate::guard::check_cluster(cluster, &options, &desired).await?;
                         self.desired = Some(Arc::new(desired));
+                        events.push(made);
                     }
                 }
                 self.inputs = Some(inputs);
@@ -380,6 +394,14 @@ impl Reconciler {
             self.metrics.applied(count, started.elapsed(), report);
         }
         Some(result)
+    }
+}
+
+fn rendered_event(rendered: &render::Rendered, elapsed: Duration) -> Event {
+    Event::Rendered {
+        instances: rendered.instances.len(),
+        objects: rendered.instances.iter().map(|i| i.objects.len()).sum(),
+        elapsed,
     }
 }
 

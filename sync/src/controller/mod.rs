@@ -922,6 +922,17 @@ async fn mark_stale(
 /// A render's event as an Event's reason and note.
 fn note(event: &Event) -> (&'static str, String) {
     match event {
+        Event::Rendered {
+            instances,
+            objects,
+            elapsed,
+        } => (
+            "Rendered",
+            format!(
+                "rendered {objects} objects of {instances} instances in {} ms",
+                elapsed.as_millis()
+            ),
+        ),
         Event::Recovered { files, commit } => (
             "Recovered",
             format!(
