@@ -898,6 +898,42 @@ fn a_pipeline_with_git_commits_pushes_over_the_network_and_then_applies() {
         },
     );
 
+    // The remote moves while Kiln pushes (a hook of the server commits
+    // first, once): the push is refused, and Kiln fetches, commits on top
+    // and pushes again in the same pass.
+    let hook = bare.join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        "#!/bin/sh\n\
+         [ -e \"$GIT_DIR/moved-once\" ] && exit 0\n\
+         touch \"$GIT_DIR/moved-once\"\n\
+         unset GIT_QUARANTINE_PATH GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES\n\
+         tree=$(git rev-parse main^{tree})\n\
+         commit=$(echo racing | GIT_AUTHOR_NAME=x GIT_AUTHOR_EMAIL=x@y GIT_COMMITTER_NAME=x GIT_COMMITTER_EMAIL=x@y git commit-tree \"$tree\" -p main)\n\
+         git update-ref refs/heads/main \"$commit\"\n",
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(&hook)
+        .status()
+        .unwrap();
+    std::fs::write(
+        &file,
+        "- {id: a, plan: diamond}\n- {id: b, plan: silver}\n- {id: c, plan: bronze}\n",
+    )
+    .unwrap();
+    eventually("a commit after the race", Duration::from_secs(20), || {
+        remote_file("fleet/app/a/plan.yaml").is_some_and(|f| f.contains("diamond"))
+    });
+    assert!(bare.join("moved-once").exists(), "the hook ran");
+    assert_eq!(
+        common::git(&bare, &["log", "-1", "--format=%s", "main^"]),
+        "racing",
+        "Kiln's commit is on top of the one that raced it"
+    );
+    std::fs::remove_file(&hook).unwrap();
+
     // Two rows of three gone is more than the guard allows: nothing is
     // committed or pushed, and the status says why.
     let before = remote_tip();
@@ -907,7 +943,12 @@ fn a_pipeline_with_git_commits_pushes_over_the_network_and_then_applies() {
     });
     assert_eq!(remote_tip(), before);
     assert!(scene.config_map_data("plan-b").is_some());
-    controller.terminate();
+    let out = controller.terminate();
+    let log = stderr(&out);
+    assert!(
+        log.contains("the remote refused the push"),
+        "the retry happened within a pass: {log}"
+    );
 }
 
 #[test]

@@ -425,20 +425,28 @@ fn commit_and_push(
         return commit(target, tree, inputs, pinned_reported);
     };
     let refname = target.refname()?;
+    let mut refused = String::new();
     for attempt in 1..=PUSH_ATTEMPTS {
         remote.fetch(&target.repo, &refname)?;
         let committed = commit(target, tree, inputs, pinned_reported)?;
-        if committed.committed.is_none() || remote.push(&target.repo, &refname)? {
+        if committed.committed.is_none() {
             return Ok(committed);
         }
-        tracing::info!(
-            attempt,
-            "the remote branch moved before the push: fetching and committing again"
-        );
+        match remote.push(&target.repo, &refname)? {
+            None => return Ok(committed),
+            Some(reason) => {
+                tracing::info!(
+                    attempt,
+                    %reason,
+                    "the remote refused the push (it moved?): fetching and committing again"
+                );
+                refused = reason;
+            }
+        }
     }
     Err(kiln_render::Error::Git {
         message: format!(
-            "push of {} to {}: the remote branch moved {PUSH_ATTEMPTS} times before a push went through",
+            "push of {} to {} refused {PUSH_ATTEMPTS} times, last: {refused}",
             refname.short(),
             remote.redacted()
         ),

@@ -99,9 +99,10 @@ impl Remote {
         Ok(())
     }
 
-    /// Pushes `branch`, fast-forward only. `false` when the remote moved
-    /// since the fetch (fetch, render and push again).
-    pub fn push(&self, repo: &Repo, branch: &Branch) -> Result<bool> {
+    /// Pushes `branch`, fast-forward only. `Some(reason)` when the remote
+    /// refused the update (it moved since the fetch, or a hook said no):
+    /// fetch, commit and push again.
+    pub fn push(&self, repo: &Repo, branch: &Branch) -> Result<Option<String>> {
         let mut remote = repo
             .git
             .remote_anonymous(&self.url)
@@ -124,22 +125,12 @@ impl Remote {
                     || e.message().contains("fastforward")
                     || e.message().contains("fast-forward") =>
             {
-                return Ok(false);
+                return Ok(Some("not a fast-forward".into()));
             }
             Err(e) => return Err(self.failed("push to", &e)),
         }
         drop(options);
-        match rejected.into_inner() {
-            None => Ok(true),
-            Some(reason) if reason.contains("fast") || reason.contains("fetch first") => Ok(false),
-            Some(reason) => Err(Error::Git {
-                message: format!(
-                    "push of {} to {} refused: {reason}",
-                    branch.short(),
-                    self.redacted()
-                ),
-            }),
-        }
+        Ok(rejected.into_inner())
     }
 
     fn callbacks(&self) -> RemoteCallbacks<'_> {
