@@ -114,7 +114,7 @@ impl Scene {
     /// Starts a controller for this scene's Pipelines.
     fn controller(&self, metrics: &str, extra: &[&str]) -> Child {
         let cluster = kiln_testenv::cluster();
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
+        common::kiln_command()
             .args(["controller", "--kubeconfig"])
             .arg(&cluster.kubeconfig)
             .args(["--selector", &self.selector])
@@ -614,7 +614,7 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
     kubectl_ok(&["create", "namespace", &elsewhere]);
     std::fs::write(&config, tenants_as_rows(&ns, "default", &elsewhere)).unwrap();
     let cluster = kiln_testenv::cluster();
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let out = common::kiln_command()
         .args(["render", "-f"])
         .arg(&config)
         .env("KUBECONFIG", &cluster.kubeconfig)
@@ -635,7 +635,7 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
 
     // `kiln sync` watches them: a change is applied within seconds.
     let mut sync = Running(Some(
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
+        common::kiln_command()
             .args(["sync", "-f"])
             .arg(&config)
             .arg("--kubeconfig")

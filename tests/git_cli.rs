@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::{git, kiln, stderr, stdout};
 
@@ -310,7 +310,7 @@ fn concurrent_renders_on_one_branch_lose_no_commit() {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            Command::new(env!("CARGO_BIN_EXE_kiln"))
+            common::kiln_command()
                 .args([
                     "render",
                     "-f",
@@ -356,7 +356,7 @@ fn a_killed_render_leaves_the_repository_as_it_was() {
     project.rows(&as_refs(&many));
     for delay in [5u64, 40, 120, 300] {
         let _ = std::fs::remove_file(project.path().join("tenants.db"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let mut child = common::kiln_command()
             .args([
                 "render",
                 "-f",
@@ -819,7 +819,7 @@ fn unchanged_inputs_skip_the_render_and_a_changed_source_spec_does_not() {
     let repo = bare_repo(work.path(), "repo.git");
     let project = Project::new(&[("acme", 1)], false);
     let rendered = |project: &Project| {
-        let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let output = common::kiln_command()
             .args([
                 "render",
                 "-f",
@@ -981,7 +981,7 @@ fn a_render_killed_while_it_updates_a_checkout_is_repaired_by_the_next() {
     let mut hit = false;
     for _ in 0..20 {
         let _ = std::fs::remove_file(project.path().join("tenants.db"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let mut child = common::kiln_command()
             .args(&args)
             .stderr(std::process::Stdio::null())
             .spawn()

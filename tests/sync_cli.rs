@@ -92,7 +92,7 @@ impl Fixture {
     }
 
     fn spawn(&self, command: &str, extra: &[&str]) -> Child {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        let mut cmd = common::kiln_command();
         cmd.arg(command);
         if command == "apply" {
             cmd.arg("--dir").arg(self.path("out"));

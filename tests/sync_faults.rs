@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::stderr;
@@ -37,7 +37,7 @@ fn an_api_server_restart_in_the_middle_of_an_apply_loses_nothing() {
 
     // One write at a time, so that the apply is still going when the
     // server goes away.
-    let apply = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let apply = common::kiln_command()
         .args([
             "apply",
             "--dir",

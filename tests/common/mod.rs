@@ -7,14 +7,28 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// Runs the kiln binary with a fixed commit author.
-pub fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
+/// The kiln binary with nothing of the developer's shell that would change
+/// what it does: every `KILN_*` variable (`KILN_GIT`, `KILN_LOG`,
+/// `KILN_INVENTORY`, `KILN_METRICS_ADDR`, …) but the test environment's, and
+/// `KUBECONFIG` (a test names its cluster); a fixed commit author.
+pub fn kiln_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let ours = name.starts_with("KILN_TEST_") || name == "KILN_ENVTEST_BIN";
+        if (name.starts_with("KILN_") && !ours) || name == "KUBECONFIG" {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command
         .env("GIT_AUTHOR_NAME", "Kiln Test")
-        .env("GIT_AUTHOR_EMAIL", "kiln@example.com")
-        .output()
-        .unwrap()
+        .env("GIT_AUTHOR_EMAIL", "kiln@example.com");
+    command
+}
+
+/// Runs the kiln binary (see [`kiln_command`]).
+pub fn kiln(args: &[&str]) -> Output {
+    kiln_command().args(args).output().unwrap()
 }
 
 /// A command's stderr as text.
