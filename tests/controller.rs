@@ -11,10 +11,10 @@
 mod common;
 
 use std::io::Write as _;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_addr, http_get, kubectl, metric, stderr};
+use common::{Running, eventually, free_addr, http_get, kubectl, metric, stderr};
 use serde_json::Value;
 
 fn kubectl_ok(args: &[&str]) -> String {
@@ -193,35 +193,6 @@ impl Drop for Scene {
     }
 }
 
-/// Kills a process group member for good when the test ends, passing or not.
-struct Running(Option<Child>);
-
-impl Running {
-    fn terminate(&mut self) -> Output {
-        let child = self.0.take().unwrap();
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        child.wait_with_output().unwrap()
-    }
-
-    fn kill(&mut self) {
-        let mut child = self.0.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 const TEMPLATE: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: \"plan-{{ key }}\"}\ndata: {plan: \"{{ row.plan }}\"}\n";
 
 /// A Secret holding `url`, a ConfigMap holding `template`, a Source and a
@@ -269,7 +240,7 @@ fn the_controller_follows_rows_templates_and_secrets_and_reports_in_status_and_e
     apply(&tenants_configuration(&scene, &url, TEMPLATE));
     apply(&scene.pipeline("main", "{}"));
     let addr = free_addr();
-    let mut controller = Running(Some(scene.controller(&addr, &[])));
+    let mut controller = Running::new(scene.controller(&addr, &[]));
     let plan = |key: &str| {
         scene
             .config_map_data(&format!("plan-{key}"))
@@ -448,7 +419,7 @@ fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
     );
     apply(&scene.pipeline("main", "{}"));
     let addr = free_addr();
-    let mut controller = Running(Some(scene.controller(&addr, &[])));
+    let mut controller = Running::new(scene.controller(&addr, &[]));
     eventually("ReferenceNotFound", Duration::from_secs(60), || {
         scene.condition("main", "Ready") == ("False".into(), "ReferenceNotFound".into())
     });
@@ -500,15 +471,13 @@ fn two_replicas_elect_one_leader_which_a_standby_replaces() {
     apply(&scene.pipeline("main", "{}"));
     let election = ["--leader-elect", "--lease-duration", "3s"];
     let (first, second) = (free_addr(), free_addr());
-    let mut one = Running(Some(
-        scene.controller(&first, &[&election[..], &["--identity", "one"]].concat()),
-    ));
+    let mut one =
+        Running::new(scene.controller(&first, &[&election[..], &["--identity", "one"]].concat()));
     eventually("one leads", Duration::from_secs(30), || {
         metric(&first, "kiln_leader") == Some(1.0)
     });
-    let mut two = Running(Some(
-        scene.controller(&second, &[&election[..], &["--identity", "two"]].concat()),
-    ));
+    let mut two =
+        Running::new(scene.controller(&second, &[&election[..], &["--identity", "two"]].concat()));
     eventually("two stands by", Duration::from_secs(30), || {
         metric(&second, "kiln_leader") == Some(0.0)
     });
@@ -634,7 +603,7 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
     );
 
     // `kiln sync` watches them: a change is applied within seconds.
-    let mut sync = Running(Some(
+    let mut sync = Running::new(
         common::kiln_command()
             .args(["sync", "-f"])
             .arg(&config)
@@ -645,7 +614,7 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    ));
+    );
     let synced = |name: &str| {
         get(&elsewhere, "configmap", &format!("tenant-{name}"))
             .map(|c| c["data"]["plan"].as_str().unwrap_or_default().to_string())
@@ -672,7 +641,7 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
     apply(&tenants_as_rows(&ns, &ns, &ns));
     apply(&scene.pipeline("main", "{deletionGuard: {maxPercent: 100}}"));
     let addr = free_addr();
-    let mut controller = Running(Some(scene.controller(&addr, &[])));
+    let mut controller = Running::new(scene.controller(&addr, &[]));
     let plan = |name: &str| {
         scene
             .config_map_data(&format!("tenant-{name}"))
@@ -771,7 +740,7 @@ impl GitDaemon {
         let daemon = GitDaemon {
             root,
             port,
-            _process: Running(Some(process)),
+            _process: Running::new(process),
         };
         eventually("git daemon listens", Duration::from_secs(10), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -819,9 +788,8 @@ fn a_pipeline_with_git_commits_pushes_over_the_network_and_then_applies() {
     ));
     let cache = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let mut controller = Running(Some(
-        scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]),
-    ));
+    let mut controller =
+        Running::new(scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]));
     let remote_tip = || common::git(&bare, &["rev-parse", "main"]);
     let remote_file = |path: &str| {
         let out = Command::new("git")
@@ -965,9 +933,8 @@ fn a_pipeline_that_leaves_applying_to_others_only_commits() {
     ));
     let cache = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let mut controller = Running(Some(
-        scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]),
-    ));
+    let mut controller =
+        Running::new(scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]));
     eventually("Committed", Duration::from_secs(60), || {
         scene.condition("main", "Ready") == ("True".into(), "Committed".into())
     });
@@ -1171,9 +1138,8 @@ fn a_token_from_a_secret_pushes_over_https_style_authentication() {
     ));
     let cache = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let mut controller = Running(Some(
-        scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]),
-    ));
+    let mut controller =
+        Running::new(scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]));
     // A wrong token: refused by the server, said in the status, never shown.
     eventually("GitFailed", Duration::from_secs(60), || {
         scene.condition("main", "Ready") == ("False".into(), "GitFailed".into())

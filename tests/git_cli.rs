@@ -306,7 +306,7 @@ fn concurrent_renders_on_one_branch_lose_no_commit() {
     let projects: Vec<Project> = (0..4)
         .map(|_| Project::new(&as_refs(&tenants(40)), false))
         .collect();
-    let children: Vec<std::process::Child> = projects
+    let children: Vec<common::Running> = projects
         .iter()
         .enumerate()
         .map(|(i, p)| {
@@ -323,11 +323,12 @@ fn concurrent_renders_on_one_branch_lose_no_commit() {
                 .args(["--path", &format!("cluster-{i}")])
                 .stderr(std::process::Stdio::piped())
                 .spawn()
+                .map(common::Running::new)
                 .unwrap()
         })
         .collect();
-    for child in children {
-        let output = child.wait_with_output().unwrap();
+    for mut child in children {
+        let output = child.wait();
         assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     }
     assert_eq!(commits(&repo), 4, "every render's commit is on the branch");

@@ -8,10 +8,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::{eventually, free_addr, http_get, kiln, kubectl, metric, stderr, stdout};
+use common::{Running, eventually, free_addr, http_get, kiln, kubectl, metric, stderr, stdout};
 use serde_json::Value;
 
 /// A configuration with one file source and one blueprint `app`, whose
@@ -91,7 +91,7 @@ impl Fixture {
         kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
-    fn spawn(&self, command: &str, extra: &[&str]) -> Child {
+    fn spawn(&self, command: &str, extra: &[&str]) -> Running {
         let mut cmd = common::kiln_command();
         cmd.arg(command);
         if command == "apply" {
@@ -104,6 +104,7 @@ impl Fixture {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
+            .map(Running::new)
             .unwrap()
     }
 }
@@ -125,8 +126,8 @@ fn get(namespace: &str, kind: &str, name: &str) -> Option<Value> {
         .then(|| serde_json::from_slice(&out.stdout).unwrap())
 }
 
-fn finish(child: Child) -> Output {
-    child.wait_with_output().unwrap()
+fn finish(mut child: Running) -> Output {
+    child.wait()
 }
 
 fn rv(object: &Value) -> u64 {
@@ -754,19 +755,10 @@ fn greeting_resources() -> String {
 }
 
 /// SIGTERM to a running `kiln sync`, which must exit 0; its output.
-fn stop(sync: Child) -> Output {
-    terminate(&sync);
-    let out = finish(sync);
+fn stop(mut sync: Running) -> Output {
+    let out = sync.terminate();
     assert!(out.status.success(), "{}", stderr(&out));
     out
-}
-
-fn terminate(child: &Child) {
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
 }
 
 #[test]
@@ -1334,7 +1326,7 @@ fn kilns_own_writes_start_no_pass_and_a_stop_is_one_line() {
         f.render();
         let apply = f.spawn("apply", &["--concurrency", "1"]);
         std::thread::sleep(Duration::from_millis(delay));
-        terminate(&apply);
+        apply.signal_term();
         let out = finish(apply);
         // Too early (before the handler was installed) or too late (it
         // finished first): try the next delay.

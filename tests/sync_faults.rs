@@ -37,7 +37,7 @@ fn an_api_server_restart_in_the_middle_of_an_apply_loses_nothing() {
 
     // One write at a time, so that the apply is still going when the
     // server goes away.
-    let apply = common::kiln_command()
+    let mut apply = common::kiln_command()
         .args([
             "apply",
             "--dir",
@@ -52,6 +52,7 @@ fn an_api_server_restart_in_the_middle_of_an_apply_loses_nothing() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(common::Running::new)
         .unwrap();
     let namespaces = || {
         let out = cluster
@@ -72,7 +73,7 @@ fn an_api_server_restart_in_the_middle_of_an_apply_loses_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     cluster.restart_api_server(Duration::from_secs(2)).unwrap();
-    let result = apply.wait_with_output().unwrap();
+    let result = apply.wait();
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(
         stderr(&result).contains(&format!("created {}", n * 4)),

@@ -4,7 +4,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 /// The kiln binary with nothing of the developer's shell that would change
@@ -123,4 +123,75 @@ pub fn metric(addr: &str, name: &str) -> Option<f64> {
 pub fn free_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
+}
+
+/// A spawned process that cannot outlive its test: dropped (a failed
+/// assertion included), it is killed; waiting for it has a deadline.
+#[derive(Debug)]
+pub struct Running(Option<Child>);
+
+/// How long a process may take to exit once asked.
+const EXIT_DEADLINE: Duration = Duration::from_secs(120);
+
+impl Running {
+    /// Guards `child`.
+    pub fn new(child: Child) -> Self {
+        Running(Some(child))
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends SIGTERM.
+    pub fn signal_term(&self) {
+        Command::new("kill")
+            .args(["-TERM", &self.id().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    /// SIGTERM, then its output once it exits.
+    pub fn terminate(&mut self) -> Output {
+        self.signal_term();
+        self.wait()
+    }
+
+    /// kill -9, and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Its output once it exits; killed, and the test failed, if it has not
+    /// within two minutes.
+    pub fn wait(&mut self) -> Output {
+        let child = self.0.take().expect("the process was already waited for");
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(EXIT_DEADLINE) {
+            Ok(output) => output.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                panic!("process {pid} did not exit within {EXIT_DEADLINE:?}");
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
