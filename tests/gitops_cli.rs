@@ -156,16 +156,16 @@ fn the_rendered_branch_builds_with_kustomize_and_the_api_server_accepts_it() {
     );
     let lines = String::from_utf8_lossy(&applied.stdout).lines().count();
     assert_eq!(lines, 351, "{}", String::from_utf8_lossy(&applied.stdout));
-    let deleted = kubectl(
-        &[
-            "delete",
-            "namespace",
-            "-l",
-            "app.kubernetes.io/managed-by=kiln",
-            "--wait=false",
-        ],
-        None,
-    );
+    // Only the namespaces this test created: a label selector would delete
+    // every Kiln namespace of the cluster, other tests' included.
+    let names: Vec<&str> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Namespace")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    let mut args = vec!["delete", "namespace", "--wait=false"];
+    args.extend(&names);
+    let deleted = kubectl(&args, None);
     assert!(
         deleted.status.success(),
         "{}",
