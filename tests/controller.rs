@@ -156,6 +156,18 @@ impl Scene {
             .unwrap_or_default()
     }
 
+    /// Waits for `count` more passes of the Pipeline: its
+    /// `lastReconcileTime` (whole seconds) moves on that many times.
+    fn passes(&self, pipeline: &str, count: usize) {
+        let mut last = self.status(pipeline)["lastReconcileTime"].clone();
+        for _ in 0..count {
+            eventually("another pass", Duration::from_secs(30), || {
+                let now = self.status(pipeline)["lastReconcileTime"].clone();
+                std::mem::replace(&mut last, now.clone()) != now && !now.is_null()
+            });
+        }
+    }
+
     fn config_map_data(&self, name: &str) -> Option<Value> {
         get(&self.namespace, "configmap", name).map(|c| c["data"].clone())
     }
@@ -355,7 +367,8 @@ fn the_controller_follows_rows_templates_and_secrets_and_reports_in_status_and_e
             .is_some_and(|e| e.contains("tenants") && !e.contains("wrong")),
         "the error names the source and hides the password: {status}"
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // Two more passes with the source down prune nothing either.
+    scene.passes("main", 2);
     assert_eq!(plan("acme").as_deref(), Some("PLATINUM"));
     assert_eq!(plan("initech").as_deref(), Some("BRONZE"));
     apply(&tenants_configuration(&scene, &url, &changed));
@@ -489,8 +502,9 @@ fn two_replicas_elect_one_leader_which_a_standby_replaces() {
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
     };
     assert_eq!(holder().as_deref(), Some("one"));
-    // The standby writes nothing: its reconcile counter stays absent.
-    std::thread::sleep(Duration::from_secs(2));
+    // The standby writes nothing: while the leader makes two more passes,
+    // its reconcile counter stays absent.
+    scene.passes("main", 2);
     assert!(
         !http_get(&second, "/metrics").contains("kiln_reconciles_total"),
         "the standby reconciled"
@@ -942,7 +956,9 @@ fn a_pipeline_that_leaves_applying_to_others_only_commits() {
     assert_eq!(scene.status("main")["lastCommit"], tip.as_str());
     let listed = common::git(&bare, &["ls-tree", "-r", "--name-only", "rendered"]);
     assert!(listed.contains("app/a/plan.yaml"), "{listed}");
-    std::thread::sleep(Duration::from_secs(2));
+    // The pass that committed is over (its status is written): it applied
+    // nothing, nor do the next ones.
+    scene.passes("main", 1);
     assert!(
         scene.config_map_data("plan-a").is_none(),
         "spec.apply: false applies nothing"
