@@ -797,7 +797,7 @@ fn sync_puts_an_out_of_band_edit_back_serves_metrics_and_stops_on_sigterm() {
     eventually("a source error", Duration::from_secs(30), || {
         metric(&addr, "kiln_source_errors_total{source=\"rows\"}").unwrap_or(0.0) >= 1.0
     });
-    std::thread::sleep(Duration::from_secs(2));
+    more_passes(&addr, 2);
     assert!(greeting().is_some(), "a failing source pruned");
 
     let out = stop(sync);
@@ -816,8 +816,9 @@ fn sync_detect_only_reports_drift_and_leaves_it() {
     assert!(out.status.success(), "{}", stderr(&out));
     let ns = f.ns("a");
     edit_greeting(&ns);
-    let sync = f.spawn("sync", &["--detect-only"]);
-    std::thread::sleep(Duration::from_secs(4));
+    let addr = free_addr();
+    let sync = f.spawn("sync", &["--detect-only", "--metrics-addr", &addr]);
+    more_passes(&addr, 1);
     let out = stop(sync);
     assert!(
         stdout(&out).contains(&format!("drifted ConfigMap {ns}/config")),
@@ -1213,7 +1214,11 @@ fn a_render_over_budget_fails_the_pass_and_sync_keeps_the_last_good_state() {
     ]
     .concat();
     let f = Fixture::new("budget", "- {id: a, n: 3}\n- {id: b, n: 3}\n", &resources);
-    let sync = f.spawn("sync", &["--max-object-bytes", "2000"]);
+    let addr = free_addr();
+    let sync = f.spawn(
+        "sync",
+        &["--max-object-bytes", "2000", "--metrics-addr", &addr],
+    );
     let greeting =
         |key: &str| get(&f.ns(key), "configmap", "config").map(|c| c["data"]["greeting"].clone());
     eventually("the first sync", Duration::from_secs(60), || {
@@ -1222,7 +1227,9 @@ fn a_render_over_budget_fails_the_pass_and_sync_keeps_the_last_good_state() {
 
     // a's row now makes an object of 5,000 bytes: the whole render fails.
     f.rows("- {id: a, n: 5000}\n- {id: b, n: 4}\n");
-    std::thread::sleep(Duration::from_secs(3));
+    // Two passes after the change (the source is read every second): the
+    // render failed in each, and the last good state was applied.
+    more_passes(&addr, 2);
     assert_eq!(
         greeting("b"),
         Some("xxx".into()),
@@ -1423,6 +1430,18 @@ fn drift_cluster_and_sync_detect_only_agree() {
         get(&ns, "configmap", "config").unwrap()["data"]["greeting"],
         "edited",
         "--detect-only wrote"
+    );
+}
+
+/// Waits until the sync serving metrics on `addr` has applied `more`
+/// more times: passes, observed rather than slept through.
+fn more_passes(addr: &str, more: u64) {
+    let applies = || metric(addr, "kiln_apply_duration_seconds_count").unwrap_or(0.0) as u64;
+    let target = applies() + more;
+    eventually(
+        &format!("{more} more passes"),
+        Duration::from_secs(30),
+        || applies() >= target,
     );
 }
 
