@@ -1178,3 +1178,136 @@ fn a_token_from_a_secret_pushes_over_https_style_authentication() {
     assert!(listed.contains("app/a/plan.yaml"), "{listed}");
     controller.terminate();
 }
+
+/// An SSH server on loopback that lets this test's user in with one key:
+/// `sshd` run by the test (as whoever runs it), its host key and the
+/// client's key made here.
+struct SshServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    user: String,
+    _process: Running,
+}
+
+impl SshServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        for key in ["host", "client"] {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path(key))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ssh-keygen: {}", stderr(&out));
+        }
+        std::fs::copy(path("client.pub"), path("authorized_keys")).unwrap();
+        let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+        let port: u16 = free_addr().rsplit(':').next().unwrap().parse().unwrap();
+        std::fs::write(
+            path("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nAuthorizedKeysFile {keys}\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+                 PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile {pid}\n",
+                host = path("host").display(),
+                keys = path("authorized_keys").display(),
+                pid = path("sshd.pid").display(),
+            ),
+        )
+        .unwrap();
+        // Run as root, sshd wants its privilege separation directory.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let process = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(path("sshd_config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = SshServer {
+            dir,
+            port,
+            user,
+            _process: Running::new(process),
+        };
+        eventually("sshd listens", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        server
+    }
+
+    /// `known_hosts` lines naming this server's host key.
+    fn known_hosts(&self) -> String {
+        let key = std::fs::read_to_string(self.dir.path().join("host.pub")).unwrap();
+        let mut fields = key.split_whitespace();
+        let (kind, data) = (fields.next().unwrap(), fields.next().unwrap());
+        format!("[127.0.0.1]:{} {kind} {data}\n", self.port)
+    }
+
+    fn identity(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("client")).unwrap()
+    }
+}
+
+#[test]
+fn an_ssh_key_and_known_hosts_from_a_secret_push_over_ssh() {
+    let server = SshServer::start();
+    let repos = tempfile::tempdir().unwrap();
+    common::git(
+        repos.path(),
+        &["init", "-q", "--bare", "-b", "main", "fleet.git"],
+    );
+    let bare = repos.path().join("fleet.git");
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}",
+        server.user,
+        server.port,
+        bare.display()
+    );
+    let scene = Scene::new("ctlssh");
+    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
+    let (_rows, _) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    let indent = |text: &str| -> String { text.lines().map(|l| format!("    {l}\n")).collect() };
+    let secret = |known_hosts: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: fleet-ssh, namespace: {}}}\nstringData:\n  identity: |\n{}  known_hosts: |\n{}",
+            scene.namespace,
+            indent(&server.identity()),
+            indent(known_hosts)
+        )
+    };
+    // A known_hosts that lists another key for this host: refused.
+    let other = SshServer::start();
+    let impostor = other
+        .known_hosts()
+        .replace(&format!(":{}", other.port), &format!(":{}", server.port));
+    apply(&secret(&impostor));
+    apply(&scene.pipeline(
+        "main",
+        &format!("{{git: {{url: \"{url}\", secretRef: {{name: fleet-ssh}}}}, apply: false}}"),
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut controller =
+        Running::new(scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]));
+    eventually("GitFailed", Duration::from_secs(60), || {
+        scene.condition("main", "Ready") == ("False".into(), "GitFailed".into())
+    });
+    let message = scene.status("main")["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("known_hosts"), "{message}");
+    // The server's own key: the pass pushes.
+    apply(&secret(&server.known_hosts()));
+    eventually("Committed", Duration::from_secs(30), || {
+        scene.condition("main", "Ready") == ("True".into(), "Committed".into())
+    });
+    let listed = common::git(&bare, &["ls-tree", "-r", "--name-only", "main"]);
+    assert!(listed.contains("app/a/plan.yaml"), "{listed}");
+    controller.terminate();
+}

@@ -21,6 +21,10 @@ missing_packages() {
   have setpriv || echo util-linux
   have openssl || echo openssl
   have git || echo git
+  # sshd and ssh-keygen: the controller's SSH push is tested against an sshd
+  # the test starts on loopback (never the system service).
+  [ -x /usr/sbin/sshd ] || echo openssh-server
+  have ssh-keygen || echo openssh-client
   have cc || echo gcc
   dpkg -s libssl-dev >/dev/null 2>&1 || echo libssl-dev
   return 0

@@ -80,13 +80,14 @@ impl Remote {
         let mut remote = repo
             .git
             .remote_anonymous(&self.url)
-            .map_err(|e| self.failed("fetch from", &e))?;
+            .map_err(|e| self.failed("fetch from", &e, None))?;
+        let refused = std::cell::RefCell::new(None);
         let mut options = FetchOptions::new();
-        options.remote_callbacks(self.callbacks());
+        options.remote_callbacks(self.callbacks(&refused));
         let refspec = format!("+{}:{tracking}", branch.refname());
-        remote
-            .fetch(&[refspec.as_str()], Some(&mut options), None)
-            .map_err(|e| self.failed("fetch from", &e))?;
+        let fetched = remote.fetch(&[refspec.as_str()], Some(&mut options), None);
+        drop(options);
+        fetched.map_err(|e| self.failed("fetch from", &e, refused.into_inner()))?;
         let Ok(fetched) = repo.git.find_reference(&tracking) else {
             return Ok(());
         };
@@ -106,9 +107,10 @@ impl Remote {
         let mut remote = repo
             .git
             .remote_anonymous(&self.url)
-            .map_err(|e| self.failed("push to", &e))?;
+            .map_err(|e| self.failed("push to", &e, None))?;
         let rejected = std::cell::RefCell::new(None::<String>);
-        let mut callbacks = self.callbacks();
+        let refused = std::cell::RefCell::new(None);
+        let mut callbacks = self.callbacks(&refused);
         callbacks.push_update_reference(|_, status| {
             if let Some(status) = status {
                 *rejected.borrow_mut() = Some(status.to_string());
@@ -127,13 +129,21 @@ impl Remote {
             {
                 return Ok(Some("not a fast-forward".into()));
             }
-            Err(e) => return Err(self.failed("push to", &e)),
+            Err(e) => {
+                drop(options);
+                return Err(self.failed("push to", &e, refused.into_inner()));
+            }
         }
         drop(options);
         Ok(rejected.into_inner())
     }
 
-    fn callbacks(&self) -> RemoteCallbacks<'_> {
+    /// Credentials and host key checks; why a host key was refused goes to
+    /// `refused` (libgit2 replaces the callback's own message).
+    fn callbacks<'a>(
+        &'a self,
+        refused: &'a std::cell::RefCell<Option<String>>,
+    ) -> RemoteCallbacks<'a> {
         let mut callbacks = RemoteCallbacks::new();
         let credentials = &self.credentials;
         let mut tried = 0;
@@ -176,17 +186,23 @@ impl Remote {
             if known_host(known, host, key) {
                 Ok(git2::CertificateCheckStatus::CertificateOk)
             } else {
-                Err(git2::Error::from_str(&format!(
+                let why = format!(
                     "the SSH host key of {host} is not in the known_hosts of spec.git.secretRef"
-                )))
+                );
+                *refused.borrow_mut() = Some(why.clone());
+                Err(git2::Error::from_str(&why))
             }
         });
         callbacks
     }
 
-    fn failed(&self, verb: &str, e: &git2::Error) -> Error {
+    fn failed(&self, verb: &str, e: &git2::Error, refused: Option<String>) -> Error {
         Error::Git {
-            message: format!("{verb} {}: {}", self.redacted(), e.message()),
+            message: format!(
+                "{verb} {}: {}",
+                self.redacted(),
+                refused.unwrap_or_else(|| e.message().to_string())
+            ),
         }
     }
 
