@@ -14,6 +14,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use sha2::Digest as _;
 
+use super::status::Trouble;
 use crate::cluster::Failure;
 
 /// A ConfigMap or Secret a Pipeline's objects name, in its namespace.
@@ -26,19 +27,9 @@ pub enum Reference {
 }
 
 /// Why a configuration could not be assembled.
-#[derive(Debug, Clone)]
-pub struct Problem {
-    /// A status condition's reason.
-    pub reason: &'static str,
-    /// One line, naming the object and field.
-    pub message: String,
-    /// Whether retrying without a change cannot help.
-    pub stalled: bool,
-}
-
-impl Problem {
+impl Trouble {
     fn invalid(message: String) -> Self {
-        Problem {
+        Trouble {
             reason: "InvalidConfiguration",
             message,
             stalled: true,
@@ -46,7 +37,7 @@ impl Problem {
     }
 
     fn missing(message: String) -> Self {
-        Problem {
+        Trouble {
             reason: "ReferenceNotFound",
             message,
             stalled: true,
@@ -55,7 +46,7 @@ impl Problem {
 
     fn api(what: String, e: kube::Error) -> Self {
         let failure = Failure::from(e);
-        Problem {
+        Trouble {
             reason: if failure.is_forbidden() {
                 "Forbidden"
             } else {
@@ -87,7 +78,7 @@ pub struct Gathered {
 pub async fn gather(
     client: &Client,
     pipeline: &Pipeline,
-) -> (BTreeSet<Reference>, Result<Gathered, Problem>) {
+) -> (BTreeSet<Reference>, Result<Gathered, Trouble>) {
     let mut references = BTreeSet::new();
     let result = assemble(client, pipeline, &mut references).await;
     (references, result)
@@ -97,7 +88,7 @@ async fn assemble(
     client: &Client,
     pipeline: &Pipeline,
     references: &mut BTreeSet<Reference>,
-) -> Result<Gathered, Problem> {
+) -> Result<Gathered, Trouble> {
     let namespace = pipeline.namespace().unwrap_or_default();
     let origin = PathBuf::from(format!("namespace {namespace}"));
     let blueprints: Api<Blueprint> = Api::namespaced(client.clone(), &namespace);
@@ -107,7 +98,7 @@ async fn assemble(
     let mut all_blueprints = blueprints
         .list(&ListParams::default())
         .await
-        .map_err(|e| Problem::api(format!("list Blueprints in {namespace}"), e))?
+        .map_err(|e| Trouble::api(format!("list Blueprints in {namespace}"), e))?
         .items;
     all_blueprints.sort_by_key(ResourceExt::name_any);
     let selected: Vec<String> = if pipeline.spec.blueprints.is_empty() {
@@ -125,7 +116,7 @@ async fn assemble(
         for (i, resource) in spec.resources.iter_mut().enumerate() {
             let at = format!("Blueprint {name}: spec.resources[{i}] (id {})", resource.id);
             if resource.template_file.is_some() {
-                return Err(Problem::invalid(format!(
+                return Err(Trouble::invalid(format!(
                     "{at}: templateFile names a file of the controller's file system; use template or templateFrom"
                 )));
             }
@@ -137,9 +128,9 @@ async fn assemble(
             let config_map = config_maps
                 .get_opt(&key.name)
                 .await
-                .map_err(|e| Problem::api(format!("{at}: read ConfigMap {}", key.name), e))?
+                .map_err(|e| Trouble::api(format!("{at}: read ConfigMap {}", key.name), e))?
                 .ok_or_else(|| {
-                    Problem::missing(format!(
+                    Trouble::missing(format!(
                         "{at}: templateFrom: no ConfigMap {namespace}/{}",
                         key.name
                     ))
@@ -149,7 +140,7 @@ async fn assemble(
                 .as_ref()
                 .and_then(|d| d.get(&key.key))
                 .ok_or_else(|| {
-                    Problem::missing(format!(
+                    Trouble::missing(format!(
                         "{at}: templateFrom: ConfigMap {namespace}/{} has no key {}",
                         key.name, key.key
                     ))
@@ -170,7 +161,7 @@ async fn assemble(
     let mut listed = sources
         .list(&ListParams::default())
         .await
-        .map_err(|e| Problem::api(format!("list Sources in {namespace}"), e))?
+        .map_err(|e| Trouble::api(format!("list Sources in {namespace}"), e))?
         .items;
     listed.sort_by_key(ResourceExt::name_any);
     for source in listed {
@@ -181,13 +172,13 @@ async fn assemble(
         let mut spec = source.spec;
         let at = format!("Source {name}");
         if spec.seed_file.is_some() {
-            return Err(Problem::invalid(format!(
+            return Err(Trouble::invalid(format!(
                 "{at}: spec.seedFile names a file of the controller's file system; create the database beforehand"
             )));
         }
         if let Some(from) = spec.url_from.take() {
             if from.env.is_some() {
-                return Err(Problem::invalid(format!(
+                return Err(Trouble::invalid(format!(
                     "{at}: urlFrom.env would read the controller's environment; use urlFrom.secretKeyRef"
                 )));
             }
@@ -196,9 +187,9 @@ async fn assemble(
                 let secret = secrets
                     .get_opt(&key.name)
                     .await
-                    .map_err(|e| Problem::api(format!("{at}: read Secret {}", key.name), e))?
+                    .map_err(|e| Trouble::api(format!("{at}: read Secret {}", key.name), e))?
                     .ok_or_else(|| {
-                        Problem::missing(format!(
+                        Trouble::missing(format!(
                             "{at}: urlFrom.secretKeyRef: no Secret {namespace}/{}",
                             key.name
                         ))
@@ -208,13 +199,13 @@ async fn assemble(
                     .as_ref()
                     .and_then(|d| d.get(&key.key))
                     .ok_or_else(|| {
-                        Problem::missing(format!(
+                        Trouble::missing(format!(
                             "{at}: urlFrom.secretKeyRef: Secret {namespace}/{} has no key {}",
                             key.name, key.key
                         ))
                     })?;
                 let url = String::from_utf8(bytes.0.clone()).map_err(|_| {
-                    Problem::invalid(format!(
+                    Trouble::invalid(format!(
                         "{at}: urlFrom.secretKeyRef: Secret {namespace}/{} key {} is not UTF-8",
                         key.name, key.key
                     ))
@@ -228,7 +219,7 @@ async fn assemble(
         if let Some(objects) = spec.kubernetes.as_mut() {
             match &objects.namespace {
                 Some(other) if *other != namespace => {
-                    return Err(Problem::invalid(format!(
+                    return Err(Trouble::invalid(format!(
                         "{at}: spec.kubernetes.namespace {other}: a Source reads objects of its own namespace only"
                     )));
                 }
@@ -254,9 +245,9 @@ async fn assemble(
             let secret = secrets
                 .get_opt(&reference.name)
                 .await
-                .map_err(|e| Problem::api(format!("{at}: read Secret {}", reference.name), e))?
+                .map_err(|e| Trouble::api(format!("{at}: read Secret {}", reference.name), e))?
                 .ok_or_else(|| {
-                    Problem::missing(format!("{at}: no Secret {namespace}/{}", reference.name))
+                    Trouble::missing(format!("{at}: no Secret {namespace}/{}", reference.name))
                 })?;
             let data = secret.data.unwrap_or_default();
             let field = |key: &str| {
@@ -271,7 +262,7 @@ async fn assemble(
                 known_hosts: field("known_hosts"),
             };
             if credentials.identity.is_some() && credentials.known_hosts.is_none() {
-                return Err(Problem::invalid(format!(
+                return Err(Trouble::invalid(format!(
                     "{at}: Secret {namespace}/{} has an identity but no known_hosts: Kiln does not trust an SSH host it cannot check",
                     reference.name
                 )));
@@ -308,7 +299,7 @@ async fn assemble(
         format!("{:x}", hasher.finalize())
     };
     let config = Config::assemble(named_sources, named_blueprints, vec![pipeline_named])
-        .map_err(|e| Problem::invalid(one_line(&e)))?;
+        .map_err(|e| Trouble::invalid(one_line(&e)))?;
     Ok(Gathered {
         config,
         selected,
@@ -319,7 +310,7 @@ async fn assemble(
 
 /// A file or SQLite source must name an absolute path: there is no
 /// configuration file for a relative one to resolve against.
-fn check_path(at: &str, url: &str) -> Result<(), Problem> {
+fn check_path(at: &str, url: &str) -> Result<(), Trouble> {
     let Some((scheme, rest)) = url.split_once(':') else {
         return Ok(());
     };
@@ -331,7 +322,7 @@ fn check_path(at: &str, url: &str) -> Result<(), Problem> {
     if Path::new(path).is_absolute() || path.starts_with(":memory:") {
         Ok(())
     } else {
-        Err(Problem::invalid(format!(
+        Err(Trouble::invalid(format!(
             "{at}: spec.url: a {scheme}: path must be absolute in the controller (a mounted volume)"
         )))
     }

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use self::gather::{Problem, Reference, one_line};
+use self::gather::{Reference, one_line};
 use self::status::{Pass, Shape, Trouble};
 use crate::apply;
 use crate::cluster::Cluster;
@@ -559,11 +559,7 @@ impl Context {
                 Ok(Some(new)) => *state = Some(new),
                 Ok(None) => {}
                 Err(problem) => {
-                    pass.trouble = Some(Trouble {
-                        reason: problem.reason,
-                        message: problem.message,
-                        stalled: problem.stalled,
-                    });
+                    pass.trouble = Some(problem);
                 }
             }
             if let Some(s) = state.as_mut() {
@@ -628,11 +624,7 @@ impl Context {
                 }
                 Err(e) => {
                     let reason = e.reason();
-                    pass.trouble = Some(Trouble {
-                        reason,
-                        message: one_line(&e),
-                        stalled: stalls(reason),
-                    });
+                    pass.trouble = Some(Trouble::of(reason, &e));
                     degraded = true;
                 }
             }
@@ -656,11 +648,7 @@ impl Context {
             }
             Some(Err(e)) => {
                 let reason = e.reason();
-                pass.trouble = Some(Trouble {
-                    reason,
-                    message: one_line(&e),
-                    stalled: stalls(reason),
-                });
+                pass.trouble = Some(Trouble::of(reason, &e));
             }
             None => {}
         }
@@ -684,21 +672,13 @@ impl Context {
         slot: &Arc<Slot>,
         gathered: gather::Gathered,
         metrics: &Metrics,
-    ) -> std::result::Result<State, Problem> {
+    ) -> std::result::Result<State, Trouble> {
         let config = gathered.config;
-        let blueprints =
-            kiln_render::render::compile(&config, &gathered.selected).map_err(|e| Problem {
-                reason: e.reason(),
-                message: one_line(&e),
-                stalled: true,
-            })?;
+        let blueprints = kiln_render::render::compile(&config, &gathered.selected)
+            .map_err(|e| Trouble::of(e.reason(), &e))?;
         let named = config.pipelines.values().next();
         let inventory = inventory_name(key.namespace.as_deref().unwrap_or_default(), &key.name);
-        let polled = Polled::all(&config, &blueprints).map_err(|e| Problem {
-            reason: e.reason(),
-            message: one_line(&e),
-            stalled: true,
-        })?;
+        let polled = Polled::all(&config, &blueprints).map_err(|e| Trouble::of(e.reason(), &e))?;
         let git = match &pipeline.spec.git {
             Some(spec) => Some(self.git_target(
                 spec,
@@ -774,8 +754,8 @@ impl Context {
         credentials: Credentials,
         inventory: &str,
         named: Option<&kiln_render::config::Named<kiln_render::api::PipelineSpec>>,
-    ) -> std::result::Result<Target, Problem> {
-        let invalid = |message: String| Problem {
+    ) -> std::result::Result<Target, Trouble> {
+        let invalid = |message: String| Trouble {
             reason: "InvalidConfiguration",
             message: format!("Pipeline: spec.git: {message}"),
             stalled: true,
@@ -796,11 +776,7 @@ impl Context {
         let remote = Remote { url, credentials };
         let repo = remote
             .cache(&self.options.cache_dir.join(inventory), &branch)
-            .map_err(|e| Problem {
-                reason: e.reason(),
-                message: one_line(&e),
-                stalled: false,
-            })?;
+            .map_err(|e| Trouble::of(e.reason(), &e))?;
         Ok(Target {
             repo,
             options: kiln_render::git::publish::Options {
@@ -957,25 +933,6 @@ fn note(event: &Event) -> (&'static str, String) {
             ),
         ),
     }
-}
-
-/// Whether a failure of this reason needs a change before a retry can
-/// succeed.
-fn stalls(reason: &str) -> bool {
-    matches!(
-        reason,
-        "InvalidConfiguration"
-            | "ReferenceNotFound"
-            | "TemplateFailed"
-            | "InstanceCollision"
-            | "DuplicateObject"
-            | "InvalidYaml"
-            | "InvalidObject"
-            | "InvalidPlan"
-            | "MassDeletion"
-            | "PlaintextSecrets"
-            | "Unsupported"
-    )
 }
 
 /// The inventory of Pipeline `namespace/name`: readable, at most 40

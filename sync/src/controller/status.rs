@@ -21,6 +21,37 @@ pub struct Trouble {
     pub stalled: bool,
 }
 
+impl Trouble {
+    /// A failure of `reason`, said in one line; stalled when retrying
+    /// without a change cannot help.
+    pub fn of(reason: &'static str, error: &dyn std::fmt::Display) -> Trouble {
+        Trouble {
+            reason,
+            message: super::gather::one_line(error),
+            stalled: stalls(reason),
+        }
+    }
+}
+
+/// Whether a failure of this reason needs a change before a retry can
+/// succeed.
+fn stalls(reason: &str) -> bool {
+    matches!(
+        reason,
+        "InvalidConfiguration"
+            | "ReferenceNotFound"
+            | "TemplateFailed"
+            | "InstanceCollision"
+            | "DuplicateObject"
+            | "InvalidYaml"
+            | "InvalidObject"
+            | "InvalidPlan"
+            | "MassDeletion"
+            | "PlaintextSecrets"
+            | "Unsupported"
+    )
+}
+
 /// What one pass found, for the status and the events.
 #[derive(Debug, Default)]
 pub struct Pass {
