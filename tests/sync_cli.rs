@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::{Running, eventually, free_addr, http_get, kiln, kubectl, metric, stderr, stdout};
+use common::{
+    Running, eventually, free_addr, has_count, http_get, kiln, kubectl, metric, stderr, stdout,
+};
 use serde_json::Value;
 
 /// A configuration with one file source and one blueprint `app`, whose
@@ -188,7 +190,7 @@ fn apply_goes_wave_by_wave_with_kiln_as_field_manager_and_records_an_inventory()
     let out = f.apply(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("applied 4 (created 4"),
+        has_count(&stderr(&out), "applied", 4) && has_count(&stderr(&out), "created", 4),
         "{}",
         stderr(&out)
     );
@@ -242,7 +244,11 @@ fn apply_goes_wave_by_wave_with_kiln_as_field_manager_and_records_an_inventory()
 
     let again = f.apply(&["--dry-run"]);
     assert!(stdout(&again).is_empty(), "{}", stdout(&again));
-    assert!(stderr(&again).contains("unchanged 4"), "{}", stderr(&again));
+    assert!(
+        has_count(&stderr(&again), "unchanged", 4),
+        "{}",
+        stderr(&again)
+    );
 }
 
 #[test]
@@ -433,7 +439,7 @@ fn a_readiness_timeout_fails_the_resource_and_skips_its_dependents() {
         "{report}"
     );
     assert!(
-        stderr(&out).contains("failed 1, skipped 1"),
+        has_count(&stderr(&out), "failed", 1) && has_count(&stderr(&out), "skipped", 1),
         "{}",
         stderr(&out)
     );
@@ -549,7 +555,7 @@ fn prune_deletes_what_left_the_tree_retains_what_says_so_and_adopts_it_back() {
     let out = f.apply(&["--allow-mass-delete"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("pruned 1, orphaned 2"),
+        has_count(&stderr(&out), "pruned", 1) && has_count(&stderr(&out), "orphaned", 2),
         "{}",
         stderr(&out)
     );
@@ -809,6 +815,63 @@ fn sync_puts_an_out_of_band_edit_back_serves_metrics_and_stops_on_sigterm() {
 }
 
 #[test]
+fn readiness_waits_for_a_good_pass_and_every_documented_metric_is_served() {
+    let f = Fixture::new("ready", "- {id: a}\n", &greeting_resources());
+    // The source cannot be read yet: nothing is applied, and the loop is
+    // alive but not ready.
+    std::fs::remove_file(f.path("rows.yaml")).unwrap();
+    let addr = free_addr();
+    let sync = f.spawn("sync", &["--metrics-addr", &addr]);
+    eventually("a failed read", Duration::from_secs(30), || {
+        metric(&addr, "kiln_source_errors_total{source=\"rows\"}").unwrap_or(0.0) >= 1.0
+    });
+    assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.1 200"));
+    let not_ready = http_get(&addr, "/readyz");
+    assert!(not_ready.starts_with("HTTP/1.1 503"), "{not_ready}");
+    assert_eq!(
+        metric(&addr, "kiln_apply_duration_seconds_count").unwrap_or(0.0),
+        0.0,
+        "nothing was applied"
+    );
+
+    f.rows("- {id: a}\n");
+    eventually("readiness", Duration::from_secs(30), || {
+        http_get(&addr, "/readyz").starts_with("HTTP/1.1 200")
+    });
+    let served = http_get(&addr, "/metrics");
+    for name in [
+        "kiln_render_duration_seconds_bucket{le=\"0.01\"}",
+        "kiln_render_duration_seconds_sum",
+        "kiln_render_duration_seconds_count",
+        "kiln_apply_duration_seconds_bucket{le=\"+Inf\"}",
+        "kiln_apply_duration_seconds_sum",
+        "kiln_apply_duration_seconds_count",
+        "kiln_objects_applied_total",
+        "kiln_objects_failed_total",
+        "kiln_objects_drifted_total",
+        "kiln_objects_corrected_total",
+        "kiln_objects_pruned_total",
+        "kiln_objects_desired",
+        "kiln_source_rows{source=\"rows\"}",
+        "kiln_source_errors_total{source=\"rows\"}",
+    ] {
+        assert!(
+            served.lines().any(|l| l
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))),
+            "{name} is not served:\n{served}"
+        );
+    }
+    assert_eq!(metric(&addr, "kiln_objects_desired"), Some(2.0));
+    assert_eq!(metric(&addr, "kiln_objects_applied_total"), Some(2.0));
+    assert!(
+        !served.contains("kiln_leader") && !served.contains("pipeline=\""),
+        "controller series in kiln sync:\n{served}"
+    );
+    stop(sync);
+}
+
+#[test]
 fn sync_detect_only_reports_drift_and_leaves_it() {
     let resources = greeting_resources();
     let f = Fixture::new("detect", "- {id: a}\n", &resources);
@@ -941,7 +1004,7 @@ fn an_object_that_was_never_created_is_not_reported_pruned() {
     f.render();
     let out = f.apply(&[]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("created 3"), "{}", stderr(&out));
+    assert!(has_count(&stderr(&out), "created", 3), "{}", stderr(&out));
     assert!(get(&f.ns("b"), "configmap", "config").is_none());
 
     // b leaves: its Namespace is pruned; its ConfigMap never existed, so the
@@ -950,7 +1013,7 @@ fn an_object_that_was_never_created_is_not_reported_pruned() {
     f.render();
     let out = f.apply(&["--allow-mass-delete"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("pruned 1,"), "{}", stderr(&out));
+    assert!(has_count(&stderr(&out), "pruned", 1), "{}", stderr(&out));
     assert!(
         !stdout(&out).contains(&format!("pruned ConfigMap {}/config", f.ns("b"))),
         "{}",
@@ -1347,7 +1410,7 @@ fn kilns_own_writes_start_no_pass_and_a_stop_is_one_line() {
         }
         assert!(!stdout(&out).contains("stopping"), "{}", stdout(&out));
         assert!(!stdout(&out).contains("skipped"), "{}", stdout(&out));
-        assert!(summary.contains("skipped 0"), "{summary}");
+        assert!(has_count(&summary, "skipped", 0), "{summary}");
         return;
     }
     panic!("no stop landed during an apply");
@@ -1506,7 +1569,7 @@ fn no_prune_leaves_what_left_the_tree_for_a_later_apply() {
     f.render();
     let out = f.apply(&["--no-prune"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("pruned 0"), "{}", stderr(&out));
+    assert!(has_count(&stderr(&out), "pruned", 0), "{}", stderr(&out));
     assert!(get(&f.ns("b"), "configmap", "config").is_some());
     // The inventory still knows b: the next apply prunes it.
     let out = f.apply(&["--allow-mass-delete"]);

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{kiln, stderr};
+use common::{has_count, kiln, stderr};
 
 /// Writes (anything but reads and watches, dry-runs included) the API
 /// server has answered for `resources`.
@@ -86,7 +86,11 @@ fn a_second_apply_of_the_same_tree_writes_nothing() {
 
     let first = apply();
     assert!(first.status.success(), "{}", stderr(&first));
-    assert!(stderr(&first).contains("created 100"), "{}", stderr(&first));
+    assert!(
+        has_count(&stderr(&first), "created", 100),
+        "{}",
+        stderr(&first)
+    );
     // Let the controllers finish with the new namespaces (service accounts).
     std::thread::sleep(std::time::Duration::from_secs(2));
 
@@ -94,7 +98,7 @@ fn a_second_apply_of_the_same_tree_writes_nothing() {
     let second = apply();
     assert!(second.status.success(), "{}", stderr(&second));
     assert!(
-        stderr(&second).contains("unchanged 100"),
+        has_count(&stderr(&second), "unchanged", 100),
         "{}",
         stderr(&second)
     );

@@ -195,3 +195,12 @@ impl Drop for Running {
         }
     }
 }
+
+/// Whether a report's text says `word N` with exactly this `n` somewhere:
+/// `has_count("failed 10, skipped 0", "failed", 1)` is false, where a
+/// `contains("failed 1")` would match.
+pub fn has_count(text: &str, word: &str, n: usize) -> bool {
+    text.split([',', '(', ')', ';', ':', '\n'])
+        .filter_map(|part| part.trim().strip_prefix(word)?.strip_prefix(' '))
+        .any(|number| number.trim().parse() == Ok(n))
+}
