@@ -700,7 +700,31 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
         get(&ns, "tenants.kiln-test.example.com", "acme").is_some_and(|t| {
             t["status"]["kiln"]["objects"] == 1
                 && t["status"]["kiln"]["pipeline"] == format!("{ns}/main").as_str()
-                && t["status"]["conditions"][0]["status"] == "True"
+                && t["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+        })
+    });
+    // The kind's own conditions stay: Kiln adds its Ready beside them.
+    kubectl_ok(&[
+        "patch",
+        "tenants.kiln-test.example.com",
+        "acme",
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Provisioned","status":"True"}]}}"#,
+    ]);
+    eventually("both conditions", Duration::from_secs(10), || {
+        get(&ns, "tenants.kiln-test.example.com", "acme").is_some_and(|t| {
+            let types: Vec<&str> = t["status"]["conditions"]
+                .as_array()
+                .map(|c| c.iter().filter_map(|c| c["type"].as_str()).collect())
+                .unwrap_or_default();
+            types == ["Provisioned", "Ready"]
         })
     });
     let listed = kubectl_ok(&["get", "tenants.kiln-test.example.com", "-n", &ns]);

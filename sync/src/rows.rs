@@ -170,9 +170,9 @@ pub struct RowHealth {
 
 impl ClusterObjects {
     /// Writes into the status of the object a row came from: a `Ready`
-    /// condition and Kiln's counts for its instance, under `status.kiln`
-    /// and `status.conditions`, with field manager `kiln-status`. Nothing
-    /// is written when it would not change.
+    /// condition among its conditions (the others kept) and Kiln's counts
+    /// for its instance under `status.kiln`, with field manager
+    /// `kiln-status`. Nothing is written when it would not change.
     pub async fn write_health(
         &self,
         spec: &ObjectsSpec,
@@ -248,18 +248,23 @@ impl ClusterObjects {
                     + "Z"
             })
             .unwrap_or_default();
+        // Other conditions (the kind's own controller's) are kept as they
+        // were read; only Ready is Kiln's.
+        let mut conditions: Vec<Value> = current
+            .and_then(|s| s.get("conditions"))
+            .and_then(Value::as_array)
+            .map(|c| c.iter().filter(|c| c["type"] != "Ready").cloned().collect())
+            .unwrap_or_default();
+        conditions.push(serde_json::json!({
+            "type": "Ready",
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": time,
+        }));
         let body = serde_json::json!({
-            "apiVersion": object.get("apiVersion"),
-            "kind": object.get("kind"),
-            "metadata": {"name": name, "namespace": namespace},
             "status": {
-                "conditions": [{
-                    "type": "Ready",
-                    "status": status,
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": time,
-                }],
+                "conditions": conditions,
                 "kiln": {
                     "pipeline": pipeline,
                     "objects": health.objects,
@@ -272,10 +277,16 @@ impl ClusterObjects {
             Some(ns) => Api::namespaced_with(client, ns, &kind.resource),
             None => Api::all_with(client, &kind.resource),
         };
+        // A merge patch, not Server-Side Apply: a list of conditions is
+        // atomic in most CRDs, and applying it would take every condition
+        // from the manager that owns the others.
         api.patch_status(
             &name,
-            &kube::api::PatchParams::apply("kiln-status").force(),
-            &kube::api::Patch::Apply(&body),
+            &kube::api::PatchParams {
+                field_manager: Some("kiln-status".into()),
+                ..kube::api::PatchParams::default()
+            },
+            &kube::api::Patch::Merge(&body),
         )
         .await
         .map_err(|e| {
