@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::Write as _;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Running, eventually, free_addr, http_get, kubectl, metric, stderr};
@@ -86,6 +86,8 @@ fn postgres(hint: &str) -> String {
 struct Scene {
     namespace: String,
     selector: String,
+    /// The controllers' `--cache-dir`.
+    cache: tempfile::TempDir,
 }
 
 impl Scene {
@@ -108,11 +110,12 @@ impl Scene {
         Scene {
             namespace,
             selector,
+            cache: tempfile::tempdir().unwrap(),
         }
     }
 
     /// Starts a controller for this scene's Pipelines.
-    fn controller(&self, metrics: &str, extra: &[&str]) -> Child {
+    fn controller(&self, metrics: &str, extra: &[&str]) -> Running {
         let cluster = kiln_testenv::cluster();
         common::kiln_command()
             .args(["controller", "--kubeconfig"])
@@ -120,11 +123,14 @@ impl Scene {
             .args(["--selector", &self.selector])
             .args(["--namespace", &self.namespace])
             .args(["--metrics-addr", metrics])
+            .arg("--cache-dir")
+            .arg(self.cache.path())
             .args(extra)
             .env("KILN_LOG", "info,kube=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
+            .map(Running::new)
             .unwrap()
     }
 
@@ -210,7 +216,7 @@ const TEMPLATE: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: \"plan
 /// A Secret holding `url`, a ConfigMap holding `template`, a Source and a
 /// Blueprint reading them.
 fn tenants_configuration(scene: &Scene, url: &str, template: &str) -> String {
-    let indented: String = template.lines().map(|l| format!("    {l}\n")).collect();
+    let indented = indent(template, 4);
     format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: db, namespace: {ns}}}\nstringData: {{url: \"{url}\"}}\n---\n\
          apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: templates, namespace: {ns}}}\ndata:\n  plan.yaml: |\n{indented}---\n\
@@ -240,6 +246,18 @@ fn file_configuration(scene: &Scene, resource: &str) -> (tempfile::TempDir, std:
     (rows, file)
 }
 
+/// [`file_configuration`] with [`TEMPLATE`] inline.
+fn inline_configuration(scene: &Scene) -> (tempfile::TempDir, std::path::PathBuf) {
+    file_configuration(scene, &format!("    template: |\n{}", indent(TEMPLATE, 6)))
+}
+
+/// Every line of `text` indented by `spaces`, for YAML block scalars.
+fn indent(text: &str, spaces: usize) -> String {
+    text.lines()
+        .map(|l| format!("{:spaces$}{l}\n", ""))
+        .collect()
+}
+
 #[test]
 fn the_controller_follows_rows_templates_and_secrets_and_reports_in_status_and_events() {
     let scene = Scene::new("ctl");
@@ -252,7 +270,7 @@ fn the_controller_follows_rows_templates_and_secrets_and_reports_in_status_and_e
     apply(&tenants_configuration(&scene, &url, TEMPLATE));
     apply(&scene.pipeline("main", "{}"));
     let addr = free_addr();
-    let mut controller = Running::new(scene.controller(&addr, &[]));
+    let mut controller = scene.controller(&addr, &[]);
     let plan = |key: &str| {
         scene
             .config_map_data(&format!("plan-{key}"))
@@ -432,7 +450,7 @@ fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
     );
     apply(&scene.pipeline("main", "{}"));
     let addr = free_addr();
-    let mut controller = Running::new(scene.controller(&addr, &[]));
+    let mut controller = scene.controller(&addr, &[]);
     eventually("ReferenceNotFound", Duration::from_secs(60), || {
         scene.condition("main", "Ready") == ("False".into(), "ReferenceNotFound".into())
     });
@@ -449,7 +467,7 @@ fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
         "{message}"
     );
     // The ConfigMap appears: the watch on ConfigMaps starts a pass.
-    let indented: String = TEMPLATE.lines().map(|l| format!("    {l}\n")).collect();
+    let indented = indent(TEMPLATE, 4);
     apply(&format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: later, namespace: {}}}\ndata:\n  plan.yaml: |\n{indented}",
         scene.namespace
@@ -479,18 +497,15 @@ fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
 #[test]
 fn two_replicas_elect_one_leader_which_a_standby_replaces() {
     let scene = Scene::new("ctlha");
-    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
-    let (_rows, file) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    let (_rows, file) = inline_configuration(&scene);
     apply(&scene.pipeline("main", "{}"));
     let election = ["--leader-elect", "--lease-duration", "3s"];
     let (first, second) = (free_addr(), free_addr());
-    let mut one =
-        Running::new(scene.controller(&first, &[&election[..], &["--identity", "one"]].concat()));
+    let mut one = scene.controller(&first, &[&election[..], &["--identity", "one"]].concat());
     eventually("one leads", Duration::from_secs(30), || {
         metric(&first, "kiln_leader") == Some(1.0)
     });
-    let mut two =
-        Running::new(scene.controller(&second, &[&election[..], &["--identity", "two"]].concat()));
+    let mut two = scene.controller(&second, &[&election[..], &["--identity", "two"]].concat());
     eventually("two stands by", Duration::from_secs(30), || {
         metric(&second, "kiln_leader") == Some(0.0)
     });
@@ -655,7 +670,7 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
     apply(&tenants_as_rows(&ns, &ns, &ns));
     apply(&scene.pipeline("main", "{deletionGuard: {maxPercent: 100}}"));
     let addr = free_addr();
-    let mut controller = Running::new(scene.controller(&addr, &[]));
+    let mut controller = scene.controller(&addr, &[]);
     let plan = |name: &str| {
         scene
             .config_map_data(&format!("tenant-{name}"))
@@ -748,6 +763,21 @@ fn custom_resources_are_rows_for_render_sync_and_the_controller() {
     controller.terminate();
 }
 
+/// Starts a server that is to listen on loopback `port`, and waits until it
+/// does.
+fn listening(command: &mut Command, port: u16, what: &str) -> Running {
+    let process = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Running::new)
+        .unwrap();
+    eventually(&format!("{what} listens"), Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    process
+}
+
 /// `git daemon` serving the bare repositories under a directory, pushes
 /// allowed, on a loopback port; stopped when dropped.
 struct GitDaemon {
@@ -760,7 +790,8 @@ impl GitDaemon {
     fn start() -> Self {
         let root = tempfile::tempdir().unwrap();
         let port: u16 = free_addr().rsplit(':').next().unwrap().parse().unwrap();
-        let process = Command::new("git")
+        let mut process = Command::new("git");
+        process
             .args([
                 "daemon",
                 "--reuseaddr",
@@ -770,20 +801,13 @@ impl GitDaemon {
             ])
             .arg(format!("--port={port}"))
             .arg(format!("--base-path={}", root.path().display()))
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let daemon = GitDaemon {
+            .arg(root.path());
+        let process = listening(&mut process, port, "git daemon");
+        GitDaemon {
             root,
             port,
-            _process: Running::new(process),
-        };
-        eventually("git daemon listens", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        daemon
+            _process: process,
+        }
     }
 
     /// A bare repository whose `main` holds one commit of someone's.
@@ -813,8 +837,7 @@ fn a_pipeline_with_git_commits_pushes_over_the_network_and_then_applies() {
     let url = daemon.repository("fleet.git");
     let bare = daemon.path("fleet.git");
     let scene = Scene::new("ctlgit");
-    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
-    let (_rows, file) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    let (_rows, file) = inline_configuration(&scene);
     std::fs::write(
         &file,
         "- {id: a, plan: gold}\n- {id: b, plan: silver}\n- {id: c, plan: bronze}\n",
@@ -824,10 +847,8 @@ fn a_pipeline_with_git_commits_pushes_over_the_network_and_then_applies() {
         "main",
         &format!("{{git: {{url: \"{url}\", branch: main, path: fleet}}, deletionGuard: {{maxPercent: 40}}}}"),
     ));
-    let cache = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let mut controller =
-        Running::new(scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]));
+    let mut controller = scene.controller(&addr, &[]);
     let remote_tip = || common::git(&bare, &["rev-parse", "main"]);
     let remote_file = |path: &str| {
         let out = Command::new("git")
@@ -963,16 +984,13 @@ fn a_pipeline_that_leaves_applying_to_others_only_commits() {
     let url = daemon.repository("fleet.git");
     let bare = daemon.path("fleet.git");
     let scene = Scene::new("ctlgitonly");
-    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
-    let (_rows, _) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    let (_rows, _) = inline_configuration(&scene);
     apply(&scene.pipeline(
         "main",
         &format!("{{git: {{url: \"{url}\", branch: rendered}}, apply: false}}"),
     ));
-    let cache = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let mut controller =
-        Running::new(scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]));
+    let mut controller = scene.controller(&addr, &[]);
     eventually("Committed", Duration::from_secs(60), || {
         scene.condition("main", "Ready") == ("True".into(), "Committed".into())
     });
@@ -1165,8 +1183,7 @@ fn a_token_from_a_secret_pushes_over_https_style_authentication() {
     );
     let url = format!("http://{}/fleet.git", server.addr);
     let scene = Scene::new("ctlhttp");
-    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
-    let (_rows, _) = file_configuration(&scene, &format!("    template: |\n{template}"));
+    let (_rows, _) = inline_configuration(&scene);
     apply(&format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: fleet-git, namespace: {}}}\n\
          stringData: {{username: kiln-bot, password: wrong}}\n",
@@ -1176,10 +1193,8 @@ fn a_token_from_a_secret_pushes_over_https_style_authentication() {
         "main",
         &format!("{{git: {{url: \"{url}\", secretRef: {{name: fleet-git}}}}, apply: false}}"),
     ));
-    let cache = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let mut controller =
-        Running::new(scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]));
+    let mut controller = scene.controller(&addr, &[]);
     // A wrong token: refused by the server, said in the status, never shown.
     eventually("GitFailed", Duration::from_secs(60), || {
         scene.condition("main", "Ready") == ("False".into(), "GitFailed".into())
@@ -1245,23 +1260,15 @@ impl SshServer {
         .unwrap();
         // Run as root, sshd wants its privilege separation directory.
         let _ = std::fs::create_dir_all("/run/sshd");
-        let process = Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(path("sshd_config"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = SshServer {
+        let mut process = Command::new("/usr/sbin/sshd");
+        process.args(["-D", "-e", "-f"]).arg(path("sshd_config"));
+        let process = listening(&mut process, port, "sshd");
+        SshServer {
             dir,
             port,
             user,
-            _process: Running::new(process),
-        };
-        eventually("sshd listens", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        server
+            _process: process,
+        }
     }
 
     /// `known_hosts` lines naming this server's host key.
@@ -1293,15 +1300,13 @@ fn an_ssh_key_and_known_hosts_from_a_secret_push_over_ssh() {
         bare.display()
     );
     let scene = Scene::new("ctlssh");
-    let template: String = TEMPLATE.lines().map(|l| format!("      {l}\n")).collect();
-    let (_rows, _) = file_configuration(&scene, &format!("    template: |\n{template}"));
-    let indent = |text: &str| -> String { text.lines().map(|l| format!("    {l}\n")).collect() };
+    let (_rows, _) = inline_configuration(&scene);
     let secret = |known_hosts: &str| {
         format!(
             "apiVersion: v1\nkind: Secret\nmetadata: {{name: fleet-ssh, namespace: {}}}\nstringData:\n  identity: |\n{}  known_hosts: |\n{}",
             scene.namespace,
-            indent(&server.identity()),
-            indent(known_hosts)
+            indent(&server.identity(), 4),
+            indent(known_hosts, 4)
         )
     };
     // A known_hosts that lists another key for this host: refused.
@@ -1314,10 +1319,8 @@ fn an_ssh_key_and_known_hosts_from_a_secret_push_over_ssh() {
         "main",
         &format!("{{git: {{url: \"{url}\", secretRef: {{name: fleet-ssh}}}}, apply: false}}"),
     ));
-    let cache = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let mut controller =
-        Running::new(scene.controller(&addr, &["--cache-dir", cache.path().to_str().unwrap()]));
+    let mut controller = scene.controller(&addr, &[]);
     eventually("GitFailed", Duration::from_secs(60), || {
         scene.condition("main", "Ready") == ("False".into(), "GitFailed".into())
     });

@@ -160,8 +160,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             match reconciler.apply(&cluster, !degraded, &stop).await {
                 Some(Ok(report)) => {
                     let writes = rows::healths(&reconciler, &report);
-                    let pipeline = reconciler.settings().pipeline.clone();
-                    for failure in rows::write_back(&objects, &pipeline, writes).await {
+                    for failure in rows::write_back(&objects, writes).await {
                         eprintln!("warning: {failure}");
                     }
                     for line in report.lines() {

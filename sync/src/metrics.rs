@@ -57,6 +57,13 @@ fn braces(labels: &str) -> String {
     }
 }
 
+/// Whether a pipeline's series is written: the controller's own
+/// (reconciles) only for pipelines the controller reconciled, so that
+/// `kiln sync` serves none of them.
+fn shown(state: &State, controller_only: bool) -> bool {
+    !controller_only || state.reconciles > 0
+}
+
 /// A metric read off each pipeline's figures: name, help, type, value.
 type Series = (&'static str, &'static str, &'static str, fn(&State) -> u64);
 
@@ -197,13 +204,13 @@ impl Metrics {
                          name: &str,
                          help: &str,
                          pick: fn(&State) -> &Histogram,
-                         always: bool| {
+                         controller_only: bool| {
             let mut header = false;
             for (labels, state) in states {
-                let h = pick(state);
-                if h.count == 0 && !always {
+                if !shown(state, controller_only) {
                     continue;
                 }
+                let h = pick(state);
                 if !std::mem::replace(&mut header, true) {
                     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
                 }
@@ -215,77 +222,100 @@ impl Metrics {
             "kiln_render_duration_seconds",
             "Time to render the tree.",
             |s| &s.render,
-            true,
+            false,
         );
         histogram(
             &mut out,
             "kiln_apply_duration_seconds",
             "Time to apply the tree, prune included.",
             |s| &s.apply,
-            true,
+            false,
         );
         histogram(
             &mut out,
             "kiln_reconcile_duration_seconds",
             "Time of one controller reconcile of a Pipeline.",
             |s| &s.reconcile,
-            false,
+            true,
         );
-        let counters: [Series; 8] = [
+        let counters: [(Series, bool); 8] = [
             (
-                "kiln_objects_applied_total",
-                "Objects created, updated or corrected.",
-                "counter",
-                |s| s.applied,
+                (
+                    "kiln_objects_applied_total",
+                    "Objects created, updated or corrected.",
+                    "counter",
+                    |s| s.applied,
+                ),
+                false,
             ),
             (
-                "kiln_objects_failed_total",
-                "Objects whose apply failed.",
-                "counter",
-                |s| s.failed,
+                (
+                    "kiln_objects_failed_total",
+                    "Objects whose apply failed.",
+                    "counter",
+                    |s| s.failed,
+                ),
+                false,
             ),
             (
-                "kiln_objects_drifted_total",
-                "Objects found drifted (corrected or, with --detect-only, reported).",
-                "counter",
-                |s| s.drifted,
+                (
+                    "kiln_objects_drifted_total",
+                    "Objects found drifted (corrected or, with --detect-only, reported).",
+                    "counter",
+                    |s| s.drifted,
+                ),
+                false,
             ),
             (
-                "kiln_objects_corrected_total",
-                "Drifted objects put back.",
-                "counter",
-                |s| s.corrected,
+                (
+                    "kiln_objects_corrected_total",
+                    "Drifted objects put back.",
+                    "counter",
+                    |s| s.corrected,
+                ),
+                false,
             ),
             (
-                "kiln_objects_pruned_total",
-                "Objects deleted because they left the tree.",
-                "counter",
-                |s| s.pruned,
+                (
+                    "kiln_objects_pruned_total",
+                    "Objects deleted because they left the tree.",
+                    "counter",
+                    |s| s.pruned,
+                ),
+                false,
             ),
             (
-                "kiln_objects_desired",
-                "Objects in the tree.",
-                "gauge",
-                |s| s.desired,
+                (
+                    "kiln_objects_desired",
+                    "Objects in the tree.",
+                    "gauge",
+                    |s| s.desired,
+                ),
+                false,
             ),
             (
-                "kiln_reconciles_total",
-                "Controller reconciles of a Pipeline.",
-                "counter",
-                |s| s.reconciles,
+                (
+                    "kiln_reconciles_total",
+                    "Controller reconciles of a Pipeline.",
+                    "counter",
+                    |s| s.reconciles,
+                ),
+                true,
             ),
             (
-                "kiln_reconcile_errors_total",
-                "Controller reconciles of a Pipeline that failed.",
-                "counter",
-                |s| s.reconcile_errors,
+                (
+                    "kiln_reconcile_errors_total",
+                    "Controller reconciles of a Pipeline that failed.",
+                    "counter",
+                    |s| s.reconcile_errors,
+                ),
+                true,
             ),
         ];
-        for (name, help, kind, value) in counters {
-            let controller_only = name.starts_with("kiln_reconcile");
+        for ((name, help, kind, value), controller_only) in counters {
             let mut header = false;
             for (labels, state) in states {
-                if controller_only && state.reconciles == 0 {
+                if !shown(state, controller_only) {
                     continue;
                 }
                 if !std::mem::replace(&mut header, true) {

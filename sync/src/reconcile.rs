@@ -282,6 +282,8 @@ impl Reconciler {
         // Rows not read again since the last render cannot have changed: a
         // pass started by a watch need not hash them.
         let read_any = std::mem::take(&mut self.read_any);
+        // Whether this pass fetched the remote branch (committing does).
+        let mut fetched = false;
         if read_any || self.inputs.is_none() {
             let rendered = self.render_rows().await?;
             if let Some((inputs, rendered, elapsed)) = rendered {
@@ -303,6 +305,7 @@ impl Reconciler {
                             commit_and_push(&target, &tree, &commit_inputs, pinned_reported)
                         })
                         .await??;
+                        fetched = true;
                         self.pinned_reported = outcome.pinned;
                         if outcome.committed.is_some() {
                             self.committed = outcome.committed;
@@ -332,7 +335,7 @@ impl Reconciler {
             let known = (self.tip.clone(), self.desired.is_some());
             let read = blocking(move || {
                 let target = git.lock().map_err(|_| poisoned())?;
-                read_tip(&target, known)
+                read_tip(&target, known, !fetched)
             })
             .await??;
             if let Some((tip, desired)) = read {
@@ -507,9 +510,11 @@ fn commit(
 fn read_tip(
     target: &Target,
     (tip, have_desired): (Option<CommitId>, bool),
+    fetch: bool,
 ) -> Result<Option<(CommitId, Vec<Desired>)>> {
-    // A rollback or a resume pushed by someone else is the branch's tip too.
-    if let Some(remote) = &target.remote {
+    // A rollback or a resume pushed by someone else is the branch's tip
+    // too; a pass that just committed has fetched already.
+    if let Some(remote) = target.remote.as_ref().filter(|_| fetch) {
         remote.fetch(&target.repo, &target.refname()?)?;
     }
     let known = tip.filter(|_| have_desired);

@@ -168,12 +168,51 @@ pub struct RowHealth {
     pub first_failure: Option<String>,
 }
 
+impl RowHealth {
+    /// The Ready condition's status, reason and message.
+    fn condition(&self) -> (&'static str, &'static str, String) {
+        if self.failed == 0 {
+            return (
+                "True",
+                "Applied",
+                format!("{} objects applied by Kiln", self.objects),
+            );
+        }
+        (
+            "False",
+            "ApplyFailed",
+            format!(
+                "{} of {} objects failed{}",
+                self.failed,
+                self.objects,
+                self.first_failure
+                    .as_ref()
+                    .map(|f| format!(", first: {f}"))
+                    .unwrap_or_default()
+            ),
+        )
+    }
+
+    /// Whether the row object's status already says this.
+    fn written_in(&self, object: &Map<String, Value>, pipeline: &str) -> bool {
+        let (status, _, message) = self.condition();
+        let current = object.get("status");
+        current.and_then(|s| s.get("kiln")).is_some_and(|k| {
+            k["objects"] == self.objects && k["failed"] == self.failed && k["pipeline"] == pipeline
+        }) && current
+            .and_then(|s| s.get("conditions"))
+            .and_then(Value::as_array)
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .is_some_and(|c| c["status"] == status && c["message"] == message.as_str())
+    }
+}
+
 impl ClusterObjects {
     /// Writes into the status of the object a row came from: a `Ready`
     /// condition among its conditions (the others kept) and Kiln's counts
     /// for its instance under `status.kiln`, with field manager
-    /// `kiln-status`. Nothing is written when it would not change.
-    pub async fn write_health(
+    /// `kiln-status`. [`healths`] leaves out what is written already.
+    async fn write_health(
         &self,
         spec: &ObjectsSpec,
         object: &Map<String, Value>,
@@ -192,42 +231,8 @@ impl ClusterObjects {
             return Ok(false);
         };
         let namespace = meta("namespace");
-        let ready = health.failed == 0;
-        let (status, reason, message) = if ready {
-            (
-                "True",
-                "Applied",
-                format!("{} objects applied by Kiln", health.objects),
-            )
-        } else {
-            (
-                "False",
-                "ApplyFailed",
-                format!(
-                    "{} of {} objects failed{}",
-                    health.failed,
-                    health.objects,
-                    health
-                        .first_failure
-                        .as_ref()
-                        .map(|f| format!(", first: {f}"))
-                        .unwrap_or_default()
-                ),
-            )
-        };
+        let (status, reason, message) = health.condition();
         let current = object.get("status");
-        let same = current.and_then(|s| s.get("kiln")).is_some_and(|k| {
-            k["objects"] == health.objects
-                && k["failed"] == health.failed
-                && k["pipeline"] == pipeline
-        }) && current
-            .and_then(|s| s.get("conditions"))
-            .and_then(Value::as_array)
-            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-            .is_some_and(|c| c["status"] == status && c["message"] == message.as_str());
-        if same {
-            return Ok(false);
-        }
         let since = current
             .and_then(|s| s.get("conditions"))
             .and_then(Value::as_array)
@@ -303,6 +308,7 @@ impl ClusterObjects {
 /// What one row object's status is to say.
 #[derive(Debug, Clone)]
 pub struct HealthWrite {
+    pipeline: String,
     spec: ObjectsSpec,
     object: Map<String, Value>,
     health: RowHealth,
@@ -345,6 +351,7 @@ pub fn healths(
                 .get_or_insert_with(|| outcome.to_string());
         }
     }
+    let pipeline = &reconciler.settings().pipeline;
     let mut writes = Vec::new();
     for name in reconciler.sources() {
         let Some(source) = config.sources.get(name) else {
@@ -380,11 +387,15 @@ pub fn healths(
                     }
                 }
             }
-            writes.push(HealthWrite {
-                spec: spec.clone(),
-                object: row.values.clone(),
-                health,
-            });
+            // Only what changes is cloned and written.
+            if !health.written_in(&row.values, pipeline) {
+                writes.push(HealthWrite {
+                    pipeline: pipeline.clone(),
+                    spec: spec.clone(),
+                    object: row.values.clone(),
+                    health,
+                });
+            }
         }
     }
     writes
@@ -392,15 +403,11 @@ pub fn healths(
 
 /// Writes each row object's health, 8 at a time; what could not be
 /// written, one line each.
-pub async fn write_back(
-    objects: &ClusterObjects,
-    pipeline: &str,
-    writes: Vec<HealthWrite>,
-) -> Vec<String> {
+pub async fn write_back(objects: &ClusterObjects, writes: Vec<HealthWrite>) -> Vec<String> {
     futures_util::stream::iter(writes)
         .map(|w| async move {
             objects
-                .write_health(&w.spec, &w.object, pipeline, &w.health)
+                .write_health(&w.spec, &w.object, &w.pipeline, &w.health)
                 .await
                 .err()
         })

@@ -125,16 +125,8 @@ async fn assemble(
             };
             let key = from.config_map_key_ref;
             references.insert(Reference::ConfigMap(key.name.clone()));
-            let config_map = config_maps
-                .get_opt(&key.name)
-                .await
-                .map_err(|e| Trouble::api(format!("{at}: read ConfigMap {}", key.name), e))?
-                .ok_or_else(|| {
-                    Trouble::missing(format!(
-                        "{at}: templateFrom: no ConfigMap {namespace}/{}",
-                        key.name
-                    ))
-                })?;
+            let config_map =
+                referenced(&config_maps, &key.name, &format!("{at}: templateFrom")).await?;
             let text = config_map
                 .data
                 .as_ref()
@@ -184,16 +176,8 @@ async fn assemble(
             }
             if let Some(key) = from.secret_key_ref {
                 references.insert(Reference::Secret(key.name.clone()));
-                let secret = secrets
-                    .get_opt(&key.name)
-                    .await
-                    .map_err(|e| Trouble::api(format!("{at}: read Secret {}", key.name), e))?
-                    .ok_or_else(|| {
-                        Trouble::missing(format!(
-                            "{at}: urlFrom.secretKeyRef: no Secret {namespace}/{}",
-                            key.name
-                        ))
-                    })?;
+                let secret =
+                    referenced(&secrets, &key.name, &format!("{at}: urlFrom.secretKeyRef")).await?;
                 let bytes = secret
                     .data
                     .as_ref()
@@ -242,13 +226,7 @@ async fn assemble(
         Some(reference) => {
             let at = "Pipeline: spec.git.secretRef";
             references.insert(Reference::Secret(reference.name.clone()));
-            let secret = secrets
-                .get_opt(&reference.name)
-                .await
-                .map_err(|e| Trouble::api(format!("{at}: read Secret {}", reference.name), e))?
-                .ok_or_else(|| {
-                    Trouble::missing(format!("{at}: no Secret {namespace}/{}", reference.name))
-                })?;
+            let secret = referenced(&secrets, &reference.name, at).await?;
             let data = secret.data.unwrap_or_default();
             let field = |key: &str| {
                 data.get(key)
@@ -306,6 +284,20 @@ async fn assemble(
         git_credentials,
         digest,
     })
+}
+
+/// The ConfigMap or Secret `name` that the field `at` names, in the API's
+/// namespace: a missing one is `ReferenceNotFound`.
+async fn referenced<K>(api: &Api<K>, name: &str, at: &str) -> Result<K, Trouble>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    let namespace = api.namespace().unwrap_or_default().to_string();
+    api.get_opt(name)
+        .await
+        .map_err(|e| Trouble::api(format!("{at}: read {kind} {name}"), e))?
+        .ok_or_else(|| Trouble::missing(format!("{at}: no {kind} {namespace}/{name}")))
 }
 
 /// A file or SQLite source must name an absolute path: there is no

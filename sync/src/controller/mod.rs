@@ -640,8 +640,7 @@ impl Context {
         match applied {
             Some(Ok(report)) => {
                 let writes = rows::healths(&s.reconciler, &report);
-                let pipeline = label(&key);
-                for failure in rows::write_back(&s.objects, &pipeline, writes).await {
+                for failure in rows::write_back(&s.objects, writes).await {
                     tracing::warn!("{failure}");
                 }
                 pass.report = Some(report);
