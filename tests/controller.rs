@@ -1338,3 +1338,153 @@ fn an_ssh_key_and_known_hosts_from_a_secret_push_over_ssh() {
     assert!(listed.contains("app/a/plan.yaml"), "{listed}");
     controller.terminate();
 }
+
+/// A ServiceAccount of the scene's namespace that may manage ConfigMaps
+/// there and nowhere else.
+fn confined_account(scene: &Scene, name: &str) {
+    apply(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: {ns}}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         rules:\n- {{apiGroups: [\"\"], resources: [configmaps], verbs: [get, list, watch, create, update, patch, delete]}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {name}}}\n\
+         subjects:\n- {{kind: ServiceAccount, name: {name}, namespace: {ns}}}\n",
+        ns = scene.namespace
+    ));
+}
+
+#[test]
+fn a_pipeline_acts_as_its_service_account_and_cannot_reach_beyond_it() {
+    let scene = Scene::new("ctlsa");
+    let elsewhere = kiln_testenv::unique_name("ctlsa-other");
+    kubectl_ok(&["create", "namespace", &elsewhere]);
+    confined_account(&scene, "deployer");
+    let ns = &scene.namespace;
+    let rows = |list: &[(&str, &str, &str)]| {
+        list.iter()
+            .map(|(id, plan, ns)| format!("- {{id: {id}, plan: {plan}, ns: {ns}}}\n"))
+            .collect::<String>()
+    };
+    let (_dir, file) = file_configuration(
+        &scene,
+        "    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: \"plan-{{ key }}\", namespace: \"{{ row.ns }}\"}\n      data: {plan: \"{{ row.plan }}\"}\n",
+    );
+    std::fs::write(
+        &file,
+        rows(&[
+            ("a", "gold", ns),
+            ("b", "gold", &elsewhere),
+            ("c", "gold", ns),
+        ]),
+    )
+    .unwrap();
+    let plan = |namespace: &str, name: &str| {
+        get(namespace, "configmap", name).map(|c| c["data"]["plan"].as_str().unwrap().to_string())
+    };
+
+    // Without a ServiceAccount the Pipeline acts as the controller, which
+    // may write anywhere.
+    apply(&scene.pipeline("main", "{deletionGuard: {maxPercent: 50}}"));
+    let addr = free_addr();
+    let mut controller = scene.controller(&addr, &[]);
+    eventually(
+        "every object, elsewhere too",
+        Duration::from_secs(60),
+        || plan(&elsewhere, "plan-b").is_some() && scene.condition("main", "Ready").0 == "True",
+    );
+
+    // As `deployer`: its own namespace is written, the other refused by
+    // the API server, with the verb, the resource and the account named.
+    apply(&scene.pipeline(
+        "main",
+        "{deletionGuard: {maxPercent: 50}, serviceAccountName: deployer}",
+    ));
+    std::fs::write(
+        &file,
+        rows(&[
+            ("a", "silver", ns),
+            ("b", "silver", &elsewhere),
+            ("c", "silver", ns),
+        ]),
+    )
+    .unwrap();
+    eventually("ApplyFailed", Duration::from_secs(60), || {
+        scene.condition("main", "Ready") == ("False".into(), "ApplyFailed".into())
+            && plan(ns, "plan-a").as_deref() == Some("silver")
+    });
+    let message = scene.status("main")["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&format!("system:serviceaccount:{ns}:deployer"))
+            && message.contains("cannot patch resource \"configmaps\"")
+            && message.contains(&elsewhere),
+        "{message}"
+    );
+    assert_eq!(plan(ns, "plan-c").as_deref(), Some("silver"));
+    assert_eq!(
+        plan(&elsewhere, "plan-b").as_deref(),
+        Some("gold"),
+        "nothing written outside the account's rights"
+    );
+
+    // The row leaves: pruning it is beyond the account's rights too.
+    std::fs::write(&file, rows(&[("a", "silver", ns), ("c", "silver", ns)])).unwrap();
+    scene.passes("main", 2);
+    assert_eq!(
+        plan(&elsewhere, "plan-b").as_deref(),
+        Some("gold"),
+        "nothing deleted outside the account's rights"
+    );
+    let message = scene.status("main")["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Prune reads the object before deleting it: the read is refused.
+    assert!(
+        message.contains(&format!("{elsewhere}/plan-b"))
+            && message.contains("cannot get resource \"configmaps\""),
+        "{message}"
+    );
+    controller.terminate();
+
+    // A controller that requires a ServiceAccount refuses a Pipeline
+    // without one; a default account makes it act as that one.
+    kubectl_ok(&[
+        "patch",
+        "pipeline.kiln.dev",
+        "main",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        r#"[{"op": "remove", "path": "/spec/serviceAccountName"}]"#,
+    ]);
+    let mut controller = scene.controller(&free_addr(), &["--require-service-account"]);
+    eventually("ServiceAccountRequired", Duration::from_secs(60), || {
+        scene.condition("main", "Stalled") == ("True".into(), "ServiceAccountRequired".into())
+    });
+    controller.terminate();
+    let mut controller = scene.controller(
+        &free_addr(),
+        &[
+            "--require-service-account",
+            "--default-service-account",
+            "deployer",
+        ],
+    );
+    eventually(
+        "acting as the default account",
+        Duration::from_secs(60),
+        || {
+            let status = scene.status("main");
+            status["conditions"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("system:serviceaccount:{ns}:deployer")))
+        },
+    );
+    assert!(plan(&elsewhere, "plan-b").is_some());
+    controller.terminate();
+    let _ = kubectl(&["delete", "namespace", &elsewhere, "--wait=false"]);
+}

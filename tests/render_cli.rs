@@ -256,6 +256,27 @@ fn a_template_kept_in_a_configmap_is_for_the_controller_only() {
 }
 
 #[test]
+fn a_pipeline_service_account_is_for_the_controller_only() {
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(CONFIG_MAP)),
+            (
+                "pipeline.yaml",
+                "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: main}\nspec: {serviceAccountName: deployer}\n",
+            ),
+        ],
+        &[
+            "pipeline.yaml",
+            "Pipeline main",
+            "spec.serviceAccountName",
+            "kiln controller",
+        ],
+    );
+}
+
+#[test]
 fn missing_column_names_blueprint_resource_row_and_line() {
     let bad = "  - id: config\n    templateFile: t/config.yaml.j2\n";
     assert_refused(

@@ -342,6 +342,15 @@ pub struct PipelineSpec {
     /// Flux applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply: Option<bool>,
+    /// A ServiceAccount of the Pipeline's namespace (controller only). The
+    /// controller reads and writes the rendered objects, and the objects
+    /// of `kubernetes` sources, as this account, so the Pipeline can do no
+    /// more than the account may. Default: the controller's
+    /// `--default-service-account`, else the controller's own identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("serviceAccountName must be the name of a ServiceAccount: lowercase letters, digits, '-' and '.'"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
 }
 
 /// What the controller last did with a Pipeline. Its size does not grow

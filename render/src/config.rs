@@ -280,6 +280,15 @@ impl Config {
             }
         }
         for pipeline in self.pipelines.values() {
+            if pipeline.spec.service_account_name.is_some() {
+                errors.push(Error::config(
+                    pipeline.file.display(),
+                    format!(
+                        "Pipeline {}: spec.serviceAccountName is for `kiln controller`, which acts as that ServiceAccount; the CLI acts as its kubeconfig's user",
+                        pipeline.name
+                    ),
+                ));
+            }
             for name in &pipeline.spec.blueprints {
                 if !self.blueprints.contains_key(name) {
                     errors.push(Error::config(

@@ -68,8 +68,9 @@ pub async fn connect(
 ) -> anyhow::Result<Cluster> {
     // A kubeconfig given through the environment may list several files.
     let kubeconfig = kubeconfig.filter(|p| !p.as_os_str().to_string_lossy().contains(':'));
-    let client = kiln_sync::client::connect(kubeconfig, context).await?;
-    Ok(Cluster::new(client))
+    let config = kiln_sync::client::config(kubeconfig, context).await?;
+    let client = kiln_sync::client::from_config(config.clone())?;
+    Ok(Cluster::with_config(client, config))
 }
 
 /// A rendered tree: a directory, or a revision of a Git repository.

@@ -54,6 +54,15 @@ pub struct Args {
     /// in a pod); each Pipeline has a directory of its own.
     #[arg(long, value_name = "DIR", env = "KILN_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// The ServiceAccount (of the Pipeline's namespace) a Pipeline without
+    /// spec.serviceAccountName acts as. Without one, such a Pipeline acts
+    /// with the controller's own rights.
+    #[arg(long, value_name = "NAME", env = "KILN_DEFAULT_SERVICE_ACCOUNT")]
+    default_service_account: Option<String>,
+    /// Refuse Pipelines that name no ServiceAccount and have no default
+    /// (multi-tenant clusters: no Pipeline acts with the controller's rights).
+    #[arg(long)]
+    require_service_account: bool,
     /// Serve /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9090.
     #[arg(long, value_name = "ADDR", env = "KILN_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -70,6 +79,11 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     {
         anyhow::bail!("--selector: empty; leave it out to handle every Pipeline");
     }
+    if let Some(name) = &args.default_service_account
+        && !kiln_render::template::is_dns_label(name)
+    {
+        anyhow::bail!("--default-service-account {name:?}: not a ServiceAccount name");
+    }
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -85,6 +99,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             .cache_dir
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("kiln-cache")),
+        default_service_account: args.default_service_account.clone(),
+        require_service_account: args.require_service_account,
         lease: args.leader_elect.then(|| LeaseOptions {
             namespace: args.namespace.clone(),
             name: args.lease_name.clone(),

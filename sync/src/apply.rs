@@ -130,17 +130,12 @@ pub async fn read_live(
                 .map(|&i| (&desired[i].identity, &desired[i]))
                 .collect();
             let namespaces: HashSet<&str> = wanted.keys().map(|i| i.namespace.as_str()).collect();
-            let scope = if namespaces.len() == 1 {
-                namespaces.iter().next().copied()
-            } else {
-                None
-            };
             let mut found = Live::new();
             for selector in [
                 format!("{INVENTORY_LABEL}={inventory}"),
                 format!("{ORPHANED_LABEL}=true"),
             ] {
-                for object in cluster.list(&kind, scope, &selector).await? {
+                for object in list_where(cluster, &kind, &namespaces, &selector).await? {
                     let identity = identity_of(&object, &kind);
                     if let Some(d) = wanted.get(&identity) {
                         let object = if compact && crate::plan::settled(d, &object) {
@@ -180,6 +175,36 @@ pub async fn read_live(
         live.extend(found?);
     }
     Ok(live)
+}
+
+/// The objects of `kind` matching `selector` in `namespaces`: one list
+/// across all namespaces when there are several and the identity may, else
+/// one per namespace. A namespace the identity may not list is left out:
+/// its objects look missing, and writing them fails with the API server's
+/// own words for what was refused.
+async fn list_where(
+    cluster: &Cluster,
+    kind: &crate::cluster::Kind,
+    namespaces: &HashSet<&str>,
+    selector: &str,
+) -> Result<Vec<Value>> {
+    if namespaces.len() > 1 {
+        match cluster.list(kind, None, selector).await {
+            Err(Error::Api { failure, .. }) if failure.is_forbidden() => {}
+            other => return other,
+        }
+    }
+    let mut all = Vec::new();
+    for namespace in namespaces {
+        match cluster.list(kind, Some(namespace), selector).await {
+            Ok(objects) => all.extend(objects),
+            Err(Error::Api { failure, .. }) if failure.is_forbidden() => {
+                tracing::debug!(namespace, kind = %kind.resource.kind, "not allowed to list");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(all)
 }
 
 fn normalise_namespace(desired: &mut Desired, namespaced: bool) {

@@ -14,6 +14,19 @@ pub const FIELD_MANAGER: &str = "kiln";
 /// Builds a client for `kubeconfig` (or the usual places) and `context` (or
 /// the current one).
 pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<kube::Client> {
+    from_config(config(kubeconfig, context).await?)
+}
+
+/// Builds a client for a configuration.
+pub fn from_config(config: Config) -> Result<kube::Client> {
+    kube::Client::try_from(config).map_err(|e| Error::Client {
+        message: e.to_string(),
+    })
+}
+
+/// The client configuration for `kubeconfig` (or the usual places) and
+/// `context` (or the current one).
+pub async fn config(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<Config> {
     let options = KubeConfigOptions {
         context: context.map(str::to_string),
         ..KubeConfigOptions::default()
@@ -45,7 +58,5 @@ pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> Result
     // 429s out of sight, up to 15 times, before Kiln's even saw them.
     let mut config = config;
     config.default_retry = false;
-    kube::Client::try_from(config).map_err(|e| Error::Client {
-        message: e.to_string(),
-    })
+    Ok(config)
 }

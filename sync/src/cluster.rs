@@ -106,6 +106,12 @@ pub enum Write {
 #[derive(Clone)]
 pub struct Cluster {
     client: kube::Client,
+    /// How `client` was made, so that a client acting as someone else can
+    /// be made from it.
+    config: Option<Arc<kube::Config>>,
+    /// Kiln's own identity, for its own state (inventories), when `client`
+    /// acts as someone else.
+    home: Option<Box<Cluster>>,
     kinds: Arc<Mutex<HashMap<(String, String), Kind>>>,
     namespaced: Arc<tokio::sync::OnceCell<Vec<Kind>>>,
     retries: Arc<Retries>,
@@ -215,11 +221,54 @@ impl Cluster {
     pub fn new(client: kube::Client) -> Self {
         Self {
             client,
+            config: None,
+            home: None,
             kinds: Arc::default(),
             namespaced: Arc::default(),
             retries: Arc::default(),
             own: Arc::default(),
         }
+    }
+
+    /// Wraps a client made from `config`; [`Cluster::impersonating`] needs
+    /// the configuration.
+    pub fn with_config(client: kube::Client, config: kube::Config) -> Self {
+        Self {
+            config: Some(Arc::new(config)),
+            ..Self::new(client)
+        }
+    }
+
+    /// The same cluster, with every request made as `user` (impersonation:
+    /// the API server authorizes each one by that user's rights), except
+    /// Kiln's own state, which [`Cluster::home`] keeps writing as itself.
+    /// Retry counts, Kiln's own writes and discovery are shared.
+    pub fn impersonating(&self, user: &str) -> Result<Cluster> {
+        let home = self.home().clone();
+        let Some(config) = &home.config else {
+            return Err(Error::Client {
+                message: format!("cannot act as {user}: the client's configuration is unknown"),
+            });
+        };
+        let mut config = (**config).clone();
+        config.auth_info.impersonate = Some(user.to_string());
+        let client = crate::client::from_config(config)?;
+        Ok(Cluster {
+            client,
+            config: None,
+            home: Some(Box::new(home.clone())),
+            ..home
+        })
+    }
+
+    /// Whether requests are made as someone else than Kiln itself.
+    pub fn is_impersonating(&self) -> bool {
+        self.home.is_some()
+    }
+
+    /// The cluster as Kiln itself, for Kiln's own state.
+    pub fn home(&self) -> &Cluster {
+        self.home.as_deref().unwrap_or(self)
     }
 
     /// How many requests were retried so far, by why.

@@ -187,6 +187,7 @@ pub struct Inventory {
 impl Inventory {
     /// Reads inventory `name` from `namespace`; empty when it does not exist.
     pub async fn read(cluster: &Cluster, namespace: &str, name: &str) -> Result<Self> {
+        let cluster = cluster.home();
         let stored = cluster
             .config_maps(namespace, &format!("{LABEL}={name}"))
             .await?;
@@ -210,6 +211,7 @@ impl Inventory {
     /// and deleting shards no longer used. Returns how many were written.
     /// Of two entries for one object, the first given is kept.
     pub async fn write(&mut self, cluster: &Cluster, mut entries: Vec<Entry>) -> Result<usize> {
+        let cluster = cluster.home();
         entries.sort_by(|a, b| a.identity.cmp(&b.identity));
         entries.dedup_by(|later, first| later.identity == first.identity);
         let shards = encode(&self.name, &entries, self.stored.len());

@@ -62,7 +62,8 @@ pub struct Watches {
     cluster: Cluster,
     selector: String,
     changed: UnboundedSender<Note>,
-    running: HashMap<(String, String), JoinHandle<()>>,
+    /// By apiVersion, kind and namespace (empty: all namespaces).
+    running: HashMap<(String, String, String), JoinHandle<()>>,
 }
 
 impl Watches {
@@ -78,16 +79,30 @@ impl Watches {
 
     /// Starts a watch for every kind of `desired` not watched yet.
     pub async fn cover(&mut self, desired: &[Desired]) -> Result<()> {
+        // Acting as a ServiceAccount, which may be confined to a few
+        // namespaces, namespaced kinds are watched namespace by namespace.
+        let confined = self.cluster.is_impersonating();
         for d in desired {
-            let key = (d.api_version.clone(), d.identity.kind.clone());
+            let mut key = (
+                d.api_version.clone(),
+                d.identity.kind.clone(),
+                String::new(),
+            );
+            if confined {
+                key.2 = d.identity.namespace.clone();
+            }
             if self.running.contains_key(&key) {
                 continue;
             }
             let Some(kind) = self.cluster.kind(&key.0, &key.1).await? else {
                 continue;
             };
-            let api: Api<DynamicObject> =
-                Api::all_with(self.cluster.client().clone(), &kind.resource);
+            let client = self.cluster.client().clone();
+            let api: Api<DynamicObject> = if kind.namespaced && !key.2.is_empty() {
+                Api::namespaced_with(client, &key.2, &kind.resource)
+            } else {
+                Api::all_with(client, &kind.resource)
+            };
             let changed = self.changed.clone();
             let config = watcher::Config::default().labels(&self.selector);
             let task = tokio::spawn(async move {

@@ -276,6 +276,9 @@ async fn assemble(
         }
         format!("{:x}", hasher.finalize())
     };
+    // The controller acts on the account itself; the engine never sees it.
+    let mut pipeline_named = pipeline_named;
+    pipeline_named.spec.service_account_name = None;
     let config = Config::assemble(named_sources, named_blueprints, vec![pipeline_named])
         .map_err(|e| Trouble::invalid(one_line(&e)))?;
     Ok(Gathered {

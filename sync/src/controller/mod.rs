@@ -64,6 +64,11 @@ pub struct Options {
     pub lease: Option<LeaseOptions>,
     /// Where clones of Pipelines' Git remotes are kept.
     pub cache_dir: std::path::PathBuf,
+    /// The ServiceAccount a Pipeline without `serviceAccountName` acts as.
+    pub default_service_account: Option<String>,
+    /// Refuse Pipelines that name no ServiceAccount when there is no
+    /// default (instead of acting as the controller itself).
+    pub require_service_account: bool,
 }
 
 /// The Lease replicas elect a leader through.
@@ -229,6 +234,8 @@ struct Slot {
 /// A Pipeline's engine, built from one configuration.
 struct State {
     digest: String,
+    /// The cluster as the Pipeline's ServiceAccount.
+    cluster: Cluster,
     trigger: (Option<i64>, bool),
     reconciler: Reconciler,
     watches: Watches,
@@ -612,7 +619,7 @@ impl Context {
         });
         let mut degraded = pass.trouble.is_some() || !pass.source_failures.is_empty();
         if pass.trouble.is_none() && all_read {
-            match s.reconciler.render(&self.cluster).await {
+            match s.reconciler.render(&s.cluster).await {
                 Ok(events) => {
                     for event in &events {
                         if let Event::Committed(published) = event {
@@ -633,9 +640,7 @@ impl Context {
         let applied = if pass.commit_only {
             None
         } else {
-            s.reconciler
-                .apply(&self.cluster, !degraded, &self.halt)
-                .await
+            s.reconciler.apply(&s.cluster, !degraded, &self.halt).await
         };
         match applied {
             Some(Ok(report)) => {
@@ -701,8 +706,9 @@ impl Context {
             allow_plaintext_secrets: false,
             git,
         };
+        let acting = self.acting_for(pipeline)?;
         let (notes_tx, notes) = mpsc::unbounded_channel();
-        let watches = Watches::new(self.cluster.clone(), &inventory, notes_tx);
+        let watches = Watches::new(acting.clone(), &inventory, notes_tx);
         let mut tasks = vec![tokio::spawn(forward(
             notes,
             Arc::downgrade(slot),
@@ -711,10 +717,8 @@ impl Context {
             self.wake.clone(),
         ))];
         // Sources of Kubernetes objects are watched, not only polled.
-        let objects = ClusterObjects::confined(
-            self.cluster.clone(),
-            key.namespace.as_deref().unwrap_or_default(),
-        );
+        let objects =
+            ClusterObjects::confined(acting.clone(), key.namespace.as_deref().unwrap_or_default());
         let (rows_tx, rows_changed) = mpsc::unbounded_channel();
         for p in &polled {
             if let Some(spec) = config.sources[&p.name].spec.kubernetes.clone() {
@@ -734,6 +738,7 @@ impl Context {
         )));
         Ok(State {
             digest: gathered.digest,
+            cluster: acting,
             trigger: (None, false),
             reconciler: Reconciler::new(config, blueprints, settings, metrics.clone())
                 .with_objects(Arc::new(objects.clone())),
@@ -744,6 +749,31 @@ impl Context {
             sources: BTreeMap::new(),
             shape: None,
         })
+    }
+
+    /// The cluster as the ServiceAccount the Pipeline acts as: its own
+    /// `serviceAccountName`, else the controller's default, else the
+    /// controller itself (unless a ServiceAccount is required).
+    fn acting_for(&self, pipeline: &Pipeline) -> std::result::Result<Cluster, Trouble> {
+        let account = pipeline
+            .spec
+            .service_account_name
+            .as_ref()
+            .or(self.options.default_service_account.as_ref());
+        let Some(account) = account else {
+            if self.options.require_service_account {
+                return Err(Trouble {
+                    reason: "ServiceAccountRequired",
+                    message: "Pipeline: spec.serviceAccountName is required by this controller (--require-service-account)".into(),
+                    stalled: true,
+                });
+            }
+            return Ok(self.cluster.clone());
+        };
+        let namespace = pipeline.namespace().unwrap_or_default();
+        self.cluster
+            .impersonating(&format!("system:serviceaccount:{namespace}:{account}"))
+            .map_err(|e| Trouble::of(e.reason(), &e))
     }
 
     /// The Pipeline's remote branch, through a clone in the cache directory.
