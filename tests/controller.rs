@@ -458,6 +458,15 @@ fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
         scene.condition("main", "Stalled"),
         ("True".into(), "ReferenceNotFound".into())
     );
+    let ready = |reason: &str| {
+        format!(
+            "kiln_pipeline_ready{{pipeline=\"{}/main\",reason=\"{reason}\"}}",
+            scene.namespace
+        )
+    };
+    eventually("the Ready gauge", Duration::from_secs(15), || {
+        metric(&addr, &ready("ReferenceNotFound")) == Some(0.0)
+    });
     let message = scene.status("main")["conditions"][0]["message"]
         .as_str()
         .unwrap()
@@ -477,6 +486,10 @@ fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
     });
     eventually("Ready", Duration::from_secs(15), || {
         scene.condition("main", "Ready").0 == "True"
+    });
+    eventually("the Ready gauge", Duration::from_secs(15), || {
+        metric(&addr, &ready("Succeeded")) == Some(1.0)
+            && metric(&addr, &ready("ReferenceNotFound")).is_none()
     });
     // A relative file path means nothing in a cluster: refused by name.
     apply(&format!(

@@ -83,6 +83,8 @@ struct State {
     desired: u64,
     rows: BTreeMap<String, u64>,
     source_errors: BTreeMap<String, u64>,
+    /// The Pipeline's Ready condition: whether true, and its reason.
+    condition: Option<(bool, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -172,6 +174,11 @@ impl Metrics {
                 s.reconcile_errors += 1;
             }
         });
+    }
+
+    /// The Pipeline's Ready condition as its status now says (controller).
+    pub fn condition(&self, ready: bool, reason: &str) {
+        self.with(|s| s.condition = Some((ready, reason.to_string())));
     }
 
     /// Marks the process ready for `/readyz`.
@@ -347,6 +354,23 @@ impl Metrics {
                     "kiln_source_errors_total{{{labels}source=\"{source}\"}} {errors}"
                 );
             }
+        }
+        let mut header = false;
+        for (labels, state) in states {
+            let Some((ready, reason)) = &state.condition else {
+                continue;
+            };
+            if !std::mem::replace(&mut header, true) {
+                let _ = writeln!(
+                    out,
+                    "# HELP kiln_pipeline_ready Whether the Pipeline's Ready condition is true (1) or not (0), with its reason.\n# TYPE kiln_pipeline_ready gauge"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "kiln_pipeline_ready{{{labels}reason=\"{reason}\"}} {}",
+                u8::from(*ready)
+            );
         }
         if let Some(leader) = registry.leader {
             let _ = writeln!(

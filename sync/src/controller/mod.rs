@@ -475,6 +475,9 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
         shape.as_ref(),
         &sources,
     );
+    if let Some(ready) = status.conditions.iter().find(|c| c.type_ == "Ready") {
+        metrics.condition(ready.status == "True", &ready.reason);
+    }
     context.publish(&pipeline, &pass).await;
     context.write_status(&pipeline, &status).await?;
     if let Ok(mut written) = slot.written.lock() {
