@@ -50,9 +50,13 @@ pub struct SourceSpec {
     pub active: Option<String>,
     /// How often the sync loop polls the source, e.g. `30s`, `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) >= duration('1s')").message("interval must be a duration of at least 1s, such as 30s, 5m or 1h30m"))]
+    #[schemars(length(max = 32))]
     pub interval: Option<String>,
     /// How long a query may take, e.g. `30s` (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) > duration('0s')").message("timeout must be a positive duration such as 30s, 5m or 1h"))]
+    #[schemars(length(max = 32))]
     pub timeout: Option<String>,
     /// SQLite only: a SQL file that creates the database when the file does
     /// not exist yet (demos, tests).
@@ -219,6 +223,7 @@ impl RenderLimits {
 /// One object of a blueprint: its template, dependencies and policies.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("[has(self.template), has(self.templateFile), has(self.templateFrom)].filter(x, x).size() == 1").message("exactly one of template, templateFile and templateFrom must be set"))]
+#[x_kube(validation = Rule::new("!has(self.dependsOn) || !(self.id in self.dependsOn)").message("a resource cannot depend on itself"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResourceSpec {
     /// Unique within the blueprint; names the file `<id>.yaml`.
@@ -238,6 +243,8 @@ pub struct ResourceSpec {
     /// Ids of resources of the same blueprint that must be applied first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    #[schemars(inner(length(max = 63)))]
     pub depends_on: Vec<String>,
     /// `WhenNeeded` (default) creates and updates; `Once` only creates.
     #[serde(default, skip_serializing_if = "is_default")]
@@ -257,9 +264,13 @@ pub struct ResourceSpec {
     pub wait_for_ready: bool,
     /// How long to wait for readiness, e.g. `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+([.][0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) > duration('0s')").message("timeout must be a positive duration such as 30s, 5m or 1h"))]
+    #[schemars(length(max = 32))]
     pub timeout: Option<String>,
     /// JSON pointers left out of drift detection, e.g. `/spec/replicas`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 512)))]
+    #[x_kube(validation = Rule::new("self.all(p, p.startsWith('/'))").message("ignoreFields are JSON pointers, each starting with '/', e.g. /spec/replicas"))]
     pub ignore_fields: Vec<String>,
     /// Declares the object cluster-scoped when its kind is neither built in
     /// nor defined by a CRD rendered in the same run.

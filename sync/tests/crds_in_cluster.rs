@@ -119,4 +119,107 @@ async fn crds_install_and_their_rules_reject_bad_objects() {
         message.contains("deletionPolicy") && message.contains("Unsupported value"),
         "{message}"
     );
+
+    // Each rule, one bad object at a time, with the message a person reads.
+    let blueprint = |name: &str, resources: serde_json::Value| {
+        json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "Blueprint", "metadata": {"name": name},
+            "spec": {"source": "tenants", "resources": resources},
+        })
+    };
+    let refused = [
+        (
+            blueprint(
+                "two-templates",
+                json!([{"id": "a", "template": "x", "templateFile": "t.j2"}]),
+            ),
+            "exactly one of template, templateFile and templateFrom must be set",
+        ),
+        (
+            blueprint(
+                "repeated-dependency",
+                json!([resource("a"), {"id": "b", "template": "x", "dependsOn": ["a", "a"]}]),
+            ),
+            "Duplicate value",
+        ),
+        (
+            blueprint(
+                "own-dependency",
+                json!([{"id": "a", "template": "x", "dependsOn": ["a"]}]),
+            ),
+            "a resource cannot depend on itself",
+        ),
+        (
+            blueprint(
+                "bad-timeout",
+                json!([{"id": "a", "template": "x", "timeout": "5 minutes"}]),
+            ),
+            "timeout must be a positive duration",
+        ),
+        (
+            blueprint(
+                "bad-pointer",
+                json!([{"id": "a", "template": "x", "ignoreFields": ["spec.replicas"]}]),
+            ),
+            "ignoreFields are JSON pointers",
+        ),
+        (
+            blueprint("empty", json!([])),
+            "a blueprint needs at least one resource",
+        ),
+        (
+            json!({
+                "apiVersion": "kiln.dev/v1alpha1", "kind": "Source", "metadata": {"name": "fast"},
+                "spec": {"url": "sqlite://x.db", "query": "SELECT 1", "key": "id", "interval": "100ms"},
+            }),
+            "interval must be a duration of at least 1s",
+        ),
+        (
+            json!({
+                "apiVersion": "kiln.dev/v1alpha1", "kind": "Source", "metadata": {"name": "slow"},
+                "spec": {"url": "sqlite://x.db", "query": "SELECT 1", "key": "id", "timeout": "forever"},
+            }),
+            "timeout must be a positive duration",
+        ),
+        (
+            json!({
+                "apiVersion": "kiln.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "guard"},
+                "spec": {"deletionGuard": {"maxPercent": 150}},
+            }),
+            "maxPercent must be between 0 and 100",
+        ),
+        (
+            json!({
+                "apiVersion": "kiln.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "account"},
+                "spec": {"serviceAccountName": "Deployer_1"},
+            }),
+            "serviceAccountName must be the name of a ServiceAccount",
+        ),
+    ];
+    let client = dynamic.into_client();
+    for (object, expected) in refused {
+        let kind = object["kind"].as_str().unwrap();
+        let resource = match kind {
+            "Source" => kube::api::ApiResource::erase::<Source>(&()),
+            "Blueprint" => kube::api::ApiResource::erase::<Blueprint>(&()),
+            _ => kube::api::ApiResource::erase::<kiln_render::api::Pipeline>(&()),
+        };
+        let api: Api<kube::api::DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns, &resource);
+        let message = rejection(&api, object.clone()).await;
+        assert!(message.contains(expected), "{object}: {message}");
+    }
+    // Durations as Kubernetes writes them pass.
+    let sources: Api<Source> = Api::namespaced(client, &ns);
+    let good = json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "Source", "metadata": {"name": "hourly"},
+        "spec": {"url": "sqlite://x.db", "query": "SELECT 1", "key": "id", "interval": "1h30m", "timeout": "2.5s"},
+    });
+    sources
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(good).unwrap(),
+        )
+        .await
+        .unwrap();
 }
