@@ -12,8 +12,8 @@ use tokio::net::TcpListener;
 use crate::report::{Report, Status};
 
 /// Upper bounds of the duration histograms, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+const BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
 #[derive(Debug, Default, Clone)]
