@@ -417,6 +417,18 @@ fn the_installed_chart_runs_the_controller_with_its_rights_only() {
     };
     assert_eq!(plan(&tenant, "plan-a").as_deref(), Some("gold"));
     assert_eq!(plan(&tenant, "plan-b").as_deref(), Some("gold"));
+    // Events on the Pipeline, with the chart's rights.
+    let events = kubectl_ok(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        &tenant,
+        "--field-selector",
+        "regarding.name=main,regarding.kind=Pipeline",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("Applied"), "events: {events}");
     // The inventory is the controller's, in its own namespace.
     let inventories = kubectl_ok(&[
         "get",
