@@ -4,7 +4,7 @@ mod commands;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 
 /// Kiln: render datasource rows into Kubernetes manifests, commit them to Git,
 /// and optionally apply them with Server-Side Apply.
@@ -13,6 +13,11 @@ use clap::Parser;
 struct Cli {
     #[command(subcommand)]
     command: commands::Command,
+}
+
+/// The command line's definition, for completions and the man page.
+pub fn cli() -> clap::Command {
+    Cli::command()
 }
 
 /// What a command found, as its exit code says it.
@@ -42,19 +47,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Differences) => ExitCode::from(1),
         Err(error) => {
-            // One line: the outermost context first, each cause after it
-            // (unless it only repeats what is said).
-            let mut line = String::new();
-            for cause in error.chain().map(ToString::to_string) {
-                if line.contains(&cause) {
-                    continue;
-                }
-                if !line.is_empty() {
-                    line.push_str(": ");
-                }
-                line.push_str(&cause);
-            }
-            eprintln!("error: {line}");
+            eprintln!("error: {}", commands::one_line(&error));
             ExitCode::from(2)
         }
     }

@@ -306,6 +306,23 @@ pub fn mask(old: Option<&[u8]>, new: Option<&[u8]>) -> (String, String) {
 
 pub use crate::manifest::is_secret;
 
+/// Every file that differs between two trees, in path order.
+pub fn changes(old: &crate::tree::Tree, new: &crate::tree::Tree) -> Vec<Change> {
+    let paths: std::collections::BTreeSet<&String> =
+        old.files.keys().chain(new.files.keys()).collect();
+    paths
+        .into_iter()
+        .filter_map(|path| {
+            let (before, after) = (old.files.get(path), new.files.get(path));
+            (before != after).then(|| Change {
+                path: path.clone(),
+                old: before.cloned(),
+                new: after.cloned(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,13 @@ pub enum Error {
     YamlOutput { message: String },
     /// The configuration is wrong: `origin` names the file and object.
     #[error("{origin}: {message}")]
-    Config { origin: String, message: String },
+    Config {
+        origin: String,
+        message: String,
+        /// A template's failing line with a caret, when a template failed
+        /// to compile (not in the one-line message).
+        excerpt: Option<String>,
+    },
     /// A source could not be read: its query, file or connection failed.
     #[error("source {source_name}: {message}")]
     QueryFailed {
@@ -47,6 +53,9 @@ pub enum Error {
         key: String,
         /// What went wrong, and where: `(template:line)`.
         message: String,
+        /// The template's failing line with a caret, for people (not in
+        /// the one-line message).
+        excerpt: Option<String>,
     },
     /// Two rows of a blueprint map to one instance directory.
     #[error(
@@ -230,6 +239,7 @@ impl Error {
     /// A configuration error at `origin` (a file, a file and an object).
     pub fn config(origin: impl Display, message: impl Into<String>) -> Self {
         Error::Config {
+            excerpt: None,
             origin: origin.to_string(),
             message: message.into(),
         }
@@ -273,6 +283,18 @@ impl Error {
             Error::Git { .. } | Error::GitFailed { .. } => "GitFailed",
             Error::Refused(refusal) => refusal.reason(),
             Error::Many(errors) => errors.first().map_or("Failed", Error::reason),
+        }
+    }
+
+    /// The failing template line with a caret under the failure, when a
+    /// template failed (for people; the message is one line without it).
+    pub fn excerpt(&self) -> Option<&str> {
+        match self {
+            Error::TemplateFailed { excerpt, .. } | Error::Config { excerpt, .. } => {
+                excerpt.as_deref()
+            }
+            Error::Many(errors) => errors.iter().find_map(Error::excerpt),
+            _ => None,
         }
     }
 

@@ -114,7 +114,11 @@ fn compile_one(blueprint: &Named<BlueprintSpec>) -> Result<Compiled, Vec<Error>>
         failures
             .into_iter()
             .map(|(template, failure)| {
-                at(format!("template {template} does not compile: {failure}"))
+                let mut error = at(format!("template {template} does not compile: {failure}"));
+                if let Error::Config { excerpt, .. } = &mut error {
+                    *excerpt = failure.excerpt;
+                }
+                error
             })
             .collect::<Vec<_>>()
     });
@@ -355,6 +359,7 @@ fn render_row(
             resource: resource.to_string(),
             key: row.key.clone(),
             message: format!("{} ({location})", failure.message),
+            excerpt: failure.excerpt,
         }
     };
     let source = config
@@ -377,6 +382,7 @@ fn render_row(
                     Failure {
                         message,
                         location: None,
+                        excerpt: None,
                     },
                 )
             })?;
@@ -395,6 +401,7 @@ fn render_row(
                     "the namespace {ns:?} is not a DNS label (lowercase letters, digits and '-', at most 63; the dns_label filter makes one)"
                 ),
                 location: None,
+                excerpt: None,
             },
         ));
     }
@@ -424,6 +431,7 @@ fn render_row(
                         budget.limit
                     ),
                     location: None,
+                    excerpt: None,
                 },
             ));
         }
@@ -437,6 +445,7 @@ fn render_row(
                 Failure {
                     message,
                     location: Some(template.clone()),
+                    excerpt: None,
                 },
             )
         })?;

@@ -151,6 +151,27 @@ fn url(source: &Named<SourceSpec>) -> Result<String> {
     }
 }
 
+/// The local files a source reads, when its `url` is a `file:` or
+/// `sqlite:` URL (with the seed file): what a watcher follows.
+pub fn local_files(source: &Named<SourceSpec>) -> Vec<PathBuf> {
+    let Some(url) = &source.spec.url else {
+        return Vec::new();
+    };
+    let (scheme, rest) = url.split_once(':').unwrap_or(("", url));
+    let mut files = Vec::new();
+    match scheme.to_ascii_lowercase().as_str() {
+        "file" => files.push(source.resolve(strip_slashes(rest))),
+        "sqlite" => {
+            files.push(source.resolve(strip_slashes(rest.split('?').next().unwrap_or_default())));
+            if let Some(seed) = &source.spec.seed_file {
+                files.push(source.resolve(seed));
+            }
+        }
+        _ => {}
+    }
+    files
+}
+
 async fn read_url(
     source: &Named<SourceSpec>,
     url: &str,

@@ -81,6 +81,8 @@ pub struct Failure {
     pub message: String,
     /// `file:line` of the failure, when known.
     pub location: Option<String>,
+    /// The template's line and a caret under where it failed, when known.
+    pub excerpt: Option<String>,
 }
 
 impl std::fmt::Display for Failure {
@@ -139,6 +141,7 @@ impl Templates {
                         "the template rendered more than {max} bytes for one object (raise spec.limits.maxObjectBytes or pass --max-object-bytes if that is meant)"
                     ),
                     location: Some(name.to_string()),
+                    excerpt: None,
                 });
             }
             Err(e) if e.kind() == ErrorKind::OutOfFuel => {
@@ -148,6 +151,7 @@ impl Templates {
                         self.limits.fuel()
                     ),
                     location: failure(&e, template.source()).location,
+                    excerpt: None,
                 });
             }
             Err(e) => return Err(failure(&e, template.source())),
@@ -155,6 +159,7 @@ impl Templates {
         let text = String::from_utf8(out.text).map_err(|_| Failure {
             message: "the template rendered bytes that are not UTF-8".into(),
             location: Some(name.to_string()),
+            excerpt: None,
         })?;
         Ok(Output { text, printed })
     }
@@ -209,7 +214,38 @@ fn failure(error: &minijinja::Error, source: &str) -> Failure {
         (Some(name), None) => Some(name.to_string()),
         _ => None,
     };
-    Failure { message, location }
+    Failure {
+        message,
+        location,
+        excerpt: excerpt(error, source),
+    }
+}
+
+/// The failing line of `source` with a caret under the failing expression.
+fn excerpt(error: &minijinja::Error, source: &str) -> Option<String> {
+    let number = error.line()?;
+    let line = source.lines().nth(number.checked_sub(1)?)?;
+    let line_start = source
+        .lines()
+        .take(number - 1)
+        .map(|l| l.len() + 1)
+        .sum::<usize>();
+    let (column, width) = match error.range() {
+        Some(range) if range.start >= line_start && range.start <= line_start + line.len() => {
+            let column = line[..range.start - line_start].chars().count();
+            let end = range.end.min(line_start + line.len()).max(range.start);
+            let width = source[range.start..end].chars().count().max(1);
+            (column, width)
+        }
+        _ => (0, line.chars().count().max(1)),
+    };
+    let gutter = format!("{number} | ");
+    Some(format!(
+        "{gutter}{line}\n{:pad$}{}",
+        "",
+        "^".repeat(width),
+        pad = gutter.len() + column
+    ))
 }
 
 fn environment() -> Environment<'static> {

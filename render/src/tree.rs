@@ -1,5 +1,5 @@
 //! The rendered tree: `kustomization.yaml` files and one YAML file per object,
-//! as DESIGN.md lays it out, written to a directory or compared with one.
+//! as the README lays it out, written to a directory or compared with one.
 //!
 //! ```text
 //! kustomization.yaml                         lists the blueprint directories

@@ -2,6 +2,7 @@
 
 mod apply;
 mod cluster;
+mod completions;
 mod controller;
 mod crds;
 mod diff;
@@ -13,6 +14,7 @@ mod rollback;
 mod sync;
 mod target;
 mod validate;
+mod watch;
 
 use std::path::PathBuf;
 
@@ -48,6 +50,13 @@ pub enum Command {
     Controller(controller::Args),
     /// Print the CustomResourceDefinitions of Kiln's kinds as YAML.
     Crds(crds::Args),
+    /// Render again on every change of the configuration, its templates or
+    /// file sources, and print what changed (the template author's loop).
+    Watch(watch::Args),
+    /// Print a completion script for a shell (bash, zsh, fish, powershell, elvish).
+    Completions(completions::Args),
+    /// Print kiln's man page (roff), e.g. `kiln man > kiln.1`.
+    Man(completions::ManArgs),
 }
 
 impl Command {
@@ -74,8 +83,27 @@ impl Command {
             Command::Validate(args) => validate::run(&args),
             Command::Crds(args) => crds::run(&args),
             Command::Controller(args) => controller::run(&args),
+            Command::Watch(args) => watch::run(&args),
+            Command::Completions(args) => completions::run(&args),
+            Command::Man(args) => completions::man(&args),
         }
     }
+}
+
+/// An error as one line: the outermost context first, each cause after it
+/// (unless it only repeats what is said).
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if line.contains(&cause) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
 }
 
 /// Where the configuration comes from, shared by every command that reads it.

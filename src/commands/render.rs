@@ -63,6 +63,11 @@ pub struct Args {
     /// The summary: text on stderr, or JSON on stdout.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// Render only the row with this key (repeatable) and print its
+    /// objects: a template tried against real rows. `BLUEPRINT/KEY` picks
+    /// one blueprint's instance.
+    #[arg(long = "instance", value_name = "KEY", conflicts_with_all = ["out", "repo", "emit"])]
+    instances: Vec<String>,
 }
 
 /// What `--emit` writes.
@@ -133,6 +138,45 @@ pub fn load(args: &ConfigArgs) -> anyhow::Result<Loaded> {
 }
 
 impl Loaded {
+    /// Keeps only the rows `wanted` names (`KEY` or `BLUEPRINT/KEY`); a name
+    /// that matches no active row is an error.
+    pub fn keep_instances(&mut self, wanted: &[String]) -> anyhow::Result<()> {
+        let mut found = vec![false; wanted.len()];
+        let sources: std::collections::BTreeMap<&str, Vec<&str>> =
+            self.blueprints.iter().fold(Default::default(), |mut m, b| {
+                m.entry(b.spec.source.as_str())
+                    .or_default()
+                    .push(b.name.as_str());
+                m
+            });
+        for (source, rows) in &mut self.rows {
+            let blueprints = sources.get(source.as_str()).cloned().unwrap_or_default();
+            rows.retain(|row| {
+                let mut keep = false;
+                for (i, name) in wanted.iter().enumerate() {
+                    let hit = blueprints.iter().any(|b| names_instance(name, b, &row.key));
+                    if hit && row.active {
+                        found[i] = true;
+                        keep = true;
+                    }
+                }
+                keep
+            });
+        }
+        if let Some(i) = found.iter().position(|f| !f) {
+            anyhow::bail!(
+                "--instance {}: no active row has that key (in the sources of {})",
+                wanted[i],
+                self.blueprints
+                    .iter()
+                    .map(|b| format!("Blueprint {}", b.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(())
+    }
+
     /// Renders every active row.
     pub fn render(self) -> anyhow::Result<Rendering> {
         let started = std::time::Instant::now();
@@ -149,13 +193,21 @@ impl Loaded {
     }
 }
 
+/// Whether `--instance NAME` names the instance `key` of `blueprint`.
+fn names_instance(name: &str, blueprint: &str, key: &str) -> bool {
+    name == key || name.split_once('/') == Some((blueprint, key))
+}
+
 /// Loads, compiles, reads every source and renders.
 pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
     load(args)?.render()
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let loaded = load(&args.config)?;
+    let mut loaded = load(&args.config)?;
+    if !args.instances.is_empty() {
+        loaded.keep_instances(&args.instances)?;
+    }
     // The Pipeline outlives `loaded`, which rendering consumes.
     let pipeline = target::pipeline(&loaded.config, args.config.pipeline.as_deref())?.cloned();
     let pipeline = pipeline.as_ref();
@@ -190,7 +242,14 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
     let Some(out) = &args.out else {
         let mut stdout = std::io::stdout().lock();
-        for object in rendering.rendered.instances.iter().flat_map(|i| &i.objects) {
+        let shown = rendering.rendered.instances.iter().filter(|i| {
+            args.instances.is_empty()
+                || args
+                    .instances
+                    .iter()
+                    .any(|name| names_instance(name, &i.blueprint, &i.key))
+        });
+        for object in shown.flat_map(|i| &i.objects) {
             stdout.write_all(b"---\n")?;
             stdout.write_all(object.yaml.as_bytes())?;
         }
