@@ -1581,3 +1581,106 @@ fn no_prune_leaves_what_left_the_tree_for_a_later_apply() {
     );
     assert!(get(&f.ns("b"), "configmap", "config").is_none());
 }
+
+#[test]
+fn sync_reacts_at_once_to_edited_rows_templates_and_configuration() {
+    let resources = format!(
+        "{NAMESPACE}  - id: config\n    dependsOn: [namespace]\n    templateFile: config.yaml.j2\n"
+    );
+    let f = Fixture::new("files", "- {id: a, greeting: hi}\n", &resources);
+    // A poll an hour away: only the file watches can start these passes.
+    let config = std::fs::read_to_string(f.path("cfg/kiln.yaml")).unwrap();
+    std::fs::write(
+        f.path("cfg/kiln.yaml"),
+        config.replace("interval: 1s", "interval: 1h"),
+    )
+    .unwrap();
+    let template = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: config}\ndata: {greeting: \"{{ row.greeting }}\"}\n";
+    std::fs::write(f.path("cfg/config.yaml.j2"), template).unwrap();
+    let log = f.path("sync.log");
+    let mut sync = common::kiln_command()
+        .arg("sync")
+        .arg("-f")
+        .arg(f.path("cfg"))
+        .args(f.cluster_args())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .map(Running::new)
+        .unwrap();
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ns = f.ns("a");
+    let data = || get(&ns, "configmap", "config").map(|c| c["data"].clone());
+    eventually("the first sync", Duration::from_secs(60), || {
+        data().is_some_and(|d| d["greeting"] == "hi")
+    });
+
+    // A row edited in place.
+    f.rows("- {id: a, greeting: hello}\n");
+    eventually("the row's change applied", Duration::from_secs(15), || {
+        data().is_some_and(|d| d["greeting"] == "hello")
+    });
+
+    // A template saved by rename.
+    let beside = f.path("cfg/config.yaml.j2.new");
+    std::fs::write(
+        &beside,
+        template.replace("\ndata: {", "\ndata: {edited: \"yes\", "),
+    )
+    .unwrap();
+    std::fs::rename(&beside, f.path("cfg/config.yaml.j2")).unwrap();
+    eventually(
+        "the template's change applied",
+        Duration::from_secs(15),
+        || data().is_some_and(|d| d["edited"] == "yes" && d["greeting"] == "hello"),
+    );
+
+    // A broken configuration is refused and the loaded one kept; fixed, a
+    // new resource is applied.
+    let good = std::fs::read_to_string(f.path("cfg/kiln.yaml")).unwrap();
+    std::fs::write(f.path("cfg/kiln.yaml"), format!("{good}  - id: [broken\n")).unwrap();
+    eventually("the broken file refused", Duration::from_secs(15), || {
+        said().contains("keeping the configuration loaded before")
+    });
+    assert!(said().contains("kiln.yaml"), "{}", said());
+    std::fs::write(
+        f.path("cfg/kiln.yaml"),
+        format!(
+            "{good}{}",
+            config_map(
+                "second",
+                "second",
+                "    dependsOn: [namespace]\n",
+                "{n: \"2\"}"
+            )
+        ),
+    )
+    .unwrap();
+    eventually("the new resource applied", Duration::from_secs(15), || {
+        get(&ns, "configmap", "second").is_some()
+    });
+    let out = sync.terminate();
+    assert!(out.status.success(), "{}", said());
+    assert!(
+        said().contains("the configuration changed; loaded again"),
+        "{}",
+        said()
+    );
+}
+
+#[test]
+fn an_object_the_schema_refuses_fails_at_once_without_retries() {
+    let resources = [
+        NAMESPACE.to_string(),
+        "  - id: odd\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: odd, colour: blue}\n".to_string(),
+    ]
+    .concat();
+    let f = Fixture::new("schema", "- {id: a}\n", &resources);
+    f.render();
+    let out = f.apply(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(said.contains("field not declared in schema"), "{said}");
+    // Server-Side Apply answers 500 for it; waiting would change nothing.
+    assert!(!said.contains("retried"), "{said}");
+}

@@ -81,7 +81,23 @@ pub fn stop_on_signal(stop: watch::Sender<bool>) -> tokio::task::JoinHandle<()> 
     })
 }
 
-pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+/// What one configuration gives the loop: its engine's parts, and the
+/// files it reads.
+struct Loaded {
+    /// What the engine is made of, until it is.
+    parts: Option<(kiln_render::config::Config, Vec<render::Compiled>, Settings)>,
+    /// Where commits go, for messages.
+    place: target::Place,
+    /// The `kubernetes` sources read, watched.
+    kube_sources: Vec<(String, kiln_render::api::ObjectsSpec)>,
+    polled: Vec<Polled>,
+    /// Configuration and template files: a change reloads everything.
+    definitions: std::collections::BTreeSet<std::path::PathBuf>,
+    /// File sources' rows, by source: a change reads that source again.
+    data: Vec<(String, std::path::PathBuf)>,
+}
+
+fn load(args: &Args) -> anyhow::Result<Loaded> {
     let config = args.config.load()?;
     check_selection(&config, &args.config.blueprints)?;
     let pipeline = target::pipeline(&config, args.config.pipeline.as_deref())?.cloned();
@@ -93,40 +109,185 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
     let blueprints = render::compile(&config, &selected)?;
     let settings = settings(args, pipeline.as_ref())?;
-    let mut polled = Polled::all(&config, &blueprints)?;
+    let polled = Polled::all(&config, &blueprints)?;
+    let mut definitions = std::collections::BTreeSet::new();
+    for blueprint in config.blueprints.values() {
+        definitions.insert(absolute(&blueprint.file));
+        for resource in &blueprint.spec.resources {
+            if let Some(file) = &resource.template_file {
+                definitions.insert(absolute(&blueprint.resolve(file)));
+            }
+        }
+    }
+    for named in config.sources.values().map(|s| &s.file) {
+        definitions.insert(absolute(named));
+    }
+    for named in config.pipelines.values().map(|p| &p.file) {
+        definitions.insert(absolute(named));
+    }
+    let data = config
+        .sources
+        .values()
+        .filter(|s| polled.iter().any(|p| p.name == s.name))
+        .flat_map(|s| {
+            kiln_render::source::local_files(s)
+                .into_iter()
+                .map(|f| (s.name.clone(), absolute(&f)))
+        })
+        .collect();
+    let place = settings
+        .git
+        .as_ref()
+        .map(target::Place::of)
+        .unwrap_or_default();
+    let kube_sources = config
+        .sources
+        .values()
+        .filter(|s| polled.iter().any(|p| p.name == s.name))
+        .filter_map(|s| Some((s.name.clone(), s.spec.kubernetes.clone()?)))
+        .collect();
+    Ok(Loaded {
+        parts: Some((config, blueprints, settings)),
+        place,
+        kube_sources,
+        polled,
+        definitions,
+        data,
+    })
+}
+
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Watches the directories of the files a configuration reads (a save by
+/// rename replaces the file), sending each change's paths.
+fn watch_files(
+    loaded: &Loaded,
+    given: &[std::path::PathBuf],
+    tx: mpsc::UnboundedSender<Vec<std::path::PathBuf>>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.send(event.paths);
+        }
+    })
+    .map_err(|e| tracing::warn!("cannot watch files: {e}"))
+    .ok()?;
+    let mut dirs = std::collections::BTreeSet::new();
+    for file in loaded
+        .definitions
+        .iter()
+        .chain(loaded.data.iter().map(|(_, f)| f))
+    {
+        if let Some(dir) = file.parent() {
+            dirs.insert(dir.to_path_buf());
+        }
+    }
+    for path in given {
+        let path = absolute(path);
+        if path.is_dir() {
+            dirs.insert(path);
+        }
+    }
+    for dir in dirs {
+        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!("cannot watch {}: {e}", dir.display());
+        }
+    }
+    Some(watcher)
+}
+
+/// What changed files ask of the loop.
+#[derive(Debug, PartialEq)]
+enum FileChange {
+    /// A configuration or template file: load everything again.
+    Reload,
+    /// These sources' files: read them again.
+    Sources(Vec<String>),
+    Nothing,
+}
+
+fn classify(
+    loaded: &Loaded,
+    given: &[std::path::PathBuf],
+    paths: &[std::path::PathBuf],
+) -> FileChange {
+    let dirs: Vec<std::path::PathBuf> = given
+        .iter()
+        .map(|p| absolute(p))
+        .filter(|p| p.is_dir())
+        .collect();
+    let mut sources = Vec::new();
+    for path in paths {
+        let path = absolute(path);
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        if loaded.definitions.contains(&path)
+            || (yaml && path.parent().is_some_and(|p| dirs.iter().any(|d| d == p)))
+        {
+            return FileChange::Reload;
+        }
+        for (source, file) in &loaded.data {
+            if *file == path && !sources.contains(source) {
+                sources.push(source.clone());
+            }
+        }
+    }
+    if sources.is_empty() {
+        FileChange::Nothing
+    } else {
+        FileChange::Sources(sources)
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    let loaded = load(args)?;
 
     super::runtime()?.block_on(async move {
+        let mut loaded = loaded;
         let cluster = args.cluster.connect().await?;
         let metrics = Metrics::default();
         let server = serve_metrics(args.metrics_addr, &metrics).await?;
         let (stop_tx, mut stop) = watch::channel(false);
         let stopper = stop_on_signal(stop_tx);
         let (changed_tx, mut changed) = mpsc::unbounded_channel();
-        let mut watches = Watches::new(cluster.clone(), &settings.apply.inventory, changed_tx);
-        let place = settings
-            .git
+        let inventory = loaded
+            .parts
             .as_ref()
-            .map(target::Place::of)
+            .map(|(_, _, s)| s.apply.inventory.clone())
             .unwrap_or_default();
+        let mut watches = Watches::new(cluster.clone(), &inventory, changed_tx);
         // Sources of Kubernetes objects are watched: a change reads them at once.
         let objects = ClusterObjects::new(cluster.clone());
         let (rows_tx, mut rows_changed) = mpsc::unbounded_channel();
-        let row_watches: Vec<_> = config
-            .sources
-            .values()
-            .filter(|s| polled.iter().any(|p| p.name == s.name))
-            .filter_map(|s| {
-                let spec = s.spec.kubernetes.clone()?;
-                Some(rows::watch(
-                    objects.clone(),
-                    spec,
-                    s.name.clone(),
-                    rows_tx.clone(),
-                ))
-            })
-            .collect();
-        let mut reconciler = Reconciler::new(config, blueprints, settings, metrics.clone())
-            .with_objects(std::sync::Arc::new(objects.clone()));
+        let row_watches = |loaded: &Loaded| -> Vec<tokio::task::JoinHandle<()>> {
+            loaded
+                .kube_sources
+                .iter()
+                .map(|(name, spec)| {
+                    rows::watch(objects.clone(), spec.clone(), name.clone(), rows_tx.clone())
+                })
+                .collect()
+        };
+        let mut row_watch_tasks = row_watches(&loaded);
+        // Files are watched too: an edited template, configuration or file
+        // source starts a pass at once; SQL sources keep their interval.
+        let (files_tx, mut files_changed) = mpsc::unbounded_channel();
+        let mut file_watcher = watch_files(&loaded, &args.config.files, files_tx.clone());
+        let engine = |loaded: &mut Loaded| {
+            let (config, blueprints, settings) = loaded.parts.take()?;
+            Some(
+                Reconciler::new(config, blueprints, settings, metrics.clone())
+                    .with_objects(std::sync::Arc::new(objects.clone())),
+            )
+        };
+        let Some(mut reconciler) = engine(&mut loaded) else {
+            anyhow::bail!("the configuration was already used");
+        };
+        let mut polled = std::mem::take(&mut loaded.polled);
         let result = loop {
             // Read the sources that are due; one that fails keeps its last rows.
             let mut failures = Vec::new();
@@ -146,7 +307,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             match reconciler.render(&cluster).await {
                 Ok(events) => {
                     for event in events {
-                        if let Some(line) = describe(&event, &place) {
+                        if let Some(line) = describe(&event, &loaded.place) {
                             eprintln!("{line}");
                         }
                     }
@@ -226,6 +387,46 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                             break;
                         }
                     }
+                    Some(first) = files_changed.recv() => {
+                        // An editor writes a file in several steps.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let mut paths = first;
+                        while let Ok(more) = files_changed.try_recv() {
+                            paths.extend(more);
+                        }
+                        loaded.polled = std::mem::take(&mut polled);
+                        let change = classify(&loaded, &args.config.files, &paths);
+                        polled = std::mem::take(&mut loaded.polled);
+                        match change {
+                            FileChange::Nothing => {}
+                            FileChange::Sources(names) => {
+                                for p in polled.iter_mut().filter(|p| names.contains(&p.name)) {
+                                    p.due = Instant::now();
+                                }
+                                break;
+                            }
+                            FileChange::Reload => match load(args) {
+                                Ok(new) => {
+                                    eprintln!("sync: the configuration changed; loaded again");
+                                    loaded = new;
+                                    if let Some(new) = engine(&mut loaded) {
+                                        reconciler = new;
+                                    }
+                                    polled = std::mem::take(&mut loaded.polled);
+                                    for task in row_watch_tasks.drain(..) {
+                                        task.abort();
+                                    }
+                                    row_watch_tasks = row_watches(&loaded);
+                                    file_watcher = watch_files(&loaded, &args.config.files, files_tx.clone());
+                                    break;
+                                }
+                                Err(e) => eprintln!(
+                                    "error: {}; keeping the configuration loaded before",
+                                    super::one_line(&e)
+                                ),
+                            },
+                        }
+                    }
                     _ = stop.changed() => break,
                 }
             }
@@ -234,7 +435,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             }
         };
         stopper.abort();
-        for watch in row_watches {
+        drop(file_watcher);
+        for watch in row_watch_tasks {
             watch.abort();
         }
         if let Some(server) = server {

@@ -739,6 +739,17 @@ fn classify(error: kube::Error) -> Failure {
 /// overloaded or failing for the moment.
 fn transient(error: &kube::Error) -> bool {
     match error {
+        // Server-Side Apply answers 500 for an object its schema refuses
+        // (a field the kind does not declare): the object is wrong, and
+        // waiting changes nothing.
+        kube::Error::Api(status)
+            if status.code == 500
+                && status
+                    .message
+                    .contains("failed to create typed patch object") =>
+        {
+            false
+        }
         kube::Error::Api(status) => matches!(status.code, 429 | 500 | 502 | 503 | 504),
         kube::Error::HyperError(_) | kube::Error::Service(_) => true,
         _ => false,
