@@ -1,6 +1,7 @@
 //! The `kiln` command line.
 
 mod commands;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,9 @@ fn main() -> ExitCode {
         .without_time()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if cli.command.shows_progress() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        kiln_render::progress::install(Box::new(progress::Bars::default()));
+    }
     match cli.command.run() {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Differences) => ExitCode::from(1),

@@ -277,3 +277,49 @@ fn render_one_instance_prints_only_its_objects() {
         "{message}"
     );
 }
+
+#[test]
+fn progress_is_drawn_on_a_terminal_and_absent_from_a_pipe() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo");
+    let dir = tempfile::tempdir().unwrap();
+    // A pseudo-terminal from util-linux's `script`, which logs what the
+    // program drew on it.
+    let typescript = dir.path().join("typescript");
+    let command = format!(
+        "{} render -f {} --out {}",
+        env!("CARGO_BIN_EXE_kiln"),
+        demo.display(),
+        dir.path().join("tty").display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &command])
+        .arg(&typescript)
+        .env_remove("KILN_LOG")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let drawn = std::fs::read_to_string(&typescript).unwrap();
+    assert!(
+        drawn.contains("reading sources")
+            && drawn.contains("rendering instances")
+            && drawn.contains("/45"),
+        "{drawn}"
+    );
+    assert!(drawn.contains("rendered "), "{drawn}");
+
+    let out = common::kiln(&[
+        "render",
+        "-f",
+        demo.to_str().unwrap(),
+        "--out",
+        dir.path().join("pipe").to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let said = common::stderr(&out);
+    assert_eq!(said.lines().count(), 1, "only the summary: {said}");
+    assert!(
+        !said.contains("rendering instances") && !said.contains('\x1b'),
+        "{said}"
+    );
+}

@@ -12,6 +12,7 @@ pub mod manifest;
 mod parallel;
 pub mod policy;
 pub mod printed;
+pub mod progress;
 pub mod render;
 pub mod source;
 pub mod template;

@@ -222,6 +222,12 @@ fn render_pass(
     let mut stamped = Vec::new();
     let mut crds = Vec::new();
     let mut errors = Vec::new();
+    let total: usize = blueprints
+        .iter()
+        .filter_map(|b| rows.get(&b.spec.source))
+        .map(|r| r.iter().filter(|r| r.active).count())
+        .sum();
+    let progress = crate::progress::phase("rendering instances", total as u64);
     for (b, blueprint) in blueprints.iter().enumerate() {
         let active: Vec<&Row> = rows
             .get(&blueprint.spec.source)
@@ -237,7 +243,9 @@ fn render_pass(
                 .max_render_bytes(),
         };
         let results = crate::parallel::map(active, |row| {
-            render_row(b, blueprint, config, row, scopes, &budget)
+            let rendered = render_row(b, blueprint, config, row, scopes, &budget);
+            progress.advance(1);
+            rendered
         });
         for result in results {
             match result {
@@ -584,13 +592,17 @@ pub async fn read_sources(
 ) -> Result<BTreeMap<String, Vec<Row>>> {
     let names: std::collections::BTreeSet<&str> =
         blueprints.iter().map(|b| b.spec.source.as_str()).collect();
+    let progress = crate::progress::phase("reading sources", names.len() as u64);
+    let progress = &progress;
     let reads = names
         .into_iter()
         .filter_map(|name| config.sources.get(name))
         .map(|source| async move {
-            crate::source::read(source, limit, objects)
+            let read = crate::source::read(source, limit, objects)
                 .await
-                .map(|rows| (source.name.clone(), rows))
+                .map(|rows| (source.name.clone(), rows));
+            progress.advance(1);
+            read
         });
     let results = futures_util::future::join_all(reads).await;
     let mut rows = BTreeMap::new();

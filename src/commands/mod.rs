@@ -69,6 +69,19 @@ impl Command {
         }
     }
 
+    /// Whether progress bars help: long work, run by a person (the
+    /// controller's output is a log; watch prints diffs).
+    pub fn shows_progress(&self) -> bool {
+        !matches!(
+            self,
+            Command::Controller(_)
+                | Command::Watch(_)
+                | Command::Completions(_)
+                | Command::Man(_)
+                | Command::Crds(_)
+        )
+    }
+
     /// Runs the command.
     pub fn run(self) -> anyhow::Result<Outcome> {
         match self {

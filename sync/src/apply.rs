@@ -291,6 +291,8 @@ pub async fn execute(
             .iter()
             .position(|s| s.wave != wave)
             .map_or(plan.steps.len(), |p| start + p);
+        let progress =
+            kiln_render::progress::phase(&format!("applying wave {wave}"), (end - start) as u64);
         let mut running = FuturesUnordered::new();
         for i in start..end {
             let step = &plan.steps[i];
@@ -340,6 +342,7 @@ pub async fn execute(
             });
         }
         while let Some((i, outcome, uid)) = running.next().await {
+            progress.advance(1);
             statuses[i] = Some(outcome.status);
             outcomes[i] = Some(outcome);
             // A write gives the uid; an unchanged object gives it only to an

@@ -48,6 +48,7 @@ pub(crate) async fn prune(
 ) -> Vec<Entry> {
     let mut kept = Vec::new();
     let mut start = 0;
+    let progress = kiln_render::progress::phase("pruning", prune.len() as u64);
     while start < prune.len() {
         let wave = prune[start].entry.wave;
         let end = prune[start..]
@@ -64,6 +65,7 @@ pub(crate) async fn prune(
             .collect();
         let mut left_alone = Vec::new();
         while let Some((p, result)) = running.next().await {
+            progress.advance(1);
             let object = format!("{} ({})", p.entry.identity, p.entry.owner);
             match result {
                 Ok(Some((status, detail))) => {

@@ -41,10 +41,14 @@ impl<'a> Node<'a> {
     pub fn build(tree: &'a Tree) -> Result<Node<'a>> {
         // Hashing every file is most of the work: share it between the cores.
         let files: Vec<(&String, &Vec<u8>)> = tree.files.iter().collect();
+        let progress = crate::progress::phase("hashing files", files.len() as u64);
         let ids: Vec<Oid> = crate::parallel::chunks(&files, |part| {
-            part.iter()
+            let ids = part
+                .iter()
                 .map(|(_, content)| Oid::hash_object(ObjectType::Blob, content))
-                .collect::<Result<Vec<Oid>, git2::Error>>()
+                .collect::<Result<Vec<Oid>, git2::Error>>();
+            progress.advance(part.len() as u64);
+            ids
         })
         .into_iter()
         .collect::<Result<Vec<Vec<Oid>>, git2::Error>>()
