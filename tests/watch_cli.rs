@@ -323,3 +323,62 @@ fn progress_is_drawn_on_a_terminal_and_absent_from_a_pipe() {
         "{said}"
     );
 }
+
+#[test]
+fn watch_compares_with_a_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::tenants(
+        dir.path(),
+        "g",
+        2,
+        "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: cfg}\n      data: {v: \"1\"}\n",
+    );
+    let repo = dir.path().join("repo.git");
+    common::git(
+        dir.path(),
+        &["init", "-q", "--bare", repo.to_str().unwrap()],
+    );
+    let out = common::kiln(&[
+        "render",
+        "-f",
+        config.to_str().unwrap(),
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "rendered",
+        "--path",
+        "prod",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let mut child = common::kiln_command()
+        .args(["watch", "-f"])
+        .arg(&config)
+        .arg("--git")
+        .arg(&repo)
+        .args(["--branch", "rendered", "--path", "prod"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Captured::follow(child.stdout.take().unwrap());
+    let err = Captured::follow(child.stderr.take().unwrap());
+    let mut watch = Running::new(child);
+    eventually("the branch matches", Duration::from_secs(30), || {
+        err.text().contains("no change against rendered")
+    });
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("data: {v: \"1\"}", "data: {v: \"2\"}"),
+    )
+    .unwrap();
+    eventually(
+        "both instances differ from the branch",
+        Duration::from_secs(10),
+        || {
+            let diff = out.text();
+            diff.contains("+++ b/app/t0/config.yaml") && diff.contains("+++ b/app/t1/config.yaml")
+        },
+    );
+    watch.kill();
+}
