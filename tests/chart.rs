@@ -10,12 +10,13 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{Running, eventually, free_addr, http_get, kubectl, stderr};
+use common::{
+    Running, eventually, free_addr, http_get, kubectl, kubectl_ok, kubectl_stdin, stderr,
+};
 use serde_json::Value;
 
 fn chart() -> PathBuf {
@@ -50,29 +51,6 @@ fn ok(out: Output, what: &str) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn kubectl_ok(args: &[&str]) -> String {
-    ok(kubectl(args), &format!("kubectl {args:?}"))
-}
-
-/// kubectl with `yaml` on its standard input.
-fn kubectl_stdin(args: &[&str], yaml: &str) -> Output {
-    let mut child = kiln_testenv::cluster()
-        .kubectl()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 fn apply(yaml: &str) {

@@ -14,37 +14,12 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Running, eventually, free_addr, http_get, kubectl, metric, stderr};
+use common::{Running, eventually, free_addr, http_get, kubectl, kubectl_ok, metric, stderr};
 use serde_json::Value;
-
-fn kubectl_ok(args: &[&str]) -> String {
-    let out = kubectl(args);
-    assert!(out.status.success(), "kubectl {args:?}: {}", stderr(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `kubectl apply` of a YAML text.
 fn apply(yaml: &str) {
-    let mut child = kiln_testenv::cluster()
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl apply: {}\n{yaml}",
-        stderr(&out)
-    );
+    common::kubectl_apply(yaml);
 }
 
 fn get(namespace: &str, kind: &str, name: &str) -> Option<Value> {

@@ -717,6 +717,28 @@ fn diff_exit_code_follows_the_branch() {
         "a missing branch differs: {}",
         stderr(&output)
     );
+    // One line per file, lines added and removed, and the totals.
+    let stat = stdout(&output);
+    let config_line = stat
+        .lines()
+        .find(|l| l.trim_start().starts_with("web/acme/config.yaml "))
+        .unwrap_or_else(|| panic!("no line for web/acme/config.yaml: {stat}"));
+    let (_, counts) = config_line.split_once(" | ").unwrap();
+    let (count, bar) = counts.trim_start().split_once(' ').unwrap();
+    let added: usize = count.parse().unwrap();
+    assert!(
+        added > 0 && bar == "+".repeat(added.min(40)),
+        "{config_line}"
+    );
+    let files = stat.lines().count() - 1;
+    assert!(
+        stat.lines()
+            .last()
+            .unwrap()
+            .starts_with(&format!(" {files} files changed, ")),
+        "{stat}"
+    );
+    assert!(stat.contains(" 0 deletions(-)"), "{stat}");
     assert_eq!(render(&project, &repo, &[]).status.code(), Some(0));
     let output = diff("unified");
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));

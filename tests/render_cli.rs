@@ -10,11 +10,7 @@ use std::process::Output;
 
 mod common;
 
-use common::kiln;
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
+use common::{kiln, stderr, stdout};
 
 /// Writes `files` (path, content) under a new temporary directory.
 fn project(files: &[(&str, &str)]) -> tempfile::TempDir {
@@ -708,4 +704,64 @@ fn a_render_has_an_output_budget_per_blueprint() {
     let output = render_out(dir.path(), &out, &["--max-render-bytes", "1000000"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(read_tree(&out).contains_key("web/globex/config.yaml"));
+}
+
+#[test]
+fn blueprints_are_selected_by_flag_by_pipeline_and_by_a_pipelines_list() {
+    let api = blueprint(CONFIG_MAP)
+        .replace("name: web", "name: api")
+        .replace("name: cfg", "name: api-cfg");
+    let dir = project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        ("web.yaml", &blueprint(CONFIG_MAP)),
+        ("api.yaml", &api),
+    ]);
+    let d = dir.path().to_str().unwrap();
+    // Which blueprints' objects a render printed.
+    let rendered = |extra: &[&str]| {
+        let mut args = vec!["render", "-f", d];
+        args.extend_from_slice(extra);
+        let out = kiln(&args);
+        assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+        let text = stdout(&out);
+        let mut found: Vec<&str> = ["web", "api"]
+            .into_iter()
+            .filter(|b| text.contains(&format!("kiln.dev/blueprint: {b}")))
+            .collect();
+        found.sort_unstable();
+        found
+    };
+    assert_eq!(rendered(&[]), ["api", "web"]);
+    assert_eq!(rendered(&["--blueprint", "api"]), ["api"]);
+    assert_eq!(rendered(&["--blueprint", "web"]), ["web"]);
+    let out = kiln(&["render", "-f", d, "--blueprint", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--blueprint nope"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Pipelines name their blueprints; --pipeline picks one.
+    std::fs::write(
+        dir.path().join("pipelines.yaml"),
+        "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: front}\nspec: {blueprints: [web]}\n---\n\
+         apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: back}\nspec: {blueprints: [api]}\n",
+    )
+    .unwrap();
+    assert_eq!(rendered(&["--pipeline", "front"]), ["web"]);
+    assert_eq!(rendered(&["--pipeline", "back"]), ["api"]);
+    // --blueprint wins over the Pipeline's list.
+    assert_eq!(
+        rendered(&["--pipeline", "front", "--blueprint", "api"]),
+        ["api"]
+    );
+    // One Pipeline: its list applies without --pipeline.
+    std::fs::write(
+        dir.path().join("pipelines.yaml"),
+        "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {name: back}\nspec: {blueprints: [api]}\n",
+    )
+    .unwrap();
+    assert_eq!(rendered(&[]), ["api"]);
 }

@@ -49,6 +49,22 @@ impl Captured {
     }
 }
 
+/// `kiln watch -f CONFIG ARGS…` running, with what it prints (stdout,
+/// stderr) captured as it comes.
+fn watch(config: &Path, args: &[&str]) -> (Running, Captured, Captured) {
+    let mut child = common::kiln_command()
+        .args(["watch", "-f"])
+        .arg(config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Captured::follow(child.stdout.take().unwrap());
+    let err = Captured::follow(child.stderr.take().unwrap());
+    (Running::new(child), out, err)
+}
+
 const TEMPLATE: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: \"plan-{{ key }}\"}\ndata:\n  plan: {{ row.plan | quote }}\n";
 
 /// Writes `text` the way many editors save: to a file beside, renamed over.
@@ -72,16 +88,7 @@ fn watch_shows_each_saved_change_and_survives_a_broken_template() {
          spec:\n  source: rows\n  namespace: \"t-{{ key }}\"\n  resources:\n  - id: plan\n    templateFile: templates/plan.yaml.j2\n",
     )
     .unwrap();
-    let mut child = common::kiln_command()
-        .args(["watch", "-f"])
-        .arg(dir.path().join("kiln.yaml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Captured::follow(child.stdout.take().unwrap());
-    let err = Captured::follow(child.stderr.take().unwrap());
-    let mut watch = Running::new(child);
+    let (mut watch, out, err) = watch(&dir.path().join("kiln.yaml"), &[]);
     eventually("the first render", Duration::from_secs(30), || {
         err.text().contains("rendered 2 objects")
     });
@@ -182,19 +189,10 @@ fn watch_compares_with_a_rendered_directory_and_one_instance() {
         rendered.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", common::stderr(&out));
-    let mut child = common::kiln_command()
-        .args(["watch", "-f"])
-        .arg(&config)
-        .arg("--against")
-        .arg(&rendered)
-        .args(["--instance", "t1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Captured::follow(child.stdout.take().unwrap());
-    let err = Captured::follow(child.stderr.take().unwrap());
-    let mut watch = Running::new(child);
+    let (mut watch, out, err) = watch(
+        &config,
+        &["--against", rendered.to_str().unwrap(), "--instance", "t1"],
+    );
     eventually("the first comparison", Duration::from_secs(30), || {
         err.text().contains("no change")
     });
@@ -350,19 +348,17 @@ fn watch_compares_with_a_branch() {
         "prod",
     ]);
     assert!(out.status.success(), "{}", common::stderr(&out));
-    let mut child = common::kiln_command()
-        .args(["watch", "-f"])
-        .arg(&config)
-        .arg("--git")
-        .arg(&repo)
-        .args(["--branch", "rendered", "--path", "prod"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = Captured::follow(child.stdout.take().unwrap());
-    let err = Captured::follow(child.stderr.take().unwrap());
-    let mut watch = Running::new(child);
+    let (mut watch, out, err) = watch(
+        &config,
+        &[
+            "--git",
+            repo.to_str().unwrap(),
+            "--branch",
+            "rendered",
+            "--path",
+            "prod",
+        ],
+    );
     eventually("the branch matches", Duration::from_secs(30), || {
         err.text().contains("no change against rendered")
     });

@@ -89,6 +89,42 @@ pub fn kubectl(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// kubectl, which must succeed; its stdout.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(out.status.success(), "kubectl {args:?}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// kubectl with `input` on its standard input.
+pub fn kubectl_stdin(args: &[&str], input: &str) -> Output {
+    let mut child = kiln_testenv::cluster()
+        .kubectl()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `kubectl apply` of a YAML text, which must succeed.
+pub fn kubectl_apply(yaml: &str) {
+    let out = kubectl_stdin(&["apply", "-f", "-"], yaml);
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}\n{yaml}",
+        stderr(&out)
+    );
+}
+
 /// Waits for `check` to hold, polling every 200 ms; panics after `limit`.
 pub fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
