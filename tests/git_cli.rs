@@ -351,12 +351,40 @@ fn a_killed_render_leaves_the_repository_as_it_was() {
     let project = Project::new(&[("acme", 1)], false);
     let output = render(&project, &repo, &[]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let before = git(&repo, &["rev-parse", "rendered"]);
-    let mut many = tenants(3000);
-    many.push(("acme".to_string(), 1));
-    project.rows(&as_refs(&many));
-    for delay in [5u64, 40, 120, 300] {
+    // What the object database holds: a kill after Kiln began writing
+    // objects changes it, even when the branch stays where it was.
+    let objects = || {
+        let mut files = Vec::new();
+        let mut dirs = vec![repo.join("objects")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    files.push((path, entry.metadata().map(|m| m.len()).unwrap_or(0)));
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+    // Kill at a moment that moves until it lands after the render began
+    // writing objects: later when a kill came too early, earlier when the
+    // render had finished. Every attempt changes every tenant, so there is
+    // always something to write.
+    let (mut early, mut late) = (0u64, None::<u64>);
+    let mut delay = 300u64;
+    let mut killed_while_writing = false;
+    for attempt in 0..20u32 {
+        let many: Vec<(String, u32)> = (0..3000)
+            .map(|i| (format!("t{i:03}"), attempt + 2))
+            .chain([("acme".to_string(), 1)])
+            .collect();
+        project.rows(&as_refs(&many));
         let _ = std::fs::remove_file(project.path().join("tenants.db"));
+        let before = git(&repo, &["rev-parse", "rendered"]);
+        let written_before = objects();
         let mut child = common::kiln_command()
             .args([
                 "render",
@@ -374,17 +402,34 @@ fn a_killed_render_leaves_the_repository_as_it_was() {
         let _ = child.kill();
         let status = child.wait().unwrap();
         let tip = git(&repo, &["rev-parse", "rendered"]);
-        if status.success() {
-            // Fast enough to finish: then the commit is whole.
-            assert_ne!(tip, before);
+        git(&repo, &["fsck", "--strict", "--no-dangling"]);
+        if status.success() || tip != before {
+            // It moved the branch before the kill (it may have been killed
+            // while it reported): then the commit is whole, every tenant in it.
+            assert_ne!(tip, before, "a render that succeeded committed nothing");
+            let files = git(&repo, &["ls-tree", "-r", "--name-only", "rendered"]);
+            assert_eq!(
+                files
+                    .lines()
+                    .filter(|f| f.ends_with("/config.yaml"))
+                    .count(),
+                3001
+            );
+            late = Some(delay);
+            delay = (early + delay) / 2;
+            continue;
+        }
+        if objects() != written_before {
+            killed_while_writing = true;
             break;
         }
-        assert_eq!(
-            tip, before,
-            "a killed render moved the branch (after {delay} ms)"
-        );
-        git(&repo, &["fsck", "--strict", "--no-dangling"]);
+        early = delay;
+        delay = late.map_or(delay * 2, |late| (delay + late).div_ceil(2));
     }
+    assert!(
+        killed_while_writing,
+        "no kill landed after the render began writing objects (last delay {delay} ms)"
+    );
     let _ = std::fs::remove_file(project.path().join("tenants.db"));
     let output = render(&project, &repo, &[]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
