@@ -301,6 +301,20 @@ fn push_goes_to_a_file_remote_and_refuses_non_fast_forwards() {
 
 #[test]
 fn concurrent_renders_on_one_branch_lose_no_commit() {
+    // Four renders race for one branch; the race must make at least one
+    // of them see the branch move and retry (its log says so). A round in
+    // which they happened to take turns runs again.
+    for round in 1..=5 {
+        if race_four_renders() {
+            return;
+        }
+        eprintln!("round {round}: no render had to retry; again");
+    }
+    panic!("in five rounds no render saw the branch move under it");
+}
+
+/// Four renders into one branch at once; whether one of them retried.
+fn race_four_renders() -> bool {
     let work = tempfile::tempdir().unwrap();
     let repo = bare_repo(work.path(), "repo.git");
     let projects: Vec<Project> = (0..4)
@@ -321,15 +335,18 @@ fn concurrent_renders_on_one_branch_lose_no_commit() {
                     "rendered",
                 ])
                 .args(["--path", &format!("cluster-{i}")])
+                .env("KILN_LOG", "info")
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .map(common::Running::new)
                 .unwrap()
         })
         .collect();
+    let mut retried = false;
     for mut child in children {
         let output = child.wait();
         assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        retried |= stderr(&output).contains("the branch moved during the");
     }
     assert_eq!(commits(&repo), 4, "every render's commit is on the branch");
     for i in 0..4 {
@@ -342,6 +359,7 @@ fn concurrent_renders_on_one_branch_lose_no_commit() {
         );
     }
     git(&repo, &["fsck", "--strict"]);
+    retried
 }
 
 #[test]
