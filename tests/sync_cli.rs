@@ -93,6 +93,35 @@ impl Fixture {
         kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
+    /// `spawn`, logging at info into a file; returns the process and a
+    /// reader of what it logged so far.
+    fn spawn_logged(
+        &self,
+        command: &str,
+        extra: &[&str],
+    ) -> (Running, impl Fn() -> String + use<>) {
+        let log = self.path(&format!("{command}.log"));
+        let mut cmd = common::kiln_command();
+        cmd.arg(command);
+        if command == "apply" {
+            cmd.arg("--dir").arg(self.path("out"));
+        } else {
+            cmd.arg("-f").arg(self.path("cfg"));
+        }
+        let running = cmd
+            .args(self.cluster_args())
+            .args(extra)
+            .env("KILN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .map(Running::new)
+            .unwrap();
+        (running, move || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        })
+    }
+
     fn spawn(&self, command: &str, extra: &[&str]) -> Running {
         let mut cmd = common::kiln_command();
         cmd.arg(command);
@@ -398,11 +427,17 @@ fn ready_fixture(hint: &str, timeout: &str) -> Fixture {
 fn wait_for_ready_holds_dependents_until_the_deployment_is_available() {
     let f = ready_fixture("ready", "2m");
     let ns = f.ns("a");
-    let apply = f.spawn("apply", &[]);
-    eventually("the deployment", Duration::from_secs(30), || {
-        get(&ns, "deployment", "app").is_some()
-    });
-    std::thread::sleep(Duration::from_secs(2));
+    let (apply, logged) = f.spawn_logged("apply", &[]);
+    eventually(
+        "the wait for the deployment",
+        Duration::from_secs(30),
+        || {
+            logged().lines().any(|l| {
+                l.contains("waiting for readiness before its dependents")
+                    && l.contains("Deployment")
+            })
+        },
+    );
     assert!(
         get(&ns, "configmap", "after").is_none(),
         "a dependent went ahead of an unready deployment"
@@ -420,7 +455,7 @@ fn wait_for_ready_holds_dependents_until_the_deployment_is_available() {
         r#"{"status":{"observedGeneration":1,"replicas":1,"updatedReplicas":1,"readyReplicas":1,"availableReplicas":1}}"#,
     ]);
     let out = finish(apply);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "{}", logged());
     assert!(get(&ns, "configmap", "after").is_some());
 }
 
@@ -467,11 +502,13 @@ fn custom_resources_wait_for_their_crd_and_their_ready_condition() {
     f.render();
     let ns = f.ns("a");
     let widgets = format!("widgets.{group}");
-    let apply = f.spawn("apply", &[]);
-    eventually("the widget", Duration::from_secs(60), || {
-        get(&ns, &widgets, "w").is_some()
+    let (apply, logged) = f.spawn_logged("apply", &[]);
+    eventually("the wait for the widget", Duration::from_secs(60), || {
+        logged().lines().any(|l| {
+            l.contains("waiting for readiness before its dependents") && l.contains("Widget")
+        })
     });
-    std::thread::sleep(Duration::from_secs(2));
+    assert!(get(&ns, &widgets, "w").is_some());
     assert!(
         get(&ns, "configmap", "after").is_none(),
         "a dependent went ahead of an unready widget"
@@ -488,7 +525,7 @@ fn custom_resources_wait_for_their_crd_and_their_ready_condition() {
         r#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#,
     ]);
     let out = finish(apply);
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{}", logged());
     assert!(get(&ns, "configmap", "after").is_some());
 }
 
@@ -1063,14 +1100,15 @@ fn sync_without_git_refuses_a_mass_deletion_across_restarts() {
 
     // A long-running sync started in that state refuses pass after pass,
     // and keeps running.
-    let sync = f.spawn("sync", &[]);
-    std::thread::sleep(Duration::from_secs(4));
-    let out = stop(sync);
-    assert!(
-        stderr(&out).contains("refusing to remove 3 of 5 instances"),
-        "{}",
-        stderr(&out)
-    );
+    let (sync, logged) = f.spawn_logged("sync", &[]);
+    eventually("two refused passes", Duration::from_secs(30), || {
+        logged()
+            .matches("refusing to remove 3 of 5 instances")
+            .count()
+            >= 2
+    });
+    assert!(all.iter().all(|k| present(k)), "a refused sync deleted");
+    assert!(stop(sync).status.success(), "{}", logged());
     assert!(all.iter().all(|k| present(k)), "a refused sync deleted");
 
     // Every instance gone at once is refused whatever the threshold.
@@ -1371,21 +1409,27 @@ fn kilns_own_writes_start_no_pass_and_a_stop_is_one_line() {
     )
     .unwrap();
     let addr = free_addr();
-    let sync = f.spawn("sync", &["--metrics-addr", &addr]);
+    let (sync, logged) = f.spawn_logged("sync", &["--metrics-addr", &addr]);
     let passes = || metric(&addr, "kiln_apply_duration_seconds_count").unwrap_or(0.0) as u64;
     eventually("the first pass", Duration::from_secs(60), || passes() == 1);
     let ns = f.ns("a");
+    let own = "objects changed by Kiln's own writes; no pass";
+    let quiet_before = logged().matches(own).count();
     edit_greeting(&ns);
     // The source is not read for an hour: only the watch can put it back,
     // and it does at once.
     eventually("the edit put back", Duration::from_secs(5), || {
         get(&ns, "configmap", "config").unwrap()["data"]["greeting"] == "hello"
     });
-    // The correction's own write comes back as a watch event: it must not
-    // start a third pass.
-    std::thread::sleep(Duration::from_secs(3));
+    // The correction's own write comes back as a watch event, which the
+    // loop recognises (it says so) and which starts no third pass.
+    eventually(
+        "the correction's event seen",
+        Duration::from_secs(10),
+        || logged().matches(own).count() > quiet_before,
+    );
     assert_eq!(passes(), 2, "Kiln's own write started a pass");
-    stop(sync);
+    assert!(stop(sync).status.success(), "{}", logged());
 
     // A stop in the middle of an apply: no line per object left, one count.
     let many: String = (0..300)

@@ -91,8 +91,32 @@ fn a_second_apply_of_the_same_tree_writes_nothing() {
         "{}",
         stderr(&first)
     );
-    // Let the controllers finish with the new namespaces (service accounts).
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // The controllers finish with the new namespaces: each has its
+    // default ServiceAccount.
+    common::eventually(
+        "every namespace's default ServiceAccount",
+        std::time::Duration::from_secs(60),
+        || {
+            let out = cluster
+                .kubectl()
+                .args([
+                    "get",
+                    "serviceaccounts",
+                    "-A",
+                    "--field-selector",
+                    "metadata.name=default",
+                    "-o",
+                    "jsonpath={range .items[*]}{.metadata.namespace}{\"\\n\"}{end}",
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|ns| ns.starts_with(&format!("{prefix}-")))
+                .count()
+                == 20
+        },
+    );
 
     let before = writes(&resources);
     let second = apply();

@@ -386,6 +386,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         if news {
                             break;
                         }
+                        tracing::info!("objects changed by Kiln's own writes; no pass");
                     }
                     Some(first) = files_changed.recv() => {
                         // An editor writes a file in several steps.

@@ -603,6 +603,7 @@ async fn wait_ready(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(250);
     let mut object = current;
+    let mut said = false;
     loop {
         let why = match object.as_ref().map(health) {
             Some(Health::Ready) => return Ok(()),
@@ -610,6 +611,9 @@ async fn wait_ready(
             Some(Health::Progressing(why)) => why,
             None => "not found".to_string(),
         };
+        if !std::mem::replace(&mut said, true) {
+            tracing::info!(object = %desired.identity, %why, "waiting for readiness before its dependents");
+        }
         let now = tokio::time::Instant::now();
         if now >= deadline {
             return Err(format!(
