@@ -765,3 +765,96 @@ fn blueprints_are_selected_by_flag_by_pipeline_and_by_a_pipelines_list() {
     .unwrap();
     assert_eq!(rendered(&[]), ["api"]);
 }
+
+/// `kiln render -f DIR` (to stdout) with extra environment.
+fn render_with_env(dir: &Path, env: &[(&str, &str)]) -> Output {
+    let mut command = common::kiln_command();
+    command.args(["render", "-f", dir.to_str().unwrap()]);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn a_source_url_from_the_environment_is_read_and_its_absence_named() {
+    let source = SOURCE.replace("url: file:tenants.json", "urlFrom: {env: TENANTS_ROWS_URL}");
+    let dir = project(&[
+        ("source.yaml", &source),
+        ("rows.json", TENANTS),
+        ("bp.yaml", &blueprint(CONFIG_MAP)),
+    ]);
+    let out = render_with_env(dir.path(), &[("TENANTS_ROWS_URL", "file:rows.json")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("namespace: tenant-acme"),
+        "{}",
+        stdout(&out)
+    );
+    let out = render_with_env(dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let message = stderr(&out);
+    assert_eq!(message.trim_end().lines().count(), 1, "{message}");
+    assert!(
+        message.contains("TENANTS_ROWS_URL") && message.contains("tenants"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_seed_file_that_fails_leaves_no_database_behind() {
+    let source = "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {name: tenants}\n\
+                  spec: {url: \"sqlite:tenants.db\", seedFile: seed.sql, query: \"SELECT id, 'pro' AS plan FROM tenants\", key: id}\n";
+    let dir = project(&[
+        ("source.yaml", source),
+        (
+            "seed.sql",
+            "CREATE TABLE tenants (id TEXT);\nINSERT INTO tenants VALUES ('a');\nINSERT INTO nowhere VALUES (1);\n",
+        ),
+        ("bp.yaml", &blueprint(CONFIG_MAP)),
+    ]);
+    let out = render_with_env(dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(
+        message.contains("source tenants") && message.contains("nowhere"),
+        "{message}"
+    );
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tenants.db"))
+        .collect();
+    assert!(left.is_empty(), "a failed seed left {left:?}");
+    // Fixed, the next render creates it.
+    std::fs::write(
+        dir.path().join("seed.sql"),
+        "CREATE TABLE tenants (id TEXT);\nINSERT INTO tenants VALUES ('a');\n",
+    )
+    .unwrap();
+    let out = render_with_env(dir.path(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(dir.path().join("tenants.db").exists());
+}
+
+#[test]
+fn the_same_object_from_two_blueprints_is_an_error_naming_both() {
+    let fixed = CONFIG_MAP.replace(
+        "metadata: {name: cfg}",
+        "metadata: {name: \"cfg-{{ key }}\", namespace: shared}",
+    );
+    let other = blueprint(&fixed).replace("name: web", "name: api");
+    assert_refused(
+        &[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            ("web.yaml", &blueprint(&fixed)),
+            ("api.yaml", &other),
+        ],
+        &[
+            "ConfigMap shared/cfg-acme",
+            "blueprint web",
+            "blueprint api",
+        ],
+    );
+}
