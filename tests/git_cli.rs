@@ -1108,3 +1108,53 @@ fn a_render_killed_while_it_updates_a_checkout_is_repaired_by_the_next() {
     assert_eq!(git(&repo, &["status", "--porcelain"]), "");
     assert!(repo.join("out/web/t2999/config.yaml").exists());
 }
+
+#[test]
+fn the_author_comes_from_the_flag_else_the_environment_else_the_repository() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let project = Project::new(&[("acme", 1)], false);
+    let author = || git(&repo, &["log", "-1", "--format=%an <%ae>", "rendered"]);
+    let output = render(
+        &project,
+        &repo,
+        &["--author", "Ann Example <ann@example.com>"],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(author(), "Ann Example <ann@example.com>");
+
+    // GIT_AUTHOR_NAME and GIT_AUTHOR_EMAIL (the tests' own).
+    project.rows(&[("acme", 2)]);
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(author(), "Kiln Test <kiln@example.com>");
+
+    // Neither: the repository's user.name and user.email.
+    git(&repo, &["config", "user.name", "Repo Owner"]);
+    git(&repo, &["config", "user.email", "owner@example.com"]);
+    project.rows(&[("acme", 3)]);
+    let output = common::kiln_command()
+        .env_remove("GIT_AUTHOR_NAME")
+        .env_remove("GIT_AUTHOR_EMAIL")
+        .args([
+            "render",
+            "-f",
+            project.arg(),
+            "--git",
+            repo.to_str().unwrap(),
+            "--branch",
+            "rendered",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(author(), "Repo Owner <owner@example.com>");
+
+    // A malformed --author is refused before anything is written.
+    project.rows(&[("acme", 4)]);
+    let before = git(&repo, &["rev-parse", "rendered"]);
+    let output = render(&project, &repo, &["--author", "no email"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--author"), "{}", stderr(&output));
+    assert_eq!(git(&repo, &["rev-parse", "rendered"]), before);
+}
