@@ -858,3 +858,34 @@ fn the_same_object_from_two_blueprints_is_an_error_naming_both() {
         ],
     );
 }
+
+#[test]
+fn render_out_refuses_a_mass_deletion_and_keeps_the_directory() {
+    let dir = project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        ("bp.yaml", &blueprint(CONFIG_MAP)),
+    ]);
+    let out = dir.path().join("out");
+    let first = render_out(dir.path(), &out, &[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let before = read_tree(&out);
+    // Both active rows gone: every instance would be removed.
+    std::fs::write(
+        dir.path().join("tenants.json"),
+        r#"[{"id": "acme", "plan": "pro", "active": false}]"#,
+    )
+    .unwrap();
+    let refused = render_out(dir.path(), &out, &[]);
+    assert_eq!(refused.status.code(), Some(2));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("refusing to remove all 2 instances")
+            && message.contains("--allow-mass-delete"),
+        "{message}"
+    );
+    assert_eq!(read_tree(&out), before, "a refused render wrote");
+    let allowed = render_out(dir.path(), &out, &["--allow-mass-delete"]);
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+    assert!(!read_tree(&out).keys().any(|p| p.starts_with("web/acme/")));
+}
