@@ -720,6 +720,29 @@ fn secrets_are_refused_in_git_and_masked_in_diffs() {
         git(&repo, &["branch", "--list"]).is_empty(),
         "nothing committed"
     );
+    // `data` (base64) is plain text too.
+    let blueprint = project.path().join("blueprint.yaml");
+    let with_string_data = std::fs::read_to_string(&blueprint).unwrap();
+    std::fs::write(
+        &blueprint,
+        with_string_data.replace(
+            "stringData:\n        password: \"hunter{{ row.replicas }}\"",
+            "data:\n        password: aHVudGVyMg==",
+        ),
+    )
+    .unwrap();
+    assert_ne!(
+        std::fs::read_to_string(&blueprint).unwrap(),
+        with_string_data
+    );
+    let output = render(&project, &repo, &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("web/acme/credentials.yaml (row acme)"),
+        "{}",
+        stderr(&output)
+    );
+    std::fs::write(&blueprint, with_string_data).unwrap();
 
     assert_eq!(
         render(&project, &repo, &["--allow-plaintext-secrets"])
@@ -728,6 +751,22 @@ fn secrets_are_refused_in_git_and_masked_in_diffs() {
         Some(0)
     );
     project.rows(&[("acme", 2)]);
+    let output = kiln(&[
+        "diff",
+        "-f",
+        project.arg(),
+        "--git",
+        r,
+        "--branch",
+        "rendered",
+        "--format",
+        "stat",
+    ]);
+    let text = stdout(&output);
+    assert!(
+        text.contains("web/acme/credentials.yaml") && !text.contains("hunter"),
+        "{text}"
+    );
     for format in ["unified", "markdown", "json"] {
         let output = kiln(&[
             "diff",

@@ -889,3 +889,65 @@ fn render_out_refuses_a_mass_deletion_and_keeps_the_directory() {
     assert!(allowed.status.success(), "{}", stderr(&allowed));
     assert!(!read_tree(&out).keys().any(|p| p.starts_with("web/acme/")));
 }
+
+#[test]
+fn the_parallel_render_is_the_same_on_one_core_and_on_all_in_any_time_zone_and_locale() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::tenants(
+        dir.path(),
+        "det",
+        240,
+        "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: cfg}\n      data: {key: \"{{ key }}\", upper: \"{{ key | upper }}\", n: \"{{ loop is defined }}\"}\n",
+    );
+    let render = |out: &Path, one_core: bool, tz: &str, lang: &str| {
+        let mut command = if one_core {
+            // One CPU in the affinity mask: one render thread.
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", "0", env!("CARGO_BIN_EXE_kiln")]);
+            for (name, _) in std::env::vars_os() {
+                if name.to_string_lossy().starts_with("KILN_") {
+                    c.env_remove(name);
+                }
+            }
+            c
+        } else {
+            common::kiln_command()
+        };
+        let output = command
+            .args(["render", "-f"])
+            .arg(&config)
+            .arg("--out")
+            .arg(out)
+            .env("TZ", tz)
+            .env("LANG", lang)
+            .env("LC_ALL", lang)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        read_tree(out)
+    };
+    let one = render(&dir.path().join("one"), true, "UTC", "C");
+    let all = render(
+        &dir.path().join("all"),
+        false,
+        "Asia/Kolkata",
+        "de_DE.UTF-8",
+    );
+    let again = render(
+        &dir.path().join("again"),
+        false,
+        "America/St_Johns",
+        "tr_TR.UTF-8",
+    );
+    assert_eq!(
+        one.len(),
+        240 * 3 + 2,
+        "{:?}",
+        one.keys().take(5).collect::<Vec<_>>()
+    );
+    assert!(
+        one == all,
+        "one core and all cores rendered different trees"
+    );
+    assert!(all == again, "two renders on all cores differ");
+}
