@@ -1728,3 +1728,59 @@ fn an_object_the_schema_refuses_fails_at_once_without_retries() {
     // Server-Side Apply answers 500 for it; waiting would change nothing.
     assert!(!said.contains("retried"), "{said}");
 }
+
+#[test]
+fn ignored_fields_keep_their_live_values_when_the_object_is_written_again() {
+    let resources = |note: &str| {
+        [
+            NAMESPACE.to_string(),
+            deployment(
+                "    dependsOn: [namespace]\n    ignoreFields: [/spec/replicas]\n",
+                1,
+            )
+            .replace(
+                "metadata: {name: app}",
+                &format!("metadata: {{name: app, annotations: {{note: {note}}}}}"),
+            ),
+        ]
+        .concat()
+    };
+    let f = Fixture::new("ignore", "- {id: a}\n", &resources("first"));
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ns = f.ns("a");
+    // Someone (an autoscaler) scales it.
+    kubectl_ok(&["scale", "deployment", "app", "-n", &ns, "--replicas=3"]);
+    // The template changes: the object is written again, and the ignored
+    // field keeps its live value.
+    f.resources(&resources("second"));
+    f.render();
+    let out = f.apply(&["--format", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let updated: Vec<&Value> = report["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["status"] == "updated")
+        .collect();
+    assert_eq!(updated.len(), 1, "{report}");
+    assert!(
+        updated[0]["object"]
+            .as_str()
+            .unwrap()
+            .contains("Deployment"),
+        "{report}"
+    );
+    assert!(
+        report["summary"].as_str().unwrap().contains("updated 1"),
+        "{report}"
+    );
+    let live = get(&ns, "deployment", "app").unwrap();
+    assert_eq!(live["metadata"]["annotations"]["note"], "second");
+    assert_eq!(
+        live["spec"]["replicas"], 3,
+        "the ignored field was overwritten"
+    );
+}
