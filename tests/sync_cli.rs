@@ -112,7 +112,7 @@ impl Fixture {
             .args(self.cluster_args())
             .args(extra)
             .env("KILN_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .map(Running::new)
@@ -1783,4 +1783,166 @@ fn ignored_fields_keep_their_live_values_when_the_object_is_written_again() {
         live["spec"]["replicas"], 3,
         "the ignored field was overwritten"
     );
+}
+
+/// A resource `id` rendering `body` (the object's YAML, indented by six),
+/// waited for, and a ConfigMap `after-<id>` that depends on it.
+fn waited(id: &str, body: &str) -> String {
+    format!(
+        "  - id: {id}\n    dependsOn: [namespace]\n    waitForReady: true\n    timeout: 2m\n    template: |\n{body}{}",
+        config_map(
+            &format!("after-{id}"),
+            &format!("after-{id}"),
+            &format!("    dependsOn: [{id}]\n"),
+            "{}"
+        )
+    )
+}
+
+#[test]
+fn readiness_of_each_built_in_kind_holds_its_dependents_until_the_api_server_says_so() {
+    let pod = "        selector: {matchLabels: {app: w}}\n        template:\n          metadata: {labels: {app: w}}\n          spec: {containers: [{name: w, image: nginx}]}\n";
+    let resources = [
+        NAMESPACE.to_string(),
+        waited(
+            "sts",
+            &format!("      apiVersion: apps/v1\n      kind: StatefulSet\n      metadata: {{name: sts}}\n      spec:\n        replicas: 1\n        serviceName: sts\n{pod}"),
+        ),
+        waited(
+            "ds",
+            &format!("      apiVersion: apps/v1\n      kind: DaemonSet\n      metadata: {{name: ds}}\n      spec:\n{pod}"),
+        ),
+        waited(
+            "pvc",
+            "      apiVersion: v1\n      kind: PersistentVolumeClaim\n      metadata: {name: pvc}\n      spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n",
+        ),
+        waited(
+            "done",
+            "      apiVersion: batch/v1\n      kind: Job\n      metadata: {name: done}\n      spec:\n        template:\n          spec: {restartPolicy: Never, containers: [{name: j, image: busybox}]}\n",
+        ),
+        waited(
+            "broken",
+            "      apiVersion: batch/v1\n      kind: Job\n      metadata: {name: broken}\n      spec:\n        template:\n          spec: {restartPolicy: Never, containers: [{name: j, image: busybox}]}\n",
+        ),
+        waited(
+            "lb",
+            "      apiVersion: v1\n      kind: Service\n      metadata: {name: lb}\n      spec: {type: LoadBalancer, ports: [{port: 80}], selector: {app: w}}\n",
+        ),
+    ]
+    .concat();
+    let f = Fixture::new("kinds", "- {id: a}\n", &resources);
+    f.render();
+    let ns = f.ns("a");
+    let (apply, logged) = f.spawn_logged("apply", &[]);
+    for kind in [
+        "StatefulSet",
+        "DaemonSet",
+        "PersistentVolumeClaim",
+        "Job",
+        "Service",
+    ] {
+        eventually(
+            &format!("the wait for the {kind}"),
+            Duration::from_secs(60),
+            || {
+                logged().lines().any(|l| {
+                    l.contains("waiting for readiness before its dependents") && l.contains(kind)
+                })
+            },
+        );
+    }
+    for id in ["sts", "ds", "pvc", "done", "broken", "lb"] {
+        assert!(
+            get(&ns, "configmap", &format!("after-{id}")).is_none(),
+            "the dependent of {id} went ahead"
+        );
+    }
+    // No controller runs in the test cluster: say what each would.
+    let status = |kind: &str, name: &str, status: &str| {
+        kubectl_ok(&[
+            "patch",
+            kind,
+            name,
+            "-n",
+            &ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!("{{\"status\": {status}}}"),
+        ]);
+    };
+    let now = "2026-01-01T00:00:00Z";
+    status(
+        "statefulset",
+        "sts",
+        r#"{"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "currentReplicas": 1, "availableReplicas": 1}"#,
+    );
+    status(
+        "daemonset",
+        "ds",
+        r#"{"observedGeneration": 1, "desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberReady": 1, "updatedNumberScheduled": 1, "numberAvailable": 1, "numberMisscheduled": 0}"#,
+    );
+    status("persistentvolumeclaim", "pvc", r#"{"phase": "Bound"}"#);
+    status(
+        "service",
+        "lb",
+        r#"{"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}"#,
+    );
+    status(
+        "job",
+        "done",
+        &format!(
+            r#"{{"startTime": "{now}", "completionTime": "{now}", "succeeded": 1, "conditions": [{{"type": "SuccessCriteriaMet", "status": "True"}}, {{"type": "Complete", "status": "True"}}]}}"#
+        ),
+    );
+    status(
+        "job",
+        "broken",
+        &format!(
+            r#"{{"startTime": "{now}", "failed": 1, "conditions": [{{"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded", "message": "the job ran out of retries"}}, {{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "the job ran out of retries"}}]}}"#
+        ),
+    );
+    let out = finish(apply);
+    assert_eq!(out.status.code(), Some(2), "{}", logged());
+    for id in ["sts", "ds", "pvc", "done", "lb"] {
+        assert!(
+            get(&ns, "configmap", &format!("after-{id}")).is_some(),
+            "the dependent of a ready {id} was not applied: {}",
+            logged()
+        );
+    }
+    assert!(get(&ns, "configmap", "after-broken").is_none());
+    let report = stdout(&out);
+    assert!(report.contains("the job ran out of retries"), "{report}");
+    assert!(
+        report.contains("skipped ConfigMap") && report.contains("after-broken"),
+        "{report}"
+    );
+}
+
+#[test]
+fn sigterm_during_a_held_readiness_wait_stops_at_once_without_the_dependents() {
+    // Ten minutes of patience: a stop that waited for it would outlast the
+    // process guard's two minutes and fail the test.
+    let f = ready_fixture("heldstop", "10m");
+    let ns = f.ns("a");
+    let (sync, logged) = f.spawn_logged("sync", &[]);
+    eventually(
+        "the wait for the deployment",
+        Duration::from_secs(60),
+        || {
+            logged().lines().any(|l| {
+                l.contains("waiting for readiness before its dependents")
+                    && l.contains("Deployment")
+            })
+        },
+    );
+    sync.signal_term();
+    let out = finish(sync);
+    assert!(out.status.success(), "{}", logged());
+    assert!(
+        get(&ns, "configmap", "after").is_none(),
+        "a dependent was written after the stop"
+    );
+    assert!(get(&ns, "deployment", "app").is_some());
 }

@@ -571,16 +571,41 @@ async fn run_step(
             );
         }
     }
-    if step.wait
-        && let Err(why) = wait_ready(cluster, &kind, desired, current).await
-    {
-        let why = match status {
-            Status::Unchanged => why,
-            written => format!("{} but {why}", written.verb()),
-        };
-        return outcome(Status::Failed, why);
+    if step.wait {
+        match wait_ready(cluster, &kind, desired, current, stop.clone()).await {
+            Ok(Waited::Ready) => {}
+            // Its dependents wait for the next pass.
+            Ok(Waited::Stopped) => {
+                return outcome(Status::Stopped, "stopped while waiting for readiness".into());
+            }
+            Err(why) => {
+                let why = match status {
+                    Status::Unchanged => why,
+                    written => format!("{} but {why}", written.verb()),
+                };
+                return outcome(Status::Failed, why);
+            }
+        }
     }
     outcome(status, String::new())
+}
+
+/// Resolves once `stop` turns true; never when no one can stop Kiln any
+/// more (the sender is gone).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// How a wait for readiness ended, when not in failure.
+enum Waited {
+    Ready,
+    /// Kiln is stopping (SIGTERM, a lost Lease): a wait of minutes is not
+    /// a write in flight, and ends at once.
+    Stopped,
 }
 
 /// Ignored fields keep their live values, so that Kiln does not fight the
@@ -598,7 +623,8 @@ async fn wait_ready(
     kind: &Kind,
     desired: &Desired,
     current: Option<Value>,
-) -> std::result::Result<(), String> {
+    mut stop: watch::Receiver<bool>,
+) -> std::result::Result<Waited, String> {
     let timeout = desired.policies.timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(250);
@@ -606,7 +632,7 @@ async fn wait_ready(
     let mut said = false;
     loop {
         let why = match object.as_ref().map(health) {
-            Some(Health::Ready) => return Ok(()),
+            Some(Health::Ready) => return Ok(Waited::Ready),
             Some(Health::Failed(why)) => return Err(format!("not healthy: {why}")),
             Some(Health::Progressing(why)) => why,
             None => "not found".to_string(),
@@ -621,7 +647,13 @@ async fn wait_ready(
                 kiln_render::policy::format_duration(timeout)
             ));
         }
-        tokio::time::sleep(delay.min(deadline - now)).await;
+        if *stop.borrow() {
+            return Ok(Waited::Stopped);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay.min(deadline - now)) => {}
+            _ = stopping(&mut stop) => return Ok(Waited::Stopped),
+        }
         delay = (delay * 2).min(Duration::from_secs(2));
         object = cluster
             .get(kind, &desired.identity.namespace, &desired.identity.name)
