@@ -110,3 +110,89 @@ async fn sqlite_postgres_and_mariadb_render_identical_trees() {
     assert_eq!(sqlite, postgres, "SQLite and PostgreSQL differ");
     assert_eq!(sqlite, mariadb, "SQLite and MariaDB differ");
 }
+
+/// The rows of `query` on `url`, as the source reads them.
+async fn rows_of(
+    url: &str,
+    query: &str,
+) -> kiln_render::Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("source.yaml"),
+        format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: db}}\nspec:\n  url: \"{url}\"\n  query: \"{query}\"\n  key: id\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("blueprint.yaml"),
+        "apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {name: b}\nspec:\n  source: db\n  resources:\n  - {id: x, template: \"\"}\n",
+    )
+    .unwrap();
+    let config = Config::load(&[dir.path().to_path_buf()]).unwrap();
+    let blueprints = render::compile(&config, &[]).unwrap();
+    let rows = render::read_sources(&blueprints, &config, None, None).await?;
+    Ok(rows["db"].iter().map(|r| r.values.clone()).collect())
+}
+
+#[tokio::test]
+async fn each_postgres_column_type_reads_as_the_readme_says_and_others_name_their_column() {
+    let url = kiln_testenv::postgres().database("types").await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE t (id INT, price NUMERIC(10,2), doc JSONB, at TIMESTAMPTZ, local TIMESTAMP, day DATE, clock TIME, uid UUID, flag BOOLEAN, size SMALLINT, big BIGINT, ratio REAL, kind CHAR(3), where_at POINT);
+         INSERT INTO t VALUES (1, 12.5, '{\"a\": [1, true]}', '2024-05-01 14:00:00+02', '2024-05-01 12:00:00', '2024-05-01', '12:00:00', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', TRUE, 7, 9007199254740993, 0.25, 'abc', '(1,2)');",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let rows = rows_of(
+        &url,
+        "SELECT id, price, doc, at, local, day, clock, uid, flag, size, big, ratio, kind FROM t",
+    )
+    .await
+    .unwrap();
+    let row = serde_json::Value::Object(rows[0].clone());
+    let expected = serde_json::json!({
+        "id": 1, "price": "12.50", "doc": {"a": [1, true]}, "at": "2024-05-01T12:00:00Z",
+        "local": "2024-05-01T12:00:00", "day": "2024-05-01", "clock": "12:00:00",
+        "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "flag": true, "size": 7,
+        "big": 9007199254740993_i64, "ratio": 0.25, "kind": "abc",
+    });
+    assert_eq!(row, expected);
+    let error = rows_of(&url, "SELECT id, where_at FROM t")
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("where_at") && message.contains("source db"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn each_mariadb_column_type_reads_as_the_readme_says() {
+    let url = kiln_testenv::mariadb().database("types").await.unwrap();
+    let mut conn = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE t (id INT, price DECIMAL(10,2), doc JSON, at TIMESTAMP NULL, local DATETIME, day DATE, clock TIME, flag BOOLEAN, kind ENUM('gold', 'silver'), note VARCHAR(10));
+         INSERT INTO t VALUES (1, 12.5, '{\"a\": 1}', '2024-05-01 12:00:00', '2024-05-01 12:00:00', '2024-05-01', '12:00:00', TRUE, 'gold', NULL);",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let rows = rows_of(
+        &url,
+        "SELECT id, price, doc, at, local, day, clock, flag, kind, note FROM t",
+    )
+    .await
+    .unwrap();
+    let row = serde_json::Value::Object(rows[0].clone());
+    // MariaDB keeps JSON as text (use from_json); TIMESTAMP is UTC.
+    let expected = serde_json::json!({
+        "id": 1, "price": "12.50", "doc": "{\"a\": 1}", "at": "2024-05-01T12:00:00Z",
+        "local": "2024-05-01T12:00:00", "day": "2024-05-01", "clock": "12:00:00",
+        "flag": true, "kind": "gold", "note": null,
+    });
+    assert_eq!(row, expected);
+}

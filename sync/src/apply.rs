@@ -576,7 +576,10 @@ async fn run_step(
             Ok(Waited::Ready) => {}
             // Its dependents wait for the next pass.
             Ok(Waited::Stopped) => {
-                return outcome(Status::Stopped, "stopped while waiting for readiness".into());
+                return outcome(
+                    Status::Stopped,
+                    "stopped while waiting for readiness".into(),
+                );
             }
             Err(why) => {
                 let why = match status {
