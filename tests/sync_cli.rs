@@ -1946,3 +1946,72 @@ fn sigterm_during_a_held_readiness_wait_stops_at_once_without_the_dependents() {
     );
     assert!(get(&ns, "deployment", "app").is_some());
 }
+
+#[test]
+fn drift_cluster_masks_secrets_and_names_what_is_no_longer_wanted() {
+    let secret = "  - id: creds\n    dependsOn: [namespace]\n    template: |\n      apiVersion: v1\n      kind: Secret\n      metadata: {name: creds}\n      stringData: {password: hunter2}\n";
+    let resources = |with_config: bool| {
+        let mut r = format!("{NAMESPACE}{secret}");
+        if with_config {
+            r.push_str(&config_map(
+                "config",
+                "config",
+                "    dependsOn: [namespace]\n",
+                "{greeting: hello}",
+            ));
+        }
+        r
+    };
+    let f = Fixture::new("maskdrift", "- {id: a}\n", &resources(true));
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ns = f.ns("a");
+    // "stolen", base64.
+    kubectl_ok(&[
+        "patch",
+        "secret",
+        "creds",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"password":"c3RvbGVu"}}"#,
+    ]);
+    let drift = || {
+        let mut args = vec![
+            "drift".to_string(),
+            "--cluster".into(),
+            "--exit-code".into(),
+            "--dir".into(),
+            f.path("out").display().to_string(),
+        ];
+        args.extend(f.cluster_args());
+        kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = drift();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        text.contains("Secret") && text.contains("(masked"),
+        "{text}"
+    );
+    for value in ["hunter2", "stolen", "c3RvbGVu", "aHVudGVyMg=="] {
+        assert!(
+            !text.contains(value),
+            "drift --cluster shows {value}: {text}"
+        );
+    }
+    // The ConfigMap leaves the tree: in the inventory and the cluster, it
+    // is unwanted until an apply prunes it.
+    f.resources(&resources(false));
+    f.render();
+    let out = drift();
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("unwanted ConfigMap") && l.contains("no longer in the tree")),
+        "{text}"
+    );
+}
