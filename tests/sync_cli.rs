@@ -2015,3 +2015,80 @@ fn drift_cluster_masks_secrets_and_names_what_is_no_longer_wanted() {
         "{text}"
     );
 }
+
+#[test]
+fn a_failed_apply_postpones_prune_until_an_apply_succeeds() {
+    let resources = |old: bool, force: bool, greeting: &str| {
+        let mut r = NAMESPACE.to_string();
+        if old {
+            r.push_str(&config_map(
+                "old",
+                "old",
+                "    dependsOn: [namespace]\n",
+                "{a: b}",
+            ));
+        }
+        let policy = if force {
+            "    conflictPolicy: Force\n"
+        } else {
+            ""
+        };
+        r.push_str(&config_map(
+            "taken",
+            "taken",
+            &format!("    dependsOn: [namespace]\n{policy}"),
+            &format!("{{greeting: {greeting}}}"),
+        ));
+        r
+    };
+    let f = Fixture::new("postpone", "- {id: a}\n", &resources(true, false, "ours"));
+    f.render();
+    assert!(f.apply(&[]).status.success());
+    let ns = f.ns("a");
+    // Someone else takes the field: Kiln's next write of it conflicts.
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "taken",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"theirs"}}"#,
+    ]);
+    f.resources(&resources(false, false, "ours again"));
+    f.render();
+    let out = f.apply(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("failed ConfigMap"),
+        "{}",
+        stdout(&out)
+    );
+    // A failed apply may be half a rename: what left the tree stays.
+    assert!(
+        get(&ns, "configmap", "old").is_some(),
+        "pruned after a failure"
+    );
+    let inventory = kubectl(&[
+        "get",
+        "configmaps",
+        "-n",
+        "kiln-system",
+        "-l",
+        &format!("kiln.dev/inventory-of={}", f.prefix),
+        "-o",
+        "jsonpath={.items[*].data.entries}",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&inventory.stdout).contains("\told\t"),
+        "the inventory forgot it"
+    );
+    // Once an apply succeeds, it is pruned.
+    f.resources(&resources(false, true, "ours again"));
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(has_count(&stderr(&out), "pruned", 1), "{}", stderr(&out));
+    assert!(get(&ns, "configmap", "old").is_none());
+}
