@@ -1197,3 +1197,42 @@ fn the_author_comes_from_the_flag_else_the_environment_else_the_repository() {
     assert!(stderr(&output).contains("--author"), "{}", stderr(&output));
     assert_eq!(git(&repo, &["rev-parse", "rendered"]), before);
 }
+
+#[test]
+fn a_rollback_pin_travels_with_git_push() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = bare_repo(work.path(), "repo.git");
+    let project = Project::new(&[("acme", 1)], false);
+    assert_eq!(render(&project, &repo, &[]).status.code(), Some(0));
+    let first = git(&repo, &["rev-parse", "rendered"]);
+    project.rows(&[("acme", 2)]);
+    assert_eq!(render(&project, &repo, &[]).status.code(), Some(0));
+    let output = kiln(&[
+        "rollback",
+        "--git",
+        repo.to_str().unwrap(),
+        "--branch",
+        "rendered",
+        "--to",
+        &first,
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    // Pushed with the git CLI to another repository: the pin is in the
+    // commit, so a render there is refused too.
+    let mirror = bare_repo(work.path(), "mirror.git");
+    git(&repo, &["push", "-q", mirror.to_str().unwrap(), "rendered"]);
+    project.rows(&[("acme", 3)]);
+    let output = render(&project, &mirror, &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("pinned"), "{}", stderr(&output));
+    // And resumed there, it renders.
+    let output = kiln(&[
+        "resume",
+        "--git",
+        mirror.to_str().unwrap(),
+        "--branch",
+        "rendered",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(render(&project, &mirror, &[]).status.code(), Some(0));
+}
