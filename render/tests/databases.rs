@@ -116,11 +116,20 @@ async fn rows_of(
     url: &str,
     query: &str,
 ) -> kiln_render::Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    rows_with(url, query, "").await
+}
+
+/// [`rows_of`] with more lines of the Source's spec.
+async fn rows_with(
+    url: &str,
+    query: &str,
+    spec: &str,
+) -> kiln_render::Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("source.yaml"),
         format!(
-            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: db}}\nspec:\n  url: \"{url}\"\n  query: \"{query}\"\n  key: id\n"
+            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: db}}\nspec:\n  url: \"{url}\"\n  query: \"{query}\"\n  key: id\n{spec}"
         ),
     )
     .unwrap();
@@ -195,4 +204,21 @@ async fn each_mariadb_column_type_reads_as_the_readme_says() {
         "flag": true, "kind": "gold", "note": null,
     });
     assert_eq!(row, expected);
+}
+
+#[tokio::test]
+async fn a_query_slower_than_the_source_timeout_fails_naming_the_source() {
+    let url = kiln_testenv::postgres().database("timeout").await.unwrap();
+    let error = rows_with(&url, "SELECT 1 AS id, pg_sleep(30)", "  timeout: 1s\n")
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("source db") && message.contains("1s"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("kiln:"),
+        "no password or user in {message}"
+    );
 }
