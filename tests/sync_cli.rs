@@ -2092,3 +2092,46 @@ fn a_failed_apply_postpones_prune_until_an_apply_succeeds() {
     assert!(has_count(&stderr(&out), "pruned", 1), "{}", stderr(&out));
     assert!(get(&ns, "configmap", "old").is_none());
 }
+
+#[test]
+fn sync_with_git_refuses_a_mass_deletion_before_committing_or_deleting() {
+    let f = Fixture::new(
+        "gitguard",
+        "- {id: a}\n- {id: b}\n- {id: c}\n- {id: d}\n- {id: e}\n",
+        &greeting_resources(),
+    );
+    let repo = f.path("repo.git");
+    common::git(
+        f.dir.path(),
+        &["init", "-q", "--bare", repo.to_str().unwrap()],
+    );
+    let sync = || {
+        sync_once(
+            &f,
+            &["--git", repo.to_str().unwrap(), "--branch", "rendered"],
+        )
+    };
+    let out = sync();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tip = common::git(&repo, &["rev-parse", "rendered"]);
+    // A source that suddenly returns two of five rows.
+    f.rows("- {id: a}\n- {id: b}\n");
+    let out = sync();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refusing to remove 3 of 5 instances"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        common::git(&repo, &["rev-parse", "rendered"]),
+        tip,
+        "a refused render committed"
+    );
+    for key in ["a", "b", "c", "d", "e"] {
+        assert!(
+            get(&f.ns(key), "configmap", "config").is_some(),
+            "{key} was deleted"
+        );
+    }
+}
