@@ -951,3 +951,31 @@ fn the_parallel_render_is_the_same_on_one_core_and_on_all_in_any_time_zone_and_l
     );
     assert!(all == again, "two renders on all cores differ");
 }
+
+#[test]
+fn a_dependency_that_rendered_nothing_passes_on_its_own_dependencies() {
+    let resources = "  - id: base\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: base}\n\
+                     \x20\x20- id: extra\n    dependsOn: [base]\n    template: |\n      {% if row.plan == 'pro' %}\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: extra}\n      {% endif %}\n\
+                     \x20\x20- id: last\n    dependsOn: [extra]\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: last}\n";
+    let dir = project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        ("bp.yaml", &blueprint(resources)),
+    ]);
+    let out = render_out(dir.path(), &dir.path().join("out"), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tree = read_tree(&dir.path().join("out"));
+    let file = |path: &str| String::from_utf8(tree[path].clone()).unwrap();
+    // acme is on the pro plan: `extra` rendered, and `last` waits for it.
+    let acme = file("web/acme/last.yaml");
+    assert!(acme.contains("kiln.dev/depends-on: extra"), "{acme}");
+    // globex is not: `last` waits for what `extra` waited for, in the
+    // same sync wave as ever.
+    assert!(!tree.contains_key("web/globex/extra.yaml"));
+    let globex = file("web/globex/last.yaml");
+    assert!(globex.contains("kiln.dev/depends-on: base"), "{globex}");
+    assert!(
+        globex.contains("argocd.argoproj.io/sync-wave: \"2\""),
+        "{globex}"
+    );
+}

@@ -422,8 +422,29 @@ fn render_row(
     };
     let mut objects = Vec::new();
     let mut crds = Vec::new();
+    // What each resource depends on among those that rendered something
+    // for this row: a dependency that rendered nothing passes on its own
+    // dependencies, so the order of what remains is kept (as ArgoCD's
+    // sync waves keep it).
+    let mut effective: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut rendered_ids: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut empty = Vec::new();
     for &r in &blueprint.graph.order {
         let resource = &blueprint.spec.resources[r];
+        let mut deps: Vec<&str> = Vec::new();
+        for d in &resource.depends_on {
+            let inherited: Vec<&str> = if rendered_ids.contains(d.as_str()) {
+                vec![d.as_str()]
+            } else {
+                effective.get(d.as_str()).cloned().unwrap_or_default()
+            };
+            for i in inherited {
+                if !deps.contains(&i) {
+                    deps.push(i);
+                }
+            }
+        }
+        effective.insert(resource.id.as_str(), deps);
         let template = &blueprint.template_names[r];
         let output = blueprint
             .templates
@@ -444,8 +465,10 @@ fn render_row(
             ));
         }
         if output.text.trim().is_empty() {
+            empty.push(resource.id.as_str());
             continue;
         }
+        rendered_ids.insert(resource.id.as_str());
         let mut object = parse_object(&output).map_err(|message| {
             fail(
                 &resource.id,
@@ -460,6 +483,18 @@ fn render_row(
         if manifest::is_crd(&object) {
             crds.push(object.clone());
         }
+        let passed_on = resource
+            .depends_on
+            .iter()
+            .any(|d| empty.contains(&d.as_str()));
+        let policies = if passed_on {
+            std::borrow::Cow::Owned(with_dependencies(
+                &blueprint.policies[r],
+                &effective[resource.id.as_str()],
+            ))
+        } else {
+            std::borrow::Cow::Borrowed(&blueprint.policies[r])
+        };
         let identity = manifest::stamp(
             &mut object,
             &Stamp {
@@ -469,7 +504,7 @@ fn render_row(
                 wave: blueprint.graph.depth[r],
                 namespace: namespace.as_deref(),
                 cluster_scoped: resource.cluster_scoped,
-                policies: &blueprint.policies[r],
+                policies: &policies,
             },
             scopes,
         );
@@ -494,6 +529,23 @@ fn render_row(
         },
         crds,
     ))
+}
+
+/// A resource's policy annotations with `depends_on` in place of the
+/// dependencies it was compiled with.
+fn with_dependencies(
+    policies: &[(&'static str, String)],
+    depends_on: &[&str],
+) -> Vec<(&'static str, String)> {
+    let mut out: Vec<(&'static str, String)> = policies
+        .iter()
+        .filter(|(k, _)| *k != crate::policy::DEPENDS_ON)
+        .cloned()
+        .collect();
+    if !depends_on.is_empty() {
+        out.insert(0, (crate::policy::DEPENDS_ON, depends_on.join(",")));
+    }
+    out
 }
 
 /// Parses a template's output as exactly one Kubernetes object, then puts
