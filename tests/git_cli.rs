@@ -767,6 +767,26 @@ fn secrets_are_refused_in_git_and_masked_in_diffs() {
         text.contains("web/acme/credentials.yaml") && !text.contains("hunter"),
         "{text}"
     );
+    // `kiln drift` shows a hand-made edit of the Secret masked too.
+    let clone = work.path().join("clone");
+    git(
+        work.path(),
+        &["clone", "-q", "-b", "rendered", r, clone.to_str().unwrap()],
+    );
+    let file = clone.join("web/acme/credentials.yaml");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("hunter1", "swordfish");
+    std::fs::write(&file, text).unwrap();
+    git(&clone, &["commit", "-qam", "rotate by hand"]);
+    git(&clone, &["push", "-q", "origin", "rendered"]);
+    let output = kiln(&["drift", "--git", r, "--branch", "rendered"]);
+    let text = stdout(&output);
+    assert!(text.contains("password: (masked, changed)"), "{text}");
+    assert!(
+        !text.contains("hunter") && !text.contains("swordfish"),
+        "{text}"
+    );
     for format in ["unified", "markdown", "json"] {
         let output = kiln(&[
             "diff",
