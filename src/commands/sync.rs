@@ -395,10 +395,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         while let Ok(more) = files_changed.try_recv() {
                             paths.extend(more);
                         }
-                        loaded.polled = std::mem::take(&mut polled);
-                        let change = classify(&loaded, &args.config.files, &paths);
-                        polled = std::mem::take(&mut loaded.polled);
-                        match change {
+                        match classify(&loaded, &args.config.files, &paths) {
                             FileChange::Nothing => {}
                             FileChange::Sources(names) => {
                                 for p in polled.iter_mut().filter(|p| names.contains(&p.name)) {
