@@ -14,7 +14,9 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Running, eventually, free_addr, http_get, kubectl, kubectl_ok, metric, stderr};
+use common::{
+    Running, eventually, free_addr, http_get, kubectl, kubectl_ok, metric, postgres, sql, stderr,
+};
 use serde_json::Value;
 
 /// `kubectl apply` of a YAML text.
@@ -27,33 +29,6 @@ fn get(namespace: &str, kind: &str, name: &str) -> Option<Value> {
     out.status
         .success()
         .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
-/// Runs SQL statements on a PostgreSQL database.
-fn sql(url: &str, statements: &str) {
-    use sqlx::Connection as _;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statements.to_string()))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-    });
-}
-
-fn postgres(hint: &str) -> String {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime
-        .block_on(kiln_testenv::postgres().database(hint))
-        .unwrap()
 }
 
 /// A namespace of the test's own, with Kiln's CRDs installed, and the
@@ -414,6 +389,52 @@ fn the_controller_follows_rows_templates_and_secrets_and_reports_in_status_and_e
     );
     let out = controller.terminate();
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_postgres_notification_reaches_the_controller_at_once() {
+    let scene = Scene::new("ctlnotify");
+    let url = postgres("ctlnotify");
+    sql(
+        &url,
+        "CREATE TABLE tenants (id TEXT PRIMARY KEY, plan TEXT, active BOOLEAN);\
+         INSERT INTO tenants VALUES ('acme', 'gold', true);\
+         CREATE FUNCTION kiln_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_notify(TG_ARGV[0], ''); RETURN NULL; END $$;\
+         CREATE TRIGGER tenants_changed AFTER INSERT OR UPDATE OR DELETE ON tenants \
+         FOR EACH STATEMENT EXECUTE FUNCTION kiln_notify('tenants_changed');",
+    );
+    // Polled once an hour: only the notification can bring the change.
+    let configuration = tenants_configuration(&scene, &url, TEMPLATE).replace(
+        "interval: 1s}",
+        "interval: 1h, notify: {channel: tenants_changed}}",
+    );
+    assert!(configuration.contains("notify"));
+    apply(&configuration);
+    apply(&scene.pipeline("main", "{}"));
+    let addr = free_addr();
+    let mut controller = scene.controller(&addr, &[]);
+    let plan = || {
+        scene
+            .config_map_data("plan-acme")
+            .map(|d| d["plan"].as_str().unwrap_or_default().to_string())
+    };
+    eventually("the first pass", Duration::from_secs(60), || {
+        plan().as_deref() == Some("gold") && scene.condition("main", "Ready").0 == "True"
+    });
+    sql(
+        &url,
+        "UPDATE tenants SET plan = 'platinum' WHERE id = 'acme';",
+    );
+    eventually("the notified change", Duration::from_secs(5), || {
+        plan().as_deref() == Some("platinum")
+    });
+    let out = controller.terminate();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains(url.split('@').next().unwrap()),
+        "the URL's password was logged"
+    );
 }
 
 #[test]

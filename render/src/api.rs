@@ -62,6 +62,21 @@ pub struct SourceSpec {
     /// not exist yet (demos, tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_file: Option<String>,
+    /// PostgreSQL only: a channel to `LISTEN` on. A notification on it
+    /// reads the source at once; polling at `interval` stays the safety
+    /// net.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySpec>,
+}
+
+/// Where a PostgreSQL source is told that its rows changed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NotifySpec {
+    /// The channel a trigger sends `NOTIFY` (or `pg_notify`) on.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*$')").message("notify.channel must be a PostgreSQL identifier: letters, digits and '_', not starting with a digit"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub channel: String,
 }
 
 /// Which Kubernetes objects a Source reads: each is a row whose values are

@@ -217,6 +217,11 @@ impl Config {
                 None if spec.key.is_empty() => errors.push(at("spec.key must name a column")),
                 None => {}
             }
+            if let Some(notify) = &spec.notify
+                && let Some(problem) = crate::source::notify_problem(spec, &notify.channel)
+            {
+                errors.push(at(&problem));
+            }
         }
         for blueprint in self.blueprints.values() {
             let at = |message: String| {

@@ -151,6 +151,99 @@ fn url(source: &Named<SourceSpec>) -> Result<String> {
     }
 }
 
+/// What is wrong with a source's `spec.notify`, if anything: it is for
+/// PostgreSQL URLs (a `urlFrom` URL is checked when read), and the channel
+/// is an identifier.
+pub fn notify_problem(spec: &SourceSpec, channel: &str) -> Option<String> {
+    if spec.kubernetes.is_some() {
+        return Some(
+            "spec.notify is for PostgreSQL sources; spec.kubernetes sources are watched".into(),
+        );
+    }
+    if let Some(url) = &spec.url
+        && !is_postgres(url)
+    {
+        return Some(
+            "spec.notify is for PostgreSQL sources (LISTEN/NOTIFY); other sources are polled at spec.interval"
+                .into(),
+        );
+    }
+    let mut chars = channel.chars();
+    let identifier = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && channel.len() <= 63;
+    (!identifier).then(|| {
+        format!(
+            "spec.notify.channel {channel:?} must be a PostgreSQL identifier: letters, digits and '_', not starting with a digit, at most 63"
+        )
+    })
+}
+
+fn is_postgres(url: &str) -> bool {
+    let scheme = url.split_once(':').map_or("", |(s, _)| s);
+    scheme.eq_ignore_ascii_case("postgres") || scheme.eq_ignore_ascii_case("postgresql")
+}
+
+/// Waits for notifications on a PostgreSQL source's `spec.notify.channel`
+/// and calls `notified` for each; `notified` returning false ends the wait.
+/// With `reconnected`, `notified` is also called as soon as Kiln listens,
+/// since what was sent while it was not listening is lost. Ends with an
+/// error (one line, no password) when it cannot connect or loses the
+/// connection for good; the caller tries again.
+pub async fn listen(
+    source: &Named<SourceSpec>,
+    reconnected: bool,
+    notified: &mut (dyn FnMut() -> bool + Send),
+) -> Result<()> {
+    let Some(notify) = &source.spec.notify else {
+        return Ok(());
+    };
+    let url = url(source)?;
+    if !is_postgres(&url) {
+        return Err(Error::source(
+            &source.name,
+            "spec.notify is for PostgreSQL sources (LISTEN/NOTIFY), and the URL is not postgres://",
+        ));
+    }
+    let fail = |what: &str, e: sqlx::Error| {
+        Error::source(
+            &source.name,
+            format!("{what}: {}", redact(&e.to_string(), &url)),
+        )
+    };
+    let mut listener = sqlx::postgres::PgListener::connect(&url)
+        .await
+        .map_err(|e| fail("cannot connect to listen for notifications", e))?;
+    listener
+        .listen(&notify.channel)
+        .await
+        .map_err(|e| fail(&format!("cannot LISTEN on {}", notify.channel), e))?;
+    tracing::info!(source = %source.name, channel = %notify.channel, "listening for notifications");
+    if reconnected && !notified() {
+        return Ok(());
+    }
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(_)) => {
+                if !notified() {
+                    return Ok(());
+                }
+            }
+            // What was sent while the connection was down is lost: the rows
+            // may have changed.
+            Ok(None) => {
+                tracing::info!(source = %source.name, channel = %notify.channel, "the connection was lost and made again; listening for notifications, and reading the source");
+                if !notified() {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(fail("stopped listening for notifications", e)),
+        }
+    }
+}
+
 /// The local files a source reads, when its `url` is a `file:` or
 /// `sqlite:` URL (with the seed file): what a watcher follows.
 pub fn local_files(source: &Named<SourceSpec>) -> Vec<PathBuf> {
@@ -708,6 +801,7 @@ mod tests {
                 interval: None,
                 timeout: None,
                 seed_file: None,
+                notify: None,
             },
             file: "kiln.yaml".into(),
         }

@@ -21,6 +21,9 @@ use super::render::check_selection;
 use super::target::{self, GitArgs};
 use crate::Outcome;
 
+/// How long the loop lets changed rows settle before it reads them.
+const ROWS_SETTLE: Duration = Duration::from_millis(50);
+
 /// Arguments of `kiln sync`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -90,6 +93,8 @@ struct Loaded {
     place: target::Place,
     /// The `kubernetes` sources read, watched.
     kube_sources: Vec<(String, kiln_render::api::ObjectsSpec)>,
+    /// The sources read that name a PostgreSQL channel, listened to.
+    notified_sources: Vec<kiln_render::config::Named<kiln_render::api::SourceSpec>>,
     polled: Vec<Polled>,
     /// Configuration and template files: a change reloads everything.
     definitions: std::collections::BTreeSet<std::path::PathBuf>,
@@ -146,10 +151,17 @@ fn load(args: &Args) -> anyhow::Result<Loaded> {
         .filter(|s| polled.iter().any(|p| p.name == s.name))
         .filter_map(|s| Some((s.name.clone(), s.spec.kubernetes.clone()?)))
         .collect();
+    let notified_sources = config
+        .sources
+        .values()
+        .filter(|s| s.spec.notify.is_some() && polled.iter().any(|p| p.name == s.name))
+        .cloned()
+        .collect();
     Ok(Loaded {
         parts: Some((config, blueprints, settings)),
         place,
         kube_sources,
+        notified_sources,
         polled,
         definitions,
         data,
@@ -263,14 +275,16 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         // Sources of Kubernetes objects are watched: a change reads them at once.
         let objects = ClusterObjects::new(cluster.clone());
         let (rows_tx, mut rows_changed) = mpsc::unbounded_channel();
+        // PostgreSQL sources with spec.notify are listened to, likewise.
         let row_watches = |loaded: &Loaded| -> Vec<tokio::task::JoinHandle<()>> {
-            loaded
-                .kube_sources
+            let watched = loaded.kube_sources.iter().map(|(name, spec)| {
+                rows::watch(objects.clone(), spec.clone(), name.clone(), rows_tx.clone())
+            });
+            let listened = loaded
+                .notified_sources
                 .iter()
-                .map(|(name, spec)| {
-                    rows::watch(objects.clone(), spec.clone(), name.clone(), rows_tx.clone())
-                })
-                .collect()
+                .map(|source| rows::listen(source.clone(), rows_tx.clone()));
+            watched.chain(listened).collect()
         };
         let mut row_watch_tasks = row_watches(&loaded);
         // Files are watched too: an edited template, configuration or file
@@ -365,7 +379,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => break,
                     Some(first) = rows_changed.recv() => {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        // A transaction's notifications, or a burst of
+                        // object events, arrive together: one pass.
+                        tokio::time::sleep(ROWS_SETTLE).await;
                         let mut names = vec![first];
                         while let Ok(name) = rows_changed.try_recv() {
                             names.push(name);

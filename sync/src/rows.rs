@@ -1,7 +1,8 @@
 //! Kubernetes objects as rows: what a Source with `spec.kubernetes` reads,
 //! listed through Kiln's client (the render crate never talks to a
 //! cluster), and a watch that says when they changed, so that the loops
-//! read them again at once instead of at the next poll.
+//! read them again at once instead of at the next poll; likewise a
+//! PostgreSQL source's notifications.
 
 use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
@@ -153,6 +154,41 @@ pub fn watch(
             if news && changed.send(source.clone()).is_err() {
                 return;
             }
+        }
+    })
+}
+
+/// Listens for a PostgreSQL source's notifications (`spec.notify`), sending
+/// the source's name for each, and once each time it listens again after
+/// losing the connection (what was sent meanwhile is lost). It tries again
+/// after 1 s, doubling up to 30 s; polling at the source's interval stays
+/// the safety net.
+pub fn listen(
+    source: kiln_render::config::Named<kiln_render::api::SourceSpec>,
+    changed: UnboundedSender<String>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut delay = std::time::Duration::from_secs(1);
+        let mut reconnected = false;
+        loop {
+            let mut listening = false;
+            let mut notified = || {
+                listening = true;
+                changed.send(source.name.clone()).is_ok()
+            };
+            match kiln_render::source::listen(&source, reconnected, &mut notified).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!("{e}; trying again in {}s", delay.as_secs()),
+            }
+            if changed.is_closed() {
+                return;
+            }
+            if listening {
+                delay = std::time::Duration::from_secs(1);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            reconnected = true;
         }
     })
 }

@@ -183,6 +183,13 @@ async fn crds_install_and_their_rules_reject_bad_objects() {
         ),
         (
             json!({
+                "apiVersion": "kiln.dev/v1alpha1", "kind": "Source", "metadata": {"name": "told"},
+                "spec": {"url": "postgres://db/x", "query": "SELECT 1", "key": "id", "notify": {"channel": "tenants; DROP"}},
+            }),
+            "notify.channel must be a PostgreSQL identifier",
+        ),
+        (
+            json!({
                 "apiVersion": "kiln.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "guard"},
                 "spec": {"deletionGuard": {"maxPercent": 150}},
             }),

@@ -10,9 +10,15 @@ use std::time::{Duration, Instant};
 /// The kiln binary with nothing of the developer's shell that would change
 /// what it does: every `KILN_*` variable (`KILN_GIT`, `KILN_LOG`,
 /// `KILN_INVENTORY`, `KILN_METRICS_ADDR`, …) but the test environment's, and
-/// `KUBECONFIG` (a test names its cluster); a fixed commit author.
+/// `KUBECONFIG` (a test names its cluster); a fixed commit author; a cache
+/// directory of the tests' own.
 pub fn kiln_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    kiln_command_of(Path::new(env!("CARGO_BIN_EXE_kiln")))
+}
+
+/// [`kiln_command`] for a copy of the kiln binary at `program`.
+pub fn kiln_command_of(program: &Path) -> Command {
+    let mut command = Command::new(program);
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
         let ours = name.starts_with("KILN_TEST_") || name == "KILN_ENVTEST_BIN";
@@ -22,7 +28,12 @@ pub fn kiln_command() -> Command {
     }
     command
         .env("GIT_AUTHOR_NAME", "Kiln Test")
-        .env("GIT_AUTHOR_EMAIL", "kiln@example.com");
+        .env("GIT_AUTHOR_EMAIL", "kiln@example.com")
+        // What `render --out` remembers goes here, not into the user's cache.
+        .env(
+            "XDG_CACHE_HOME",
+            std::env::temp_dir().join("kiln-test-cache"),
+        );
     command
 }
 
@@ -180,6 +191,13 @@ impl Running {
         self.0.as_ref().map_or(0, Child::id)
     }
 
+    /// Whether it has not exited yet.
+    pub fn still_running(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Sends SIGTERM.
     pub fn signal_term(&self) {
         Command::new("kill")
@@ -239,4 +257,32 @@ pub fn has_count(text: &str, word: &str, n: usize) -> bool {
     text.split([',', '(', ')', ';', ':', '\n'])
         .filter_map(|part| part.trim().strip_prefix(word)?.strip_prefix(' '))
         .any(|number| number.trim().parse() == Ok(n))
+}
+
+/// Runs SQL statements on a PostgreSQL database.
+pub fn sql(url: &str, statements: &str) {
+    use sqlx::Connection as _;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statements.to_string()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    });
+}
+
+/// A PostgreSQL database of the test's own, by URL.
+pub fn postgres(hint: &str) -> String {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(kiln_testenv::postgres().database(hint))
+        .unwrap()
 }

@@ -724,13 +724,19 @@ impl Context {
             ClusterObjects::confined(acting.clone(), key.namespace.as_deref().unwrap_or_default());
         let (rows_tx, rows_changed) = mpsc::unbounded_channel();
         for p in &polled {
-            if let Some(spec) = config.sources[&p.name].spec.kubernetes.clone() {
+            let source = &config.sources[&p.name];
+            if let Some(spec) = source.spec.kubernetes.clone() {
                 tasks.push(rows::watch(
                     objects.clone(),
                     spec,
                     p.name.clone(),
                     rows_tx.clone(),
                 ));
+            }
+            // PostgreSQL sources with spec.notify: a notification reads them
+            // at once.
+            if source.spec.notify.is_some() {
+                tasks.push(rows::listen(source.clone(), rows_tx.clone()));
             }
         }
         tasks.push(tokio::spawn(mark_stale(
@@ -911,7 +917,9 @@ async fn mark_stale(
     wake: mpsc::UnboundedSender<ObjectRef<Pipeline>>,
 ) {
     while let Some(first) = changed.recv().await {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A transaction's notifications, or a burst of object events,
+        // arrive together: one pass.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let Some(slot) = slot.upgrade() else {
             return;
         };
