@@ -12,7 +12,8 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::{
-    Running, eventually, free_addr, has_count, http_get, kiln, kubectl, metric, stderr, stdout,
+    Running, eventually, free_addr, has_count, http_get, kiln, kubectl, metric, postgres, sql,
+    stderr, stdout,
 };
 use serde_json::Value;
 
@@ -457,6 +458,228 @@ fn wait_for_ready_holds_dependents_until_the_deployment_is_available() {
     let out = finish(apply);
     assert!(out.status.success(), "{}", logged());
     assert!(get(&ns, "configmap", "after").is_some());
+}
+
+const READY: &str = r#"{"status":{"observedGeneration":1,"replicas":1,"updatedReplicas":1,"readyReplicas":1,"availableReplicas":1}}"#;
+
+/// Says, as a controller would, that the instance's Deployment is
+/// available, once it exists.
+fn make_ready(ns: &str) {
+    eventually("the deployment to exist", Duration::from_secs(30), || {
+        kubectl(&[
+            "patch",
+            "deployment",
+            "app",
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            READY,
+        ])
+        .status
+        .success()
+    });
+}
+
+#[test]
+fn one_instance_waiting_for_readiness_does_not_hold_back_the_others() {
+    let resources = [
+        NAMESPACE.to_string(),
+        deployment(
+            "    dependsOn: [namespace]\n    waitForReady: true\n    timeout: 2m\n",
+            1,
+        ),
+        config_map("after", "after", "    dependsOn: [app]\n", "{}"),
+    ]
+    .concat();
+    let f = Fixture::new("perinstance", "- {id: slow}\n- {id: quick}\n", &resources);
+    f.render();
+    let (slow, quick) = (f.ns("slow"), f.ns("quick"));
+    let (mut apply, logged) = f.spawn_logged("apply", &[]);
+    make_ready(&quick);
+    // Seen from the API server: the quick instance's dependent is written
+    // while the slow one's Deployment is still unready and the apply runs.
+    eventually(
+        "the quick instance's dependent",
+        Duration::from_secs(30),
+        || get(&quick, "configmap", "after").is_some(),
+    );
+    assert!(apply.still_running(), "the apply ended early: {}", logged());
+    assert!(
+        get(&slow, "configmap", "after").is_none(),
+        "a dependent went ahead of its unready deployment"
+    );
+    make_ready(&slow);
+    let out = finish(apply);
+    assert!(out.status.success(), "{}", logged());
+    assert!(get(&slow, "configmap", "after").is_some());
+}
+
+/// A Namespace, a ConfigMap `old` (with `old`) that a later tree renames
+/// away, and a ConfigMap `taken` whose greeting someone else may take
+/// (`force` takes it back).
+fn rename_resources(old: bool, force: bool, greeting: &str) -> String {
+    let mut r = NAMESPACE.to_string();
+    if old {
+        r.push_str(&config_map(
+            "old",
+            "old",
+            "    dependsOn: [namespace]\n",
+            "{a: b}",
+        ));
+    }
+    let policy = if force {
+        "    conflictPolicy: Force\n"
+    } else {
+        ""
+    };
+    r.push_str(&config_map(
+        "taken",
+        "taken",
+        &format!("    dependsOn: [namespace]\n{policy}"),
+        &format!("{{greeting: {greeting}}}"),
+    ));
+    r
+}
+
+#[test]
+fn a_removed_instance_is_pruned_while_another_is_in_conflict() {
+    let f = Fixture::new(
+        "pruneothers",
+        "- {id: gone}\n- {id: fine}\n- {id: stuck}\n",
+        &rename_resources(true, false, "ours"),
+    );
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (gone, fine, stuck) = (f.ns("gone"), f.ns("fine"), f.ns("stuck"));
+    // Someone else takes a field of one tenant: Kiln's next write conflicts.
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "taken",
+        "-n",
+        &stuck,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"greeting":"theirs"}}"#,
+    ]);
+    // One tenant leaves the table; every tenant renames `old` away.
+    f.rows("- {id: fine}\n- {id: stuck}\n");
+    f.resources(&rename_resources(false, false, "ours again"));
+    f.render();
+    let out = f.apply(&["--allow-mass-delete"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let report = stdout(&out);
+    assert!(
+        report.contains(&format!("failed ConfigMap {stuck}/taken")),
+        "{report}"
+    );
+    // The deleted tenant is pruned, and so is the healthy tenant's rename.
+    assert!(get(&gone, "configmap", "taken").is_none(), "{report}");
+    assert!(get(&gone, "configmap", "old").is_none(), "{report}");
+    assert!(
+        get("", "namespace", &gone).is_none_or(|ns| !ns["metadata"]["deletionTimestamp"].is_null()),
+        "the deleted tenant's namespace stays"
+    );
+    assert!(get(&fine, "configmap", "old").is_none(), "{report}");
+    // The stuck tenant keeps what left its tree: it may be half a rename.
+    assert!(get(&stuck, "configmap", "old").is_some(), "{report}");
+    let summary = stderr(&out);
+    assert!(
+        summary.contains(
+            "1 objects that left the tree are kept until their instances apply cleanly (app/stuck)"
+        ),
+        "{summary}"
+    );
+    assert!(has_count(&summary, "pruned", 4), "{summary}");
+    // Once it applies cleanly, its prune goes through.
+    f.resources(&rename_resources(false, true, "ours again"));
+    f.render();
+    let out = f.apply(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(has_count(&stderr(&out), "pruned", 1), "{}", stderr(&out));
+    assert!(get(&stuck, "configmap", "old").is_none());
+}
+
+/// The trigger the README gives: one notification per statement that
+/// changes the table.
+const NOTIFY_TRIGGER: &str = "CREATE FUNCTION kiln_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
+     BEGIN PERFORM pg_notify(TG_ARGV[0], ''); RETURN NULL; END $$; \
+     CREATE TRIGGER tenants_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tenants \
+     FOR EACH STATEMENT EXECUTE FUNCTION kiln_notify('tenants_changed');";
+
+#[test]
+fn a_postgres_notification_reads_the_source_at_once_even_after_a_lost_connection() {
+    let url = postgres("notify");
+    sql(
+        &url,
+        &format!(
+            "CREATE TABLE tenants (id text PRIMARY KEY, greeting text NOT NULL); \
+             INSERT INTO tenants VALUES ('a', 'hello'); {NOTIFY_TRIGGER}"
+        ),
+    );
+    let f = Fixture::new("notify", "[]", "");
+    // Polled once an hour: only a notification can bring a change sooner.
+    let config = format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: tenants}}\n\
+         spec:\n  url: \"{url}\"\n  query: SELECT id, greeting FROM tenants\n  key: id\n  interval: 1h\n  notify: {{channel: tenants_changed}}\n---\n\
+         apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app}}\n\
+         spec:\n  source: tenants\n  namespace: \"NS\"\n  resources:\n{}{}",
+        NAMESPACE,
+        config_map(
+            "greeting",
+            "greeting",
+            "    dependsOn: [namespace]\n",
+            "{greeting: \"{{ row.greeting }}\"}"
+        ),
+    )
+    .replace("NS", &format!("{}-{{{{ key }}}}", f.prefix));
+    std::fs::write(f.path("cfg/kiln.yaml"), config).unwrap();
+    let ns = f.ns("a");
+    let greeting = || {
+        get(&ns, "configmap", "greeting")
+            .map(|c| c["data"]["greeting"].as_str().unwrap().to_string())
+    };
+    let (mut sync, logged) = f.spawn_logged("sync", &[]);
+    let listening = || logged().matches("listening for notifications").count();
+    eventually("the first pass", Duration::from_secs(30), || {
+        greeting().as_deref() == Some("hello") && listening() == 1
+    });
+    sql(
+        &url,
+        "UPDATE tenants SET greeting = 'bonjour' WHERE id = 'a'",
+    );
+    eventually("the notified change", Duration::from_secs(5), || {
+        greeting().as_deref() == Some("bonjour")
+    });
+    // The connection goes: what is sent meanwhile is lost, so Kiln reads
+    // the source as soon as it listens again.
+    sql(
+        &url,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'; \
+         UPDATE tenants SET greeting = 'hola' WHERE id = 'a';",
+    );
+    eventually("listening again", Duration::from_secs(15), || {
+        listening() == 2
+    });
+    eventually("the change made while away", Duration::from_secs(5), || {
+        greeting().as_deref() == Some("hola")
+    });
+    sql(&url, "UPDATE tenants SET greeting = 'ciao' WHERE id = 'a'");
+    eventually(
+        "a change notified after reconnecting",
+        Duration::from_secs(5),
+        || greeting().as_deref() == Some("ciao"),
+    );
+    let out = sync.terminate();
+    assert!(out.status.success(), "{}", logged());
+    assert!(
+        !logged().contains(url.split('@').next().unwrap()),
+        "the URL's password was logged"
+    );
 }
 
 #[test]
@@ -2018,30 +2241,11 @@ fn drift_cluster_masks_secrets_and_names_what_is_no_longer_wanted() {
 
 #[test]
 fn a_failed_apply_postpones_prune_until_an_apply_succeeds() {
-    let resources = |old: bool, force: bool, greeting: &str| {
-        let mut r = NAMESPACE.to_string();
-        if old {
-            r.push_str(&config_map(
-                "old",
-                "old",
-                "    dependsOn: [namespace]\n",
-                "{a: b}",
-            ));
-        }
-        let policy = if force {
-            "    conflictPolicy: Force\n"
-        } else {
-            ""
-        };
-        r.push_str(&config_map(
-            "taken",
-            "taken",
-            &format!("    dependsOn: [namespace]\n{policy}"),
-            &format!("{{greeting: {greeting}}}"),
-        ));
-        r
-    };
-    let f = Fixture::new("postpone", "- {id: a}\n", &resources(true, false, "ours"));
+    let f = Fixture::new(
+        "postpone",
+        "- {id: a}\n",
+        &rename_resources(true, false, "ours"),
+    );
     f.render();
     assert!(f.apply(&[]).status.success());
     let ns = f.ns("a");
@@ -2056,7 +2260,7 @@ fn a_failed_apply_postpones_prune_until_an_apply_succeeds() {
         "-p",
         r#"{"data":{"greeting":"theirs"}}"#,
     ]);
-    f.resources(&resources(false, false, "ours again"));
+    f.resources(&rename_resources(false, false, "ours again"));
     f.render();
     let out = f.apply(&[]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
@@ -2085,7 +2289,7 @@ fn a_failed_apply_postpones_prune_until_an_apply_succeeds() {
         "the inventory forgot it"
     );
     // Once an apply succeeds, it is pruned.
-    f.resources(&resources(false, true, "ours again"));
+    f.resources(&rename_resources(false, true, "ours again"));
     f.render();
     let out = f.apply(&[]);
     assert!(out.status.success(), "{}", stderr(&out));

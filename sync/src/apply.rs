@@ -1,7 +1,8 @@
-//! Executing a plan: wave by wave, independent objects concurrently (at most
-//! `concurrency` writes in flight), dependents of a failed object skipped,
-//! then prune in reverse wave order, with the inventory written before
-//! (what may be created) and after (what exists).
+//! Executing a plan: each object as soon as its own dependencies are done
+//! (at most `concurrency` writes in flight across all of them), dependents
+//! of a failed object skipped, then prune in reverse wave order of every
+//! instance that finished, with the inventory written before (what may be
+//! created) and after (what exists).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::compare::same;
 use crate::desired::{Desired, INVENTORY_LABEL};
 use crate::health::{Health, health};
 use crate::inventory::{Entry, Inventory};
-use crate::plan::{Action, Live, LiveObject, ORPHANED_LABEL, Plan, Step};
+use crate::plan::{Action, Live, LiveObject, ORPHANED_LABEL, Plan, Prune, Step};
 use crate::prune::{ORPHANED_AT, ORPHANED_REASON, prune};
 pub use crate::report::{Outcome, Report, Status};
 use crate::{Error, Result};
@@ -282,28 +283,39 @@ pub async fn execute(
     inventory.write(cluster, before).await?;
 
     let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
-    let mut statuses: Vec<Option<Status>> = vec![None; plan.steps.len()];
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; plan.steps.len()];
-    let mut start = 0;
-    while start < plan.steps.len() {
-        let wave = plan.steps[start].wave;
-        let end = plan.steps[start..]
-            .iter()
-            .position(|s| s.wave != wave)
-            .map_or(plan.steps.len(), |p| start + p);
-        let progress =
-            kiln_render::progress::phase(&format!("applying wave {wave}"), (end - start) as u64);
-        let mut running = FuturesUnordered::new();
-        for i in start..end {
+    let count = plan.steps.len();
+    let mut statuses: Vec<Option<Status>> = vec![None; count];
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; count];
+    // Each step starts as soon as its own dependencies are done, not when
+    // the whole fleet's previous wave is: one instance waiting minutes for
+    // a Deployment holds back only what depends on that Deployment. The
+    // semaphore bounds the writes in flight across all of them.
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); count];
+    let mut waiting: Vec<usize> = vec![0; count];
+    for (i, step) in plan.steps.iter().enumerate() {
+        waiting[i] = step.dependencies.len();
+        for &d in &step.dependencies {
+            dependents[d].push(i);
+        }
+    }
+    // Steps are in wave then identity order, so the first to start are
+    // always the same ones.
+    let mut startable: std::collections::VecDeque<usize> =
+        (0..count).filter(|&i| waiting[i] == 0).collect();
+    let progress = kiln_render::progress::phase("applying", count as u64);
+    let mut running = FuturesUnordered::new();
+    loop {
+        let mut done: Vec<(usize, Outcome, Option<String>)> = Vec::new();
+        while let Some(i) = startable.pop_front() {
             let step = &plan.steps[i];
+            let not_run = |status: Status, detail: String| Outcome {
+                status,
+                object: step.desired.label(),
+                owner: step.desired.owner.clone(),
+                detail,
+            };
             if *stop.borrow() {
-                statuses[i] = Some(Status::Stopped);
-                outcomes[i] = Some(Outcome {
-                    status: Status::Stopped,
-                    object: step.desired.label(),
-                    owner: step.desired.owner.clone(),
-                    detail: String::new(),
-                });
+                done.push((i, not_run(Status::Stopped, String::new()), None));
                 continue;
             }
             let blocked = step
@@ -311,16 +323,11 @@ pub async fn execute(
                 .iter()
                 .find(|&&d| !statuses[d].is_some_and(Status::lets_dependents_go));
             if let Some(&d) = blocked {
-                statuses[i] = Some(Status::Skipped);
-                outcomes[i] = Some(Outcome {
-                    status: Status::Skipped,
-                    object: step.desired.label(),
-                    owner: step.desired.owner.clone(),
-                    detail: format!(
-                        "dependency {} did not succeed",
-                        plan.steps[d].desired.identity
-                    ),
-                });
+                let why = format!(
+                    "dependency {} did not succeed",
+                    plan.steps[d].desired.identity
+                );
+                done.push((i, not_run(Status::Skipped, why), None));
                 continue;
             }
             let live = live.get(&step.desired.identity);
@@ -341,20 +348,33 @@ pub async fn execute(
                 (i, outcome, uid)
             });
         }
-        while let Some((i, outcome, uid)) = running.next().await {
+        if done.is_empty() {
+            match running.next().await {
+                Some(finished) => done.push(finished),
+                None => break,
+            }
+        }
+        for (i, outcome, uid) in done {
             progress.advance(1);
             statuses[i] = Some(outcome.status);
-            outcomes[i] = Some(outcome);
             // A write gives the uid; an unchanged object gives it only to an
             // inventory that had none (written before uids were recorded).
             if let Some(uid) = uid
-                && (statuses[i] != Some(Status::Unchanged) || desired_entries[i].uid.is_empty())
+                && (outcome.status != Status::Unchanged || desired_entries[i].uid.is_empty())
             {
                 desired_entries[i].uid = uid;
             }
+            outcomes[i] = Some(outcome);
+            for &j in &dependents[i] {
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    startable.push_back(j);
+                }
+            }
         }
-        start = end;
     }
+    drop(running);
+    let hold = Unfinished::new(&plan, &statuses);
     let mut report = Report {
         outcomes: outcomes.into_iter().flatten().collect(),
         ..Report::default()
@@ -374,15 +394,30 @@ pub async fn execute(
         after.extend(left);
     } else if plan.prune.is_empty() {
         // nothing left the tree
-    } else if report.failed() || *stop.borrow() {
-        // A failed apply may be half a rename: keep the old objects until
-        // the new ones exist.
+    } else if *stop.borrow() {
         report.postponed = Some(format!(
-            "{} objects that left the tree are kept until an apply succeeds",
+            "{} objects that left the tree are kept until a pass that is not stopped",
             plan.prune.len()
         ));
         after.extend(plan.prune.iter().map(|p| p.entry.clone()));
     } else {
+        // A failed instance may be half a rename: its old objects stay
+        // until the new ones exist. Other instances prune as usual, so one
+        // stuck tenant does not keep a deleted tenant's objects alive.
+        let (held, free): (Vec<&Prune>, Vec<&Prune>) =
+            plan.prune.iter().partition(|p| hold.holds(&p.entry));
+        if !held.is_empty() {
+            let instances: std::collections::BTreeSet<String> = held
+                .iter()
+                .map(|p| format!("{}/{}", p.entry.owner.blueprint, p.entry.owner.instance))
+                .collect();
+            report.postponed = Some(format!(
+                "{} objects that left the tree are kept until their instances apply cleanly ({})",
+                held.len(),
+                kiln_render::abbreviate(&instances.into_iter().collect::<Vec<_>>(), 3)
+            ));
+            after.extend(held.iter().map(|p| p.entry.clone()));
+        }
         // A retained object is no longer Kiln's: deleting its Namespace
         // would delete what Retain promised to keep.
         let mut ours: crate::prune::Ours = inventory
@@ -394,12 +429,83 @@ pub async fn execute(
         for p in plan.prune.iter().filter(|p| p.retain) {
             ours.remove(&p.entry.identity);
         }
-        let kept = prune(cluster, &plan.prune, ours, &semaphore, &mut report).await;
+        let free: Vec<Prune> = free.into_iter().cloned().collect();
+        let kept = prune(cluster, &free, ours, &semaphore, &mut report).await;
         after.extend(kept);
     }
     inventory.write(cluster, after).await?;
     report.retries = cluster.retries() - retries_before;
     Ok(report)
+}
+
+/// What an apply did not finish, and so may not prune: the instances in
+/// which a step failed (or was skipped because a dependency failed), the
+/// Namespaces their objects live in and the API groups they use, whose
+/// CRDs they may still need.
+struct Unfinished<'a> {
+    instances: HashSet<(&'a str, &'a str)>,
+    namespaces: HashSet<&'a str>,
+    groups: HashSet<&'a str>,
+}
+
+impl<'a> Unfinished<'a> {
+    fn new(plan: &'a Plan, statuses: &[Option<Status>]) -> Self {
+        let instances: HashSet<(&str, &str)> = plan
+            .steps
+            .iter()
+            .zip(statuses)
+            .filter(|(step, status)| match status {
+                Some(Status::Failed) => true,
+                // Skipped by its own policy is done; skipped for a failed
+                // dependency is not.
+                Some(Status::Skipped) => !matches!(step.action, Action::Skip(_)),
+                _ => false,
+            })
+            .map(|(step, _)| {
+                (
+                    &*step.desired.owner.blueprint,
+                    &*step.desired.owner.instance,
+                )
+            })
+            .collect();
+        let mut namespaces = HashSet::new();
+        let mut groups = HashSet::new();
+        for step in &plan.steps {
+            let owner = &step.desired.owner;
+            if instances.contains(&(&*owner.blueprint, &*owner.instance)) {
+                namespaces.insert(step.desired.identity.namespace.as_str());
+                groups.insert(step.desired.identity.group.as_str());
+            }
+        }
+        for p in &plan.prune {
+            let owner = &p.entry.owner;
+            if instances.contains(&(&*owner.blueprint, &*owner.instance)) {
+                namespaces.insert(p.entry.identity.namespace.as_str());
+            }
+        }
+        Self {
+            instances,
+            namespaces,
+            groups,
+        }
+    }
+
+    /// Whether `entry`, which left the tree, must wait.
+    fn holds(&self, entry: &Entry) -> bool {
+        let id = &entry.identity;
+        let owner = &entry.owner;
+        self.instances
+            .contains(&(owner.blueprint.as_str(), owner.instance.as_str()))
+            || (id.group.is_empty()
+                && id.kind == "Namespace"
+                && self.namespaces.contains(id.name.as_str()))
+            || (id.group == "apiextensions.k8s.io"
+                && id.kind == "CustomResourceDefinition"
+                && id
+                    .name
+                    .split_once('.')
+                    .is_some_and(|(_, group)| self.groups.contains(group)))
+    }
 }
 
 fn entry(desired: &Desired, wave: usize, uid: String) -> Entry {

@@ -3,8 +3,9 @@
 //!
 //! Waves follow the dependency graph: a resource's `dependsOn` (within its
 //! instance), a namespaced object's Namespace and a custom resource's CRD
-//! when they are in the same tree. Wave `n` starts when wave `n - 1` is
-//! done; an object whose dependency failed is skipped.
+//! when they are in the same tree. An object's wave is its depth in that
+//! graph; the apply starts each object once its own dependencies are done,
+//! and skips one whose dependency failed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
