@@ -273,6 +273,38 @@ fn a_pipeline_service_account_is_for_the_controller_only() {
 }
 
 #[test]
+fn notify_is_for_postgres_sources_on_an_identifier() {
+    let with =
+        |notify: &str| SOURCE.replace("  key: id\n", &format!("  key: id\n  notify: {notify}\n"));
+    assert_refused(
+        &[
+            ("source.yaml", &with("{channel: tenants}")),
+            ("tenants.json", TENANTS),
+            ("bp.yaml", &blueprint(CONFIG_MAP)),
+        ],
+        &[
+            "source.yaml",
+            "Source tenants",
+            "spec.notify is for PostgreSQL sources",
+        ],
+    );
+    let postgres = with("{channel: \"drop table\"}").replace(
+        "url: file:tenants.json",
+        "url: postgres://kiln@127.0.0.1:1/tenants",
+    );
+    assert_refused(
+        &[
+            ("source.yaml", &postgres),
+            ("bp.yaml", &blueprint(CONFIG_MAP)),
+        ],
+        &[
+            "source.yaml",
+            "spec.notify.channel \"drop table\" must be a PostgreSQL identifier",
+        ],
+    );
+}
+
+#[test]
 fn missing_column_names_blueprint_resource_row_and_line() {
     let bad = "  - id: config\n    templateFile: t/config.yaml.j2\n";
     assert_refused(
