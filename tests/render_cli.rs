@@ -328,6 +328,42 @@ fn missing_column_names_blueprint_resource_row_and_line() {
 }
 
 #[test]
+fn a_missing_column_through_a_filter_is_refused_too() {
+    for filter in [
+        "quote",
+        "to_json",
+        "to_yaml",
+        "dns_label",
+        "sha256",
+        "b64encode",
+        "lower",
+        "int",
+    ] {
+        let template = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\ndata:\n  a: \"{{{{ row.regoin | {filter} }}}}\"\n"
+        );
+        let dir = project(&[
+            ("source.yaml", SOURCE),
+            ("tenants.json", TENANTS),
+            (
+                "bp.yaml",
+                &blueprint("  - id: config\n    templateFile: t.j2\n"),
+            ),
+            ("t.j2", &template),
+        ]);
+        let out = dir.path().join("out");
+        let output = render_out(dir.path(), &out, &[]);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{filter}: {message}");
+        assert!(
+            message.contains("row acme") && message.contains("undefined"),
+            "{filter}: {message}"
+        );
+        assert!(message.contains("t.j2:5"), "{filter}: {message}");
+    }
+}
+
+#[test]
 fn duplicate_key_is_refused() {
     let tenants = r#"[{"id": "acme", "plan": "pro", "active": true}, {"id": "acme", "plan": "free", "active": true}]"#;
     assert_refused(

@@ -285,6 +285,7 @@ fn invalid(message: String) -> minijinja::Error {
 }
 
 fn to_yaml(value: Value) -> Result<Value, minijinja::Error> {
+    defined(&value)?;
     let structure = serde_json::to_value(&value).map_err(|e| invalid(format!("to_yaml: {e}")))?;
     let text = yaml::to_string(&structure).map_err(|e| invalid(format!("to_yaml: {e}")))?;
     let text = text.trim_end_matches('\n').to_string();
@@ -292,6 +293,7 @@ fn to_yaml(value: Value) -> Result<Value, minijinja::Error> {
 }
 
 fn to_json(value: Value) -> Result<Value, minijinja::Error> {
+    defined(&value)?;
     let structure = serde_json::to_value(&value).map_err(|e| invalid(format!("to_json: {e}")))?;
     Ok(Value::from_object(Structure::json(structure)))
 }
@@ -341,17 +343,27 @@ fn b64decode(text: String) -> Result<String, minijinja::Error> {
         .map_err(|_| invalid("b64decode: the decoded bytes are not UTF-8".into()))
 }
 
+/// Strict undefined reaches a filter that takes any value: a misspelt
+/// column must fail there as it does when printed.
+fn defined(value: &Value) -> Result<(), minijinja::Error> {
+    if value.is_undefined() {
+        return Err(minijinja::Error::from(ErrorKind::UndefinedError));
+    }
+    Ok(())
+}
+
 /// One string, whatever it holds: printed, it is a YAML string with exactly
 /// this text (JSON from `to_json` included); as text for other filters, it is
 /// double-quoted as in JSON. None quotes as the empty string, as Helm's
 /// `quote` does with nil.
-fn quote(value: Value) -> Value {
+fn quote(value: Value) -> Result<Value, minijinja::Error> {
+    defined(&value)?;
     let text = match value.as_str() {
         Some(s) => s.to_string(),
-        None if value.is_none() || value.is_undefined() => String::new(),
+        None if value.is_none() => String::new(),
         None => value.to_string(),
     };
-    Value::from_object(Quoted::new(text))
+    Ok(Value::from_object(Quoted::new(text)))
 }
 
 fn required(value: Value, message: Option<String>) -> Result<Value, minijinja::Error> {
