@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Kiln: render datasource rows into Kubernetes manifests, commit them to Git,
 /// and optionally apply them with Server-Side Apply.
 #[derive(Debug, Parser)]

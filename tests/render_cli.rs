@@ -170,6 +170,131 @@ fn demo_renders_deterministically_and_removes_stale_files() {
 }
 
 #[test]
+fn an_unchanged_directory_skips_the_render_and_anything_else_renders_again() {
+    let dir = project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", TENANTS),
+        ("bp.yaml", &blueprint(CONFIG_MAP)),
+    ]);
+    let out = dir.path().join("out");
+    let fresh = dir.path().join("fresh");
+    // The memo lives in the cache directory, never in the tree.
+    let cache = dir.path().join("cache");
+    let render = |target: &Path| {
+        let output = common::kiln_command()
+            .args([
+                "render",
+                "-f",
+                dir.path().to_str().unwrap(),
+                "--out",
+                target.to_str().unwrap(),
+            ])
+            .arg("--allow-mass-delete")
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        stderr(&output)
+    };
+    // Each step's tree must be what a render into an empty directory gives.
+    let same_as_fresh = |what: &str| {
+        let _ = std::fs::remove_dir_all(&fresh);
+        render(&fresh);
+        assert_eq!(read_tree(&out), read_tree(&fresh), "{what}");
+    };
+    let skipped =
+        |log: &str| log.contains("0 changed, 0 removed, 2 unchanged; 2 objects, 0 files written");
+    render(&out);
+    let memos: Vec<_> = std::fs::read_dir(cache.join("kiln/render-out"))
+        .unwrap()
+        .collect();
+    assert_eq!(memos.len(), 1, "one memo, in the cache directory");
+    let memo = memos[0].as_ref().unwrap().path();
+    let file = out.join("web/acme/config.yaml");
+    let written = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let log = KilnLog::of(dir.path(), &out, &cache);
+    assert!(skipped(&log.0), "{}", log.0);
+    assert!(
+        log.1.contains("the directory holds this render already"),
+        "{}",
+        log.1
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        written
+    );
+    same_as_fresh("nothing changed");
+
+    // A hand edit of the same length, a deleted file, a stray file in an
+    // instance directory: each renders again and is put right.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("pro", "PRO")).unwrap();
+    let log = KilnLog::of(dir.path(), &out, &cache);
+    assert!(!log.1.contains("holds this render already"), "{}", log.1);
+    same_as_fresh("an edited file");
+    std::fs::remove_file(&file).unwrap();
+    render(&out);
+    same_as_fresh("a deleted file");
+    std::fs::write(out.join("web/acme/stray.yaml"), "x").unwrap();
+    render(&out);
+    assert!(!out.join("web/acme/stray.yaml").exists());
+    same_as_fresh("a stray file");
+
+    // Changed rows and a changed template render again.
+    std::fs::write(
+        dir.path().join("tenants.json"),
+        TENANTS.replace("\"pro\"", "\"gold\""),
+    )
+    .unwrap();
+    let log = render(&out);
+    assert!(log.contains("1 changed"), "{log}");
+    same_as_fresh("a changed row");
+    std::fs::write(
+        dir.path().join("bp.yaml"),
+        blueprint(&CONFIG_MAP.replace("plan:", "tier:")),
+    )
+    .unwrap();
+    let log = render(&out);
+    assert!(log.contains("2 changed"), "{log}");
+    same_as_fresh("a changed template");
+
+    // A memo that is garbage, or from another version of the inputs, costs
+    // a render, never a wrong tree.
+    std::fs::write(&memo, "kiln render --out memo 1\nnonsense\n").unwrap();
+    let log = KilnLog::of(dir.path(), &out, &cache);
+    assert!(!log.1.contains("holds this render already"), "{}", log.1);
+    same_as_fresh("a corrupt memo");
+}
+
+/// A render into `out` with Kiln's debug log: (stderr summary, log).
+struct KilnLog(String, String);
+
+impl KilnLog {
+    fn of(config: &Path, out: &Path, cache: &Path) -> Self {
+        let output = common::kiln_command()
+            .env("XDG_CACHE_HOME", cache)
+            .args([
+                "render",
+                "-f",
+                config.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .env("KILN_LOG", "kiln=debug")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let all = stderr(&output);
+        let summary = all
+            .lines()
+            .filter(|l| l.starts_with("rendered "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        KilnLog(summary, all)
+    }
+}
+
+#[test]
 fn values_keep_their_types_and_inactive_rows_are_skipped() {
     let resources = "  - id: config\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: cfg}\n      data:\n        replicas: \"{{ row.replicas }}\"\n      binaryData: {}\n      immutable: {{ row.note is none }}\n      note: {{ row.note }}\n";
     let dir = project(&[

@@ -323,5 +323,21 @@ pub fn abbreviate<S: AsRef<str>>(items: &[S], limit: usize) -> String {
     text
 }
 
+/// Writes a memo file whole or not at all (a sibling file renamed into
+/// place), creating its directory. Best effort: a memo not written costs
+/// the next run time only, so a failure is logged at debug and dropped.
+pub(crate) fn remember_in(file: &std::path::Path, bytes: impl AsRef<[u8]>, what: &str) {
+    let partial = file.with_extension(format!("partial-{}", std::process::id()));
+    let written = file
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&partial, bytes))
+        .and_then(|()| std::fs::rename(&partial, file));
+    if let Err(e) = written {
+        tracing::debug!(error = %e, file = %file.display(), "could not remember {what}");
+        let _ = std::fs::remove_file(&partial);
+    }
+}
+
 /// The result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -552,17 +552,7 @@ fn with_dependencies(
 /// back what the template printed (see [`crate::printed`]): the structure is
 /// the template's alone.
 fn parse_object(output: &Output) -> std::result::Result<Map<String, Value>, String> {
-    let mut documents: Vec<Value> =
-        yaml::from_rendered(&output.text, "the output").map_err(|e| e.to_string())?;
-    documents.retain(|d| !d.is_null());
-    let mut object = match documents.len() {
-        1 => documents.remove(0),
-        n => {
-            return Err(format!(
-                "rendered {n} YAML documents; a resource renders exactly one object or nothing"
-            ));
-        }
-    };
+    let mut object = parse_document(&output.text)?;
     output.printed.resolve(&mut object)?;
     let Value::Object(object) = object else {
         return Err(format!(
@@ -605,6 +595,44 @@ fn parse_object(output: &Output) -> std::result::Result<Map<String, Value>, Stri
         }
     }
     Ok(object)
+}
+
+/// Parses a template's output as one YAML document.
+///
+/// What a row prints is a token in the output (see [`crate::printed`]), so a
+/// template renders the same text for most rows: each thread remembers the
+/// documents it parsed by their text, and a text seen before costs a hash
+/// and a copy instead of a parse. Parsing is a function of the text alone,
+/// so a remembered document is the one a parse would give.
+fn parse_document(text: &str) -> std::result::Result<Value, String> {
+    /// Documents one thread remembers at most; past that it starts over.
+    const REMEMBERED: usize = 512;
+    thread_local! {
+        static PARSED: std::cell::RefCell<HashMap<String, Value>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    if let Some(found) = PARSED.with(|p| p.borrow().get(text).cloned()) {
+        return Ok(found);
+    }
+    let mut documents: Vec<Value> =
+        yaml::from_rendered(text, "the output").map_err(|e| e.to_string())?;
+    documents.retain(|d| !d.is_null());
+    let document = match documents.len() {
+        1 => documents.remove(0),
+        n => {
+            return Err(format!(
+                "rendered {n} YAML documents; a resource renders exactly one object or nothing"
+            ));
+        }
+    };
+    PARSED.with(|p| {
+        let mut parsed = p.borrow_mut();
+        if parsed.len() >= REMEMBERED {
+            parsed.clear();
+        }
+        parsed.insert(text.to_string(), document.clone());
+    });
+    Ok(document)
 }
 
 /// Why `name` cannot name an object, if it cannot: the API server takes it as

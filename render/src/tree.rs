@@ -275,6 +275,221 @@ pub fn write_dir(dir: &Path, old: &Tree, new: &Tree) -> Result<()> {
     Ok(())
 }
 
+/// Where `render --out DIR` remembers what it wrote: the inputs it
+/// rendered, and each file's size and modification time (with a digest for
+/// those written too close to the end to tell a later edit by time). Kept
+/// in the user's cache directory (`$XDG_CACHE_HOME`, else `~/.cache`), by
+/// the directory's absolute path, so that nothing of it lands in a
+/// repository the directory belongs to; `None` without a home.
+pub fn memo_file(dir: &Path) -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|c| !c.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
+    let absolute = std::path::absolute(dir).ok()?;
+    let key = sha256(absolute.as_os_str().as_encoded_bytes());
+    Some(cache.join("kiln").join("render-out").join(&key[..32]))
+}
+
+const MEMO_HEADER: &str = "kiln render --out memo 1";
+
+/// How close to the memo a file's modification time may be and still be
+/// trusted: a file system stamps times in ticks of a few milliseconds, and
+/// an edit in the tick Kiln wrote a file would keep its time.
+const RACY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What [`remembered`] recalls: the summary of a render that changed
+/// nothing.
+pub fn remembered(dir: &Path, inputs: &str) -> Option<Summary> {
+    let text = std::fs::read_to_string(memo_file(dir)?).ok()?;
+    let mut lines = text.lines();
+    if lines.next()? != MEMO_HEADER || lines.next()? != inputs {
+        return None;
+    }
+    let (instances, objects) = lines.next()?.split_once(' ')?;
+    let mut recorded: std::collections::HashMap<&str, (u64, u128, &str)> =
+        std::collections::HashMap::new();
+    for line in lines {
+        let mut fields = line.split('\t');
+        let path = fields.next()?;
+        let len = fields.next()?.parse().ok()?;
+        let mtime = fields.next()?.parse().ok()?;
+        let digest = fields.next()?;
+        recorded.insert(path, (len, mtime, digest));
+    }
+    // What a render would read: the top-level directories it wrote, the
+    // emitted files, the root kustomization. Anything more or less, or
+    // touched, and the render runs.
+    let mut roots: BTreeSet<&str> = recorded
+        .keys()
+        .filter_map(|p| p.split_once('/').map(|(top, _)| top))
+        .collect();
+    roots.insert(EMIT_DIR);
+    let check = |relative: &str, meta: &std::fs::Metadata| -> Option<()> {
+        let (len, time, digest) = recorded.get(relative)?;
+        if meta.len() != *len || mtime(meta)? != *time {
+            return None;
+        }
+        if *digest != "-" && sha256(&std::fs::read(dir.join(relative)).ok()?) != *digest {
+            return None;
+        }
+        Some(())
+    };
+    let mut seen = 0;
+    for root in roots {
+        seen += stat_walk_parallel(&dir.join(root), root, &check)?;
+    }
+    check(
+        KUSTOMIZATION,
+        &std::fs::metadata(dir.join(KUSTOMIZATION)).ok()?,
+    )?;
+    seen += 1;
+    if seen != recorded.len() {
+        return None;
+    }
+    Some(Summary {
+        unchanged: instances.parse().ok()?,
+        objects: objects.parse().ok()?,
+        ..Summary::default()
+    })
+}
+
+/// Records what `render --out` just wrote into `dir` (see [`remembered`]).
+/// Best effort: without it the next render just reads the directory.
+pub fn remember(dir: &Path, inputs: &str, tree: &Tree) {
+    let now = std::time::SystemTime::now();
+    let mut text = format!(
+        "{MEMO_HEADER}\n{inputs}\n{} {}\n",
+        instances(tree).len(),
+        tree.objects()
+    );
+    for (path, content) in &tree.files {
+        let Some((len, time)) = std::fs::metadata(dir.join(path))
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?)))
+        else {
+            return;
+        };
+        let Ok(nanos) = time.duration_since(std::time::UNIX_EPOCH) else {
+            return;
+        };
+        let racy = now.duration_since(time).map_or(true, |d| d < RACY);
+        let digest = if racy { sha256(content) } else { "-".into() };
+        text.push_str(&format!("{path}\t{len}\t{}\t{digest}\n", nanos.as_nanos()));
+    }
+    let Some(file) = memo_file(dir) else {
+        return;
+    };
+    crate::remember_in(&file, text, "the render");
+}
+
+/// Forgets what [`remember`] recorded, before the directory changes.
+pub fn forget(dir: &Path) -> Result<()> {
+    let Some(file) = memo_file(dir) else {
+        return Ok(());
+    };
+    match std::fs::remove_file(&file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&file, "remove", e)),
+        _ => Ok(()),
+    }
+}
+
+/// [`stat_walk`] of `dir`, its subdirectories split over the cores (a
+/// blueprint directory holds one per instance).
+fn stat_walk_parallel(
+    dir: &Path,
+    prefix: &str,
+    check: &(impl Fn(&str, &std::fs::Metadata) -> Option<()> + Sync),
+) -> Option<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(0),
+        Err(_) => return None,
+    };
+    let mut seen = 0;
+    let mut subdirectories = Vec::new();
+    for entry in entries {
+        let entry = entry.ok()?;
+        let relative = format!("{prefix}/{}", entry.file_name().to_str()?);
+        let meta = entry.metadata().ok()?;
+        if meta.is_dir() {
+            subdirectories.push((entry.path(), relative));
+        } else {
+            check(&relative, &meta)?;
+            seen += 1;
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = subdirectories.len().div_ceil(threads).max(1);
+    let counts: Vec<Option<usize>> = std::thread::scope(|scope| {
+        let walkers: Vec<_> = subdirectories
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut seen = 0;
+                    let mut relative = String::new();
+                    for (path, name) in part {
+                        relative.clear();
+                        relative.push_str(name);
+                        seen += stat_walk(path, &mut relative, check)?;
+                    }
+                    Some(seen)
+                })
+            })
+            .collect();
+        walkers
+            .into_iter()
+            .map(|w| w.join().ok().flatten())
+            .collect()
+    });
+    for count in counts {
+        seen += count?;
+    }
+    Some(seen)
+}
+
+/// Calls `check` with each file under `dir` (`relative` is its path from
+/// the tree's root) and counts them; `None` as soon as one fails or cannot
+/// be read.
+fn stat_walk(
+    dir: &Path,
+    relative: &mut String,
+    check: &impl Fn(&str, &std::fs::Metadata) -> Option<()>,
+) -> Option<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(0),
+        Err(_) => return None,
+    };
+    let mut seen = 0;
+    for entry in entries {
+        let entry = entry.ok()?;
+        let name = entry.file_name();
+        let length = relative.len();
+        relative.push('/');
+        relative.push_str(name.to_str()?);
+        let meta = entry.metadata().ok()?;
+        if meta.is_dir() {
+            seen += stat_walk(&entry.path(), relative, check)?;
+        } else {
+            check(relative, &meta)?;
+            seen += 1;
+        }
+        relative.truncate(length);
+    }
+    Some(seen)
+}
+
+fn mtime(meta: &std::fs::Metadata) -> Option<u128> {
+    let time = meta.modified().ok()?;
+    Some(time.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos())
+}
+
+fn sha256(content: &[u8]) -> String {
+    use sha2::Digest as _;
+    crate::template::hex(&sha2::Sha256::digest(content))
+}
+
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && !name.contains('/') && name != "." && name != ".."
 }

@@ -216,6 +216,16 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if git_target {
         return commit(args, loaded, pipeline);
     }
+    // A directory that holds exactly what the last render of these inputs
+    // wrote needs no render: the same tree would come out.
+    let memo_key = out_memo_key(&loaded.inputs);
+    if let Some(out) = &args.out
+        && args.emit.is_empty()
+        && let Some(summary) = tree::remembered(out, &memo_key)
+    {
+        tracing::debug!("the directory holds this render already");
+        return report_out(args, out, &summary);
+    }
     let mut rendering = loaded.render()?;
     if !args.emit.is_empty() {
         let spec = pipeline.and_then(|p| p.spec.git.as_ref());
@@ -260,11 +270,32 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if !args.allow_mass_delete {
         publish::check_deletions(&summary, publish::max_delete_percent(pipeline))?;
     }
+    tree::forget(out)?;
     tree::write_dir(out, &old, &rendering.tree)
         .with_context(|| format!("failed to write {}", out.display()))?;
+    if args.emit.is_empty() {
+        tree::remember(out, &memo_key, &rendering.tree);
+    }
+    report_out(args, out, &summary)
+}
+
+/// What a render of these inputs into a directory is remembered by.
+fn out_memo_key(inputs: &Inputs) -> String {
+    let mut key = inputs.config.clone();
+    for (source, digest) in &inputs.sources {
+        key.push_str(&format!(" {source}={digest}"));
+    }
+    key
+}
+
+fn report_out(
+    args: &Args,
+    out: &std::path::Path,
+    summary: &tree::Summary,
+) -> anyhow::Result<Outcome> {
     match args.format {
         Format::Text => eprintln!("rendered {}: {}", out.display(), summary.line()),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+        Format::Json => println!("{}", serde_json::to_string_pretty(summary)?),
     }
     Ok(Outcome::Clean)
 }
