@@ -1256,3 +1256,233 @@ fn a_rollback_pin_travels_with_git_push() {
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(render(&project, &mirror, &[]).status.code(), Some(0));
 }
+
+/// A project whose Widgets' scope comes from a CRD one row may render.
+fn widget_project(dir: &Path) {
+    std::fs::write(
+        dir.join("source.yaml"),
+        "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {name: tenants}\nspec:\n  url: sqlite://tenants.db\n  seedFile: seed.sql\n  query: SELECT slug, replicas, crd FROM tenants ORDER BY slug\n  key: slug\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("blueprint.yaml"),
+        r#"apiVersion: kiln.dev/v1alpha1
+kind: Blueprint
+metadata: {name: web}
+spec:
+  source: tenants
+  namespace: "tenant-{{ key }}"
+  resources:
+  - id: config
+    templateFile: templates/config.yaml
+  - id: widget
+    template: |
+      apiVersion: example.com/v1
+      kind: Widget
+      metadata: {name: "w-{{ key }}"}
+      spec: {replicas: {{ row.replicas }}}
+  - id: crd
+    template: |
+      {% if row.crd %}
+      apiVersion: apiextensions.k8s.io/v1
+      kind: CustomResourceDefinition
+      metadata: {name: widgets.example.com}
+      spec:
+        group: example.com
+        scope: {{ row.crd }}
+        names: {kind: Widget, plural: widgets}
+        versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]
+      {% endif %}
+"#,
+    )
+    .unwrap();
+    widget_template(dir, "");
+}
+
+fn widget_template(dir: &Path, extra: &str) {
+    std::fs::create_dir_all(dir.join("templates")).unwrap();
+    std::fs::write(
+        dir.join("templates/config.yaml"),
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: settings}}\ndata:\n  replicas: \"{{{{ row.replicas }}}}\"\n{extra}"),
+    )
+    .unwrap();
+}
+
+fn widget_rows(dir: &Path, rows: &[(String, u32, &str)]) {
+    let mut seed = String::from(
+        "CREATE TABLE tenants (slug TEXT PRIMARY KEY, replicas INTEGER, crd TEXT);\nBEGIN;\n",
+    );
+    for (slug, replicas, crd) in rows {
+        seed.push_str(&format!(
+            "INSERT INTO tenants VALUES ('{slug}', {replicas}, '{crd}');\n"
+        ));
+    }
+    seed.push_str("COMMIT;\n");
+    std::fs::write(dir.join("seed.sql"), seed).unwrap();
+    let _ = std::fs::remove_file(dir.join("tenants.db"));
+}
+
+/// Renders `dir` into `repo` with `program`; returns how many instances
+/// came from the memo.
+fn render_counting_reuse(program: &Path, dir: &Path, repo: &Path) -> usize {
+    let output = common::kiln_command_of(program)
+        .args([
+            "render",
+            "-f",
+            dir.to_str().unwrap(),
+            "--git",
+            repo.to_str().unwrap(),
+        ])
+        .args(["--branch", "rendered"])
+        .env("KILN_LOG", "kiln=debug")
+        .output()
+        .unwrap();
+    let log = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains(" rendered") && l.contains("reused="))
+        .unwrap_or_else(|| panic!("no render in: {log}"));
+    line.split("reused=")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The per-instance memo files of a repository.
+fn instance_memos(repo: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(repo.join("kiln"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "instances"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_tree_built_with_the_instance_memo_is_the_tree_built_without_it() {
+    let work = tempfile::tempdir().unwrap();
+    let project = work.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    widget_project(&project);
+    let kiln = PathBuf::from(env!("CARGO_BIN_EXE_kiln"));
+    let remembering = bare_repo(work.path(), "remembering.git");
+    let forgetting = bare_repo(work.path(), "forgetting.git");
+    let mut rows: Vec<(String, u32, &str)> = (0..20).map(|i| (format!("t{i:02}"), 1, "")).collect();
+
+    // Renders into both repositories, the second without its memo, and
+    // checks the commits hold the same tree and say the same; returns how
+    // many instances the first took from its memo.
+    let both = |program: &Path, what: &str| -> usize {
+        for memo in instance_memos(&forgetting) {
+            std::fs::remove_file(memo).unwrap();
+        }
+        let reused = render_counting_reuse(program, &project, &remembering);
+        assert_eq!(render_counting_reuse(program, &project, &forgetting), 0);
+        assert_eq!(
+            git(&remembering, &["rev-parse", "rendered^{tree}"]),
+            git(&forgetting, &["rev-parse", "rendered^{tree}"]),
+            "{what}: the memo changed the tree"
+        );
+        assert_eq!(
+            git(&remembering, &["log", "-1", "--format=%B", "rendered"]),
+            git(&forgetting, &["log", "-1", "--format=%B", "rendered"]),
+            "{what}: the memo changed the commit message"
+        );
+        reused
+    };
+    let widget = |key: &str| {
+        git(
+            &remembering,
+            &["show", &format!("rendered:web/{key}/widget.yaml")],
+        )
+    };
+
+    widget_rows(&project, &rows);
+    assert_eq!(both(&kiln, "first render"), 0);
+    assert!(
+        !instance_memos(&remembering).is_empty(),
+        "a render into Git remembers its instances"
+    );
+
+    rows[3].1 = 2;
+    widget_rows(&project, &rows);
+    assert_eq!(
+        both(&kiln, "one row changed"),
+        19,
+        "only the changed row renders"
+    );
+
+    widget_template(&project, "  tier: \"gold\"\n");
+    assert_eq!(
+        both(&kiln, "template changed"),
+        0,
+        "a template change renders every instance"
+    );
+
+    // One row renders a CRD that makes every instance's Widget
+    // cluster-scoped: no instance may keep its namespaced Widget.
+    assert!(widget("t05").contains("namespace: tenant-t05"));
+    rows[0].2 = "Cluster";
+    widget_rows(&project, &rows);
+    assert_eq!(both(&kiln, "CRD scope changed"), 0);
+    assert!(!widget("t05").contains("namespace:"), "{}", widget("t05"));
+
+    // The instance with the CRD renders every time; the rest come back.
+    rows[7].1 = 3;
+    widget_rows(&project, &rows);
+    assert_eq!(both(&kiln, "a row changed beside a CRD"), 18);
+
+    rows[0].2 = "";
+    widget_rows(&project, &rows);
+    assert_eq!(both(&kiln, "CRD gone"), 0);
+    assert!(widget("t05").contains("namespace: tenant-t05"));
+
+    // Another build of Kiln never takes what this one rendered.
+    let other = work.path().join("kiln-other-build");
+    std::fs::copy(&kiln, &other).unwrap();
+    rows[9].1 = 4;
+    widget_rows(&project, &rows);
+    assert_eq!(both(&other, "another build"), 0);
+
+    // A damaged memo is not used, and the next render remembers again.
+    rows[9].1 = 5;
+    widget_rows(&project, &rows);
+    for memo in instance_memos(&remembering) {
+        let mut bytes = std::fs::read(&memo).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x55;
+        std::fs::write(&memo, bytes).unwrap();
+    }
+    assert_eq!(both(&kiln, "damaged memo"), 0);
+    rows[9].1 = 6;
+    widget_rows(&project, &rows);
+    assert_eq!(both(&kiln, "after a damaged memo"), 19);
+
+    // A memo whose trees the repository lacks is not used: copied into a
+    // new repository, it renders everything and commits the same tree.
+    let elsewhere = bare_repo(work.path(), "elsewhere.git");
+    std::fs::create_dir_all(elsewhere.join("kiln")).unwrap();
+    for memo in instance_memos(&remembering) {
+        std::fs::copy(
+            &memo,
+            elsewhere.join("kiln").join(memo.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    assert!(!instance_memos(&elsewhere).is_empty());
+    assert_eq!(render_counting_reuse(&kiln, &project, &elsewhere), 0);
+    assert_eq!(
+        git(&elsewhere, &["rev-parse", "rendered^{tree}"]),
+        git(&remembering, &["rev-parse", "rendered^{tree}"])
+    );
+    git(&elsewhere, &["fsck", "--strict", "--no-dangling"]);
+    git(&remembering, &["fsck", "--strict", "--no-dangling"]);
+}

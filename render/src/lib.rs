@@ -9,6 +9,7 @@ pub mod emit;
 pub mod git;
 pub mod graph;
 pub mod manifest;
+pub mod memo;
 mod parallel;
 pub mod policy;
 pub mod printed;

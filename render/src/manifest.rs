@@ -138,6 +138,20 @@ impl Scopes {
         }
     }
 
+    /// The (group, kind) pairs it holds cluster-scoped, sorted.
+    pub fn cluster_scoped(&self) -> impl Iterator<Item = &(String, String)> {
+        let mut kinds: Vec<&(String, String)> = self.cluster.iter().collect();
+        kinds.sort_unstable();
+        kinds.into_iter()
+    }
+
+    /// Scopes in which exactly these (group, kind) pairs are cluster-scoped.
+    pub fn with_cluster_scoped(kinds: Vec<(String, String)>) -> Scopes {
+        Scopes {
+            cluster: kinds.into_iter().collect(),
+        }
+    }
+
     /// Whether objects of this group and kind are cluster-scoped.
     pub fn is_cluster_scoped(&self, group: &str, kind: &str) -> bool {
         self.cluster

@@ -12,6 +12,7 @@ use crate::api::BlueprintSpec;
 use crate::config::{Config, Named};
 use crate::graph::{self, Graph};
 use crate::manifest::{self, Identity, Scopes, Stamp};
+use crate::memo::Memo;
 use crate::policy::Policies;
 use crate::source::Row;
 use crate::template::{Failure, Output, Templates, dns_label};
@@ -169,8 +170,33 @@ pub struct Instance {
     pub key: String,
     /// The key made a DNS label: the instance directory.
     pub name: String,
-    /// Objects in dependency order; resources that rendered nothing are absent.
+    /// Objects in dependency order; resources that rendered nothing are
+    /// absent. Empty for an instance taken from the memo.
     pub objects: Vec<Object>,
+    /// What the memo keeps of it, in a render with a memo: `None` when it
+    /// may not be remembered (see [`crate::memo`]).
+    pub remembered: Option<Remembered>,
+}
+
+impl Instance {
+    /// The tree its directory already is in the repository, when it was
+    /// taken from the memo instead of rendered (then it has no objects).
+    pub fn stored(&self) -> Option<git2::Oid> {
+        self.remembered.as_ref().and_then(|r| r.tree)
+    }
+}
+
+/// An instance as the memo knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    /// The digest of what its render reads.
+    pub key: crate::memo::Key,
+    /// Bytes of template output it spent.
+    pub bytes: u64,
+    /// The identity hash of each of its objects.
+    pub identities: Vec<u64>,
+    /// Its directory's tree, when it was taken from the memo.
+    pub tree: Option<git2::Oid>,
 }
 
 /// Everything one render produced.
@@ -180,6 +206,8 @@ pub struct Rendered {
     pub blueprints: Vec<String>,
     /// Instances sorted by blueprint, then name.
     pub instances: Vec<Instance>,
+    /// The CRD scopes it was rendered with, in a render with a memo.
+    pub scopes: Option<Scopes>,
 }
 
 /// What a blueprint's objects may take in one render, and what they took.
@@ -206,22 +234,30 @@ struct Stamped {
     key: String,
     name: String,
     objects: Vec<Object>,
+    remembered: Option<Remembered>,
 }
 
-type Pass = (Vec<Stamped>, Vec<Map<String, Value>>, Vec<Error>);
+/// The rows rendered, the CRDs seen, the errors, and whether a budget was
+/// passed.
+type Pass = (Vec<Stamped>, Vec<Map<String, Value>>, Vec<Error>, bool);
 
-/// Renders every active row once with `scopes`; returns the rows, the CRDs
-/// seen, and the errors (or the first, with `stop_at_first`).
+/// Renders every active row once with `scopes` (taking what `memo` holds);
+/// returns the rows, the CRDs seen, and the errors (or the first, with
+/// `stop_at_first`).
 fn render_pass(
     blueprints: &[Compiled],
     config: &Config,
     rows: &BTreeMap<String, Vec<Row>>,
     stop_at_first: bool,
     scopes: &Scopes,
+    memo: Option<&Memo>,
 ) -> Result<Pass> {
     let mut stamped = Vec::new();
     let mut crds = Vec::new();
     let mut errors = Vec::new();
+    let mut over_budget = false;
+    let scopes_key = memo.map(|_| crate::memo::scopes_digest(scopes));
+    let memo = memo.zip(scopes_key.as_ref());
     let total: usize = blueprints
         .iter()
         .filter_map(|b| rows.get(&b.spec.source))
@@ -243,7 +279,7 @@ fn render_pass(
                 .max_render_bytes(),
         };
         let results = crate::parallel::map(active, |row| {
-            let rendered = render_row(b, blueprint, config, row, scopes, &budget);
+            let rendered = render_row(b, blueprint, config, row, scopes, &budget, memo);
             progress.advance(1);
             rendered
         });
@@ -257,8 +293,9 @@ fn render_pass(
                 Err(e) => errors.push(e),
             }
         }
+        over_budget |= budget.exhausted();
     }
-    Ok((stamped, crds, errors))
+    Ok((stamped, crds, errors, over_budget))
 }
 
 /// Renders every active row; `stop_at_first` makes the first error (in
@@ -269,20 +306,47 @@ pub fn render(
     rows: &BTreeMap<String, Vec<Row>>,
     stop_at_first: bool,
 ) -> Result<Rendered> {
+    render_remembering(blueprints, config, rows, stop_at_first, None)
+}
+
+/// [`render`], taking from `memo` every instance whose inputs it holds (see
+/// [`crate::memo`]): those come out with no objects and the tree their
+/// directory is ([`Instance::stored`]). With a memo, every instance that
+/// may be remembered says what to remember of it.
+pub fn render_remembering(
+    blueprints: &[Compiled],
+    config: &Config,
+    rows: &BTreeMap<String, Vec<Row>>,
+    stop_at_first: bool,
+    memo: Option<&Memo>,
+) -> Result<Rendered> {
     // One pass stamps and serialises each object as it renders, so no
     // parsed object outlives its row. CRDs rendered in the same run can make
-    // their kinds cluster-scoped; only then is a second pass needed.
+    // their kinds cluster-scoped; only then is a second pass needed. The
+    // memo's scopes are the first guess: they are the last render's, and
+    // an instance that renders a CRD is never taken from the memo, so the
+    // CRDs of this pass are all there are.
     let defaults = Scopes::default();
-    let (mut stamped, crds, mut errors) =
-        render_pass(blueprints, config, rows, stop_at_first, &defaults)?;
-    if !crds.is_empty() {
-        let mut learned = defaults.clone();
-        for crd in &crds {
-            learned.learn(crd);
-        }
-        if learned != defaults {
-            (stamped, _, errors) = render_pass(blueprints, config, rows, stop_at_first, &learned)?;
-        }
+    let first = memo.and_then(|m| m.scopes.clone()).unwrap_or_default();
+    let (mut stamped, crds, mut errors, mut over_budget) =
+        render_pass(blueprints, config, rows, stop_at_first, &first, memo)?;
+    let mut learned = defaults.clone();
+    for crd in &crds {
+        learned.learn(crd);
+    }
+    if learned != first {
+        (stamped, _, errors, over_budget) =
+            render_pass(blueprints, config, rows, stop_at_first, &learned, memo)?;
+    }
+    let reused = stamped
+        .iter()
+        .any(|s| s.remembered.as_ref().is_some_and(|r| r.tree.is_some()));
+    // What a render that reused an instance reports must be what a full
+    // render reports: any trouble, and it is done again without the memo.
+    if reused && (over_budget || !errors.is_empty() || identities_collide(&stamped)) {
+        tracing::debug!("the render with the memo found a problem; rendering every instance");
+        let empty = Memo::default();
+        return render_remembering(blueprints, config, rows, stop_at_first, Some(&empty));
     }
 
     let mut instances = Vec::with_capacity(stamped.len());
@@ -293,6 +357,7 @@ pub fn render(
         key,
         name,
         objects,
+        remembered,
     } in stamped
     {
         let blueprint = &blueprints[b];
@@ -323,6 +388,7 @@ pub fn render(
             key,
             name,
             objects,
+            remembered,
         });
     }
     if stop_at_first && !errors.is_empty() {
@@ -335,7 +401,33 @@ pub fn render(
     Ok(Rendered {
         blueprints: names,
         instances,
+        scopes: memo.map(|_| learned),
     })
+}
+
+/// Whether two objects of a render with reused instances have the same
+/// identity hash: then it must be rendered in full to tell (and name) a
+/// real collision.
+fn identities_collide(stamped: &[Stamped]) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    for row in stamped {
+        let fresh;
+        let hashes = match &row.remembered {
+            Some(r) => &r.identities,
+            None => {
+                fresh = row
+                    .objects
+                    .iter()
+                    .map(|o| crate::memo::identity_hash(&o.identity))
+                    .collect::<Vec<_>>();
+                &fresh
+            }
+        };
+        if hashes.iter().any(|h| !seen.insert(*h)) {
+            return true;
+        }
+    }
+    false
 }
 
 fn render_row(
@@ -345,8 +437,28 @@ fn render_row(
     row: &Row,
     scopes: &Scopes,
     budget: &Budget,
+    memo: Option<(&Memo, &crate::memo::Key)>,
 ) -> Result<(Stamped, Vec<Map<String, Value>>)> {
     let name = dns_label(&row.key);
+    let memo_key = memo.map(|(_, scopes)| crate::memo::instance_key(blueprint, scopes, row));
+    if let Some(((memo, _), key)) = memo.zip(memo_key)
+        && let Some(entry) = memo.get(&key)
+    {
+        budget.spend(usize::try_from(entry.bytes).unwrap_or(usize::MAX));
+        let stamped = Stamped {
+            blueprint: b,
+            key: row.key.clone(),
+            name,
+            objects: Vec::new(),
+            remembered: Some(Remembered {
+                key,
+                bytes: entry.bytes,
+                identities: entry.identities.clone(),
+                tree: Some(entry.tree),
+            }),
+        };
+        return Ok((stamped, Vec::new()));
+    }
     if budget.exhausted() {
         // The row that went over budget reports it; the rest stop here.
         let stamped = Stamped {
@@ -354,6 +466,7 @@ fn render_row(
             key: row.key.clone(),
             name,
             objects: Vec::new(),
+            remembered: None,
         };
         return Ok((stamped, Vec::new()));
     }
@@ -422,6 +535,7 @@ fn render_row(
     };
     let mut objects = Vec::new();
     let mut crds = Vec::new();
+    let mut spent = 0u64;
     // What each resource depends on among those that rendered something
     // for this row: a dependency that rendered nothing passes on its own
     // dependencies, so the order of what remains is kept (as ArgoCD's
@@ -450,6 +564,7 @@ fn render_row(
             .templates
             .render(template, &ctx)
             .map_err(|f| fail(&resource.id, template, f))?;
+        spent += output.text.len() as u64;
         if !budget.spend(output.text.len()) {
             return Err(fail(
                 &resource.id,
@@ -516,16 +631,30 @@ fn render_row(
         objects.push(Object {
             resource: resource.id.clone(),
             identity,
-            yaml: yaml::to_string(&value)?,
+            yaml: yaml::value_to_string(&value)?,
             plaintext_secret,
         });
     }
+    // An instance with a CRD (its scope reaches other instances) or a
+    // Secret in plain text (the guard must name it) renders every time.
+    let remembered = memo_key
+        .filter(|_| crds.is_empty() && !objects.iter().any(|o| o.plaintext_secret))
+        .map(|key| Remembered {
+            key,
+            bytes: spent,
+            identities: objects
+                .iter()
+                .map(|o| crate::memo::identity_hash(&o.identity))
+                .collect(),
+            tree: None,
+        });
     Ok((
         Stamped {
             blueprint: b,
             key: row.key.clone(),
             name,
             objects,
+            remembered,
         },
         crds,
     ))

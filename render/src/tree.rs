@@ -25,6 +25,19 @@ pub const KUSTOMIZATION: &str = "kustomization.yaml";
 pub struct Tree {
     /// File contents by path.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Instance directories (`blueprint/instance`) taken whole from a Git
+    /// repository's memo instead of rendered: only a render into that
+    /// repository has them.
+    pub stored: BTreeMap<String, Stored>,
+}
+
+/// An instance directory that is a tree in a repository already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The tree.
+    pub id: git2::Oid,
+    /// How many objects it holds.
+    pub objects: usize,
 }
 
 impl Tree {
@@ -35,6 +48,7 @@ impl Tree {
             .keys()
             .filter(|p| p.matches('/').count() == 2 && !p.ends_with(KUSTOMIZATION))
             .count()
+            + self.stored.values().map(|s| s.objects).sum::<usize>()
     }
 }
 
@@ -46,12 +60,18 @@ pub fn build(rendered: &Rendered) -> Result<Tree> {
         .iter()
         .map(|b| (b.as_str(), Vec::new()))
         .collect();
+    let mut stored = BTreeMap::new();
     for instance in &rendered.instances {
         by_blueprint
             .entry(&instance.blueprint)
             .or_default()
             .push(&instance.name);
         let dir = format!("{}/{}", instance.blueprint, instance.name);
+        if let (Some(id), Some(remembered)) = (instance.stored(), &instance.remembered) {
+            let objects = remembered.identities.len();
+            stored.insert(dir, Stored { id, objects });
+            continue;
+        }
         let mut listed = Vec::with_capacity(instance.objects.len());
         for object in &instance.objects {
             let file = format!("{}.yaml", object.resource);
@@ -70,7 +90,7 @@ pub fn build(rendered: &Rendered) -> Result<Tree> {
     }
     let blueprints: Vec<&str> = by_blueprint.keys().copied().collect();
     files.insert(KUSTOMIZATION.to_string(), kustomization(&blueprints)?);
-    Ok(Tree { files })
+    Ok(Tree { files, stored })
 }
 
 fn kustomization<T: Serialize>(resources: &[T]) -> Result<Vec<u8>> {
@@ -243,6 +263,14 @@ fn walk(dir: &Path, prefix: &str, tree: &mut Tree) -> Result<()> {
 /// (read from the same directory) had that `new` does not, with directories
 /// left empty.
 pub fn write_dir(dir: &Path, old: &Tree, new: &Tree) -> Result<()> {
+    if let Some(path) = new.stored.keys().next() {
+        return Err(Error::Output {
+            message: format!(
+                "cannot write {}: {path} was taken from a repository's memo, not rendered",
+                dir.display()
+            ),
+        });
+    }
     std::fs::create_dir_all(dir).map_err(|e| io(dir, "create", e))?;
     for (path, content) in &new.files {
         if old.files.get(path) == Some(content) {

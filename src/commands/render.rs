@@ -179,9 +179,23 @@ impl Loaded {
 
     /// Renders every active row.
     pub fn render(self) -> anyhow::Result<Rendering> {
+        self.render_remembering(None)
+    }
+
+    /// Renders every active row, taking from `memo` the instances whose
+    /// inputs it holds (see [`kiln_render::memo`]).
+    pub fn render_remembering(
+        self,
+        memo: Option<&kiln_render::memo::Memo>,
+    ) -> anyhow::Result<Rendering> {
         let started = std::time::Instant::now();
-        let rendered = render::render(&self.blueprints, &self.config, &self.rows, true)?;
-        tracing::debug!(elapsed = ?started.elapsed(), "rendered");
+        let rendered =
+            render::render_remembering(&self.blueprints, &self.config, &self.rows, true, memo)?;
+        tracing::debug!(
+            elapsed = ?started.elapsed(),
+            reused = rendered.instances.iter().filter(|i| i.stored().is_some()).count(),
+            "rendered"
+        );
         let tree = tree::build(&rendered)?;
         tracing::debug!(elapsed = ?started.elapsed(), "tree built");
         Ok(Rendering {
@@ -356,7 +370,9 @@ fn commit(
         }
         return report(args, &published);
     }
-    let mut rendering = loaded.render()?;
+    let memo = publish::instance_memo(&target.repo, &target.options)?;
+    let mut rendering = loaded.render_remembering(Some(&memo))?;
+    drop(memo);
     let rendering = &mut rendering;
     if !args.emit.is_empty() {
         let refname = target.repo.branch_ref(target.options.branch.as_deref())?;
@@ -385,6 +401,7 @@ fn commit(
     }
     let started = std::time::Instant::now();
     let published = publish::publish(repo, &rendering.tree, &rendering.inputs, options)?;
+    publish::remember_instances(repo, options, &rendering.rendered, &published);
     tracing::debug!(
         git_ms = started.elapsed().as_secs_f64() * 1000.0,
         "hashed, checked and committed"

@@ -144,6 +144,7 @@ fn instances_only(tree: &Tree, of: &Tree) -> Tree {
             })
             .map(|(p, c)| (p.clone(), c.clone()))
             .collect(),
+        ..Tree::default()
     }
 }
 

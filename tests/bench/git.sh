@@ -84,5 +84,7 @@ printf '%-34s %9.3fs %11.3fs\n' "no-op (render included)" "$(pick kiln_noop)" "$
 echo "kiln's render alone (in memory): $(pick render_only)s; the commit alone is the time kiln spends in Git after rendering, git add+commit after the files are written"
 awk -v k="$(pick kiln_first)" -v f="$(pick fast_first)" -v kc="$kiln_commit" -v gc="$(pick git_change_commit)" 'BEGIN {
   printf "first commit, kiln / fast-import: %.2fx\n1%% commit alone, git add+commit / kiln: %.1fx\n", k / f, gc / kc }'
+awk -v k="$(pick kiln_change)" -v g="$(pick git_change)" 'BEGIN {
+  printf "1%% change, render included, git CLI path / kiln: %.1fx\n", g / k }'
 echo "1% change: $change"
 echo "repository growth for the 1% commit: kiln $((k1 - k0)) KB on disk, git CLI $((g1 - g0)) KB; the same objects packed: $((packed / 1024)) KB"

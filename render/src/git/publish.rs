@@ -185,7 +185,7 @@ impl Target {
         let commit = self.commit(base)?;
         let mut old = self.repo.owned_at(commit.as_ref(), &self.options.path)?;
         old.remove(crate::tree::EMIT_DIR);
-        let node = Node::build(tree)?;
+        let node = Node::build(tree, Some(&self.repo.git))?;
         let new = Item::Rendered(&node).entries()?;
         Ok(Comparison {
             changes: repo::compare(&old, &new)?,
@@ -374,15 +374,31 @@ fn recall(repo: &Repo, refname: &Branch, path: &str) -> Option<String> {
 
 fn remember(repo: &Repo, refname: &Branch, path: &str, tip: Oid, inputs: &Inputs) {
     let file = memo_file(repo, refname, path);
-    let partial = file.with_extension(format!("partial-{}", std::process::id()));
-    let written = file
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&partial, memo(tip, inputs)))
-        .and_then(|()| std::fs::rename(&partial, &file));
-    if let Err(e) = written {
-        tracing::debug!(error = %e, "could not remember the render's inputs");
-    }
+    crate::remember_in(&file, memo(tip, inputs), "the render's inputs");
+}
+
+/// The per-instance memo of renders into `options.path` of the branch
+/// (see [`crate::memo`]), kept beside the inputs memo in `kiln/` of the Git
+/// directory; empty when there is none or it cannot be trusted.
+pub fn instance_memo(repo: &Repo, options: &Options) -> Result<crate::memo::Memo> {
+    let refname = repo.branch_ref(options.branch.as_deref())?;
+    let file = memo_file(repo, &refname, &options.path).with_extension("instances");
+    Ok(crate::memo::Memo::load(&repo.git, &file))
+}
+
+/// Records what `published` (a render of `rendered` with a memo) holds of
+/// each instance, for [`instance_memo`]. Best effort.
+pub fn remember_instances(
+    repo: &Repo,
+    options: &Options,
+    rendered: &Rendered,
+    published: &Published,
+) {
+    let Ok(root) = Oid::from_str(&published.tree) else {
+        return;
+    };
+    let file = memo_file(repo, &published.branch, &options.path).with_extension("instances");
+    crate::memo::Memo::save(&repo.git, &file, rendered, root);
 }
 
 /// What a render did to the branch.
@@ -483,7 +499,7 @@ pub fn check_pin(repo: &Repo, refname: &Branch, path: &str, pin: Option<&Record>
 /// made; a render that loses a race re-checks and retries.
 pub fn publish(repo: &Repo, tree: &Tree, inputs: &Inputs, options: &Options) -> Result<Published> {
     let refname = repo.branch_ref(options.branch.as_deref())?;
-    let node = Node::build(tree)?;
+    let node = Node::build(tree, Some(&repo.git))?;
     let (author, committer) = repo.signatures(options.author.as_deref())?;
     until_moved(&refname, "render", || {
         match attempt(

@@ -28,17 +28,31 @@ enum Kind<'a> {
     Blob(&'a [u8]),
     /// Entries in Git's order, and the tree object's bytes.
     Tree(Vec<(String, Node<'a>)>, Vec<u8>),
+    /// A directory that is a tree of this repository already.
+    Stored(Stored<'a>),
+}
+
+/// The repository a stored directory is in.
+#[derive(Clone, Copy)]
+struct Stored<'a>(&'a Repository);
+
+impl std::fmt::Debug for Stored<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stored")
+    }
 }
 
 #[derive(Default)]
 struct Dir<'a> {
     files: Vec<(&'a str, &'a [u8], Oid)>,
     dirs: BTreeMap<&'a str, Dir<'a>>,
+    stored: Vec<(&'a str, Oid)>,
 }
 
 impl<'a> Node<'a> {
-    /// Hashes a rendered tree; nothing is written.
-    pub fn build(tree: &'a Tree) -> Result<Node<'a>> {
+    /// Hashes a rendered tree; nothing is written. Its stored directories
+    /// are trees of `repo`.
+    pub fn build(tree: &'a Tree, repo: Option<&'a Repository>) -> Result<Node<'a>> {
         // Hashing every file is most of the work: share it between the cores.
         let files: Vec<(&String, &Vec<u8>)> = tree.files.iter().collect();
         let progress = crate::progress::phase("hashing files", files.len() as u64);
@@ -58,20 +72,24 @@ impl<'a> Node<'a> {
         .collect();
         let mut root = Dir::default();
         for ((path, content), id) in files.into_iter().zip(ids) {
-            let mut dir = &mut root;
-            let mut parts = path.split('/').peekable();
-            while let Some(part) = parts.next() {
-                if parts.peek().is_none() {
-                    dir.files.push((part, content, id));
-                } else {
-                    dir = dir.dirs.entry(part).or_default();
-                }
-            }
+            let (dir, name) = root.parent_of(path);
+            dir.files.push((name, content, id));
         }
-        Node::directory(root)
+        if !tree.stored.is_empty() && repo.is_none() {
+            return Err(Error::Git {
+                message:
+                    "a tree with directories taken from a repository's memo needs that repository"
+                        .into(),
+            });
+        }
+        for (path, stored) in &tree.stored {
+            let (dir, name) = root.parent_of(path);
+            dir.stored.push((name, stored.id));
+        }
+        Node::directory(root, repo)
     }
 
-    fn directory(dir: Dir<'a>) -> Result<Node<'a>> {
+    fn directory(dir: Dir<'a>, repo: Option<&'a Repository>) -> Result<Node<'a>> {
         let mut entries = Vec::with_capacity(dir.files.len() + dir.dirs.len());
         for (name, content, id) in dir.files {
             entries.push((
@@ -83,7 +101,18 @@ impl<'a> Node<'a> {
             ));
         }
         for (name, sub) in dir.dirs {
-            entries.push((name.to_string(), Node::directory(sub)?));
+            entries.push((name.to_string(), Node::directory(sub, repo)?));
+        }
+        for (name, id) in dir.stored {
+            if let Some(repo) = repo {
+                entries.push((
+                    name.to_string(),
+                    Node {
+                        id,
+                        kind: Kind::Stored(Stored(repo)),
+                    },
+                ));
+            }
         }
         entries.sort_by_cached_key(|(name, node)| git_order(name, node.is_tree()));
         let mut raw = Vec::with_capacity(entries.len() * 48);
@@ -101,14 +130,27 @@ impl<'a> Node<'a> {
 
     /// Whether this is a directory.
     pub fn is_tree(&self) -> bool {
-        matches!(self.kind, Kind::Tree(..))
+        matches!(self.kind, Kind::Tree(..) | Kind::Stored(_))
     }
 
-    /// The entries of a directory (none for a file).
+    /// The entries of a directory hashed here (none for a file or a stored
+    /// directory).
     pub fn entries(&self) -> &[(String, Node<'a>)] {
         match &self.kind {
             Kind::Tree(entries, _) => entries,
-            Kind::Blob(_) => &[],
+            Kind::Blob(_) | Kind::Stored(_) => &[],
+        }
+    }
+
+    /// The node as one side of a comparison.
+    fn item(&'a self) -> Item<'a> {
+        match self.kind {
+            Kind::Stored(Stored(repo)) => Item::Stored {
+                repo,
+                id: self.id,
+                tree: true,
+            },
+            _ => Item::Rendered(self),
         }
     }
 
@@ -144,6 +186,8 @@ impl<'a> Node<'a> {
         }
         match &self.kind {
             Kind::Blob(content) => out.push((ObjectType::Blob, content)),
+            // The memo that named it found it in the repository.
+            Kind::Stored(_) => {}
             Kind::Tree(entries, raw) => {
                 for (_, node) in entries {
                     node.collect_missing(odb, seen, out);
@@ -157,6 +201,18 @@ impl<'a> Node<'a> {
 /// From this many new objects on, they go into one pack instead of a file
 /// each (Git's own fetch uses the same cut-off).
 const PACK_THRESHOLD: usize = 100;
+
+impl<'a> Dir<'a> {
+    /// The directory that holds `path`, made as needed, and the last part.
+    fn parent_of(&mut self, path: &'a str) -> (&mut Dir<'a>, &'a str) {
+        let (parents, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let mut dir = self;
+        for part in parents.split('/').filter(|p| !p.is_empty()) {
+            dir = dir.dirs.entry(part).or_default();
+        }
+        (dir, name)
+    }
+}
 
 /// Git sorts a directory as if its name ended in `/`.
 fn git_order(name: &str, tree: bool) -> Vec<u8> {
@@ -339,7 +395,7 @@ impl<'r> Item<'r> {
             Item::Rendered(node) => node
                 .entries()
                 .iter()
-                .map(|(name, n)| (name.clone(), Item::Rendered(n)))
+                .map(|(name, n)| (name.clone(), n.item()))
                 .collect(),
         })
     }
@@ -639,7 +695,10 @@ impl Repo {
         .map_err(git)?;
         match failure {
             Some(e) => Err(e),
-            None => Ok(Tree { files }),
+            None => Ok(Tree {
+                files,
+                ..Tree::default()
+            }),
         }
     }
 
@@ -1009,6 +1068,7 @@ mod tests {
                 .iter()
                 .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
                 .collect(),
+            ..Tree::default()
         }
     }
 
@@ -1023,7 +1083,7 @@ mod tests {
             ("a.c/y", "3\n"),
             ("k.yaml", "4\n"),
         ]);
-        let node = Node::build(&files)?;
+        let node = Node::build(&files, None)?;
         let odb = repo.odb()?;
         assert_eq!(node.write(&odb)?, 7, "4 blobs and 3 trees");
         assert_eq!(repo.find_tree(node.id)?.len(), 4);
@@ -1068,9 +1128,9 @@ mod tests {
             ("web/b/x.yaml", "22\n"),
             ("web/d/x.yaml", "4\n"),
         ]);
-        let stored = Node::build(&before)?;
+        let stored = Node::build(&before, None)?;
         stored.write(&repo.odb()?)?;
-        let rendered = Node::build(&after)?;
+        let rendered = Node::build(&after, None)?;
         let old = Item::Stored {
             repo: &repo,
             id: stored.id,
