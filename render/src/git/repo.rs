@@ -787,16 +787,16 @@ impl Repo {
         new: Oid,
         log: &str,
     ) -> Result<bool> {
-        let result = match expected {
-            Some(current) => self
-                .git
-                .reference_matching(refname.refname(), new, true, current, log)
-                .map(|_| ()),
-            None => self
-                .git
-                .reference(refname.refname(), new, false, log)
-                .map(|_| ()),
-        };
+        // The compare happens under the reference's lock. A branch that
+        // must not exist yet is compared with the zero id: creating it with
+        // `force` false checks for it before taking the lock, so two
+        // writers creating it at once could both succeed, the second
+        // silently dropping the first one's commit.
+        let current = expected.unwrap_or(Oid::ZERO_SHA1);
+        let result = self
+            .git
+            .reference_matching(refname.refname(), new, true, current, log)
+            .map(|_| ());
         match result {
             Ok(()) => Ok(true),
             Err(e)
@@ -1151,6 +1151,44 @@ mod tests {
             ]
         );
         assert_eq!(changes[0].new.as_deref(), Some(&b"22\n"[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn writers_creating_one_branch_at_once_leave_exactly_one_winner()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let repo = Repository::init_bare(dir.path())?;
+        let tree = repo.treebuilder(None)?.write()?;
+        let who = Signature::now("t", "t@example.com")?;
+        let commits: Vec<Oid> = (0..6)
+            .map(|i| {
+                let tree = repo.find_tree(tree)?;
+                repo.commit(None, &who, &who, &format!("c{i}"), &tree, &[])
+            })
+            .collect::<Result<_, _>>()?;
+        for round in 0..150 {
+            let branch = Branch(format!("refs/heads/race-{round}"));
+            let barrier = std::sync::Barrier::new(commits.len());
+            let won: Vec<bool> = std::thread::scope(|scope| {
+                let writers: Vec<_> = commits
+                    .iter()
+                    .map(|&commit| {
+                        let (branch, barrier, path) = (&branch, &barrier, dir.path());
+                        scope.spawn(move || {
+                            let repo = Repo::open(path).unwrap();
+                            barrier.wait();
+                            repo.advance(branch, None, commit, "race").unwrap()
+                        })
+                    })
+                    .collect();
+                writers.into_iter().map(|w| w.join().unwrap()).collect()
+            });
+            let winners = won.iter().filter(|w| **w).count();
+            assert_eq!(winners, 1, "round {round}: {won:?}");
+            let tip = repo.refname_to_id(branch.refname())?;
+            assert_eq!(Some(tip), won.iter().position(|w| *w).map(|i| commits[i]));
+        }
         Ok(())
     }
 }
