@@ -1172,3 +1172,136 @@ fn a_dependency_that_rendered_nothing_passes_on_its_own_dependencies() {
         "{globex}"
     );
 }
+
+/// A Pipeline with a rollout over 40 tenants, 4 of them internal.
+fn rollout_project(waves: &str) -> tempfile::TempDir {
+    let tenants: Vec<String> = (0..40)
+        .map(|i| {
+            let tier = if i % 10 == 3 { "internal" } else { "pro" };
+            format!(r#"{{"id": "t{i:02}", "plan": "{tier}", "active": true}}"#)
+        })
+        .collect();
+    let pipeline = format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: prod}}\nspec:\n  rollout:\n    onFailure: Rollback\n    waves:\n{waves}"
+    );
+    project(&[
+        ("source.yaml", SOURCE),
+        ("tenants.json", &format!("[{}]", tenants.join(",\n"))),
+        ("bp.yaml", &blueprint(CONFIG_MAP)),
+        ("pipeline.yaml", &pipeline),
+    ])
+}
+
+#[test]
+fn rollout_plan_shows_each_waves_instances_in_order_and_names_a_wrong_strategy() {
+    let dir = rollout_project(concat!(
+        "    - {name: canary, instances: [t13]}\n",
+        "    - {name: early, select: \"row.plan == 'internal'\", maxConcurrent: 2}\n",
+        "    - {name: ten-percent, percent: 10, gates: [{approval: {}}]}\n",
+        "    - {name: rest, quorum: 95%, gates: [{window: {days: Sat-Sun, from: \"00:00\", to: \"00:01\", timeZone: Pacific/Kiritimati}}]}\n",
+    ));
+    let d = dir.path().to_str().unwrap();
+    let output = kiln(&["rollout", "plan", "-f", d, "--format", "json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let plan: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let waves = plan["waves"].as_array().unwrap();
+    let keys = |w: &serde_json::Value| -> Vec<String> {
+        w["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(keys(&waves[0]), ["web/t13"]);
+    assert_eq!(keys(&waves[1]), ["web/t03", "web/t23", "web/t33"]);
+    assert_eq!(waves[1]["maxConcurrent"], 2);
+    assert_eq!(waves[2]["count"], 4, "10% of 40, rounded up");
+    assert_eq!(waves[3]["count"], 32);
+    assert_eq!(waves[3]["healthyNeeded"], 31, "95% of 32, rounded up");
+    assert_eq!(plan["onFailure"], "Rollback");
+    // Every instance is in exactly one wave.
+    let mut all: Vec<String> = waves.iter().flat_map(keys).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 40);
+    // The same rows give the same plan, and the text names the waves.
+    let again = kiln(&["rollout", "plan", "-f", d, "--format", "json"]);
+    assert_eq!(output.stdout, again.stdout);
+    let text = kiln(&["rollout", "plan", "-f", d]);
+    let text = stdout(&text);
+    assert!(
+        text.contains(
+            "wave 2 early: 3 instances (select \"row.plan == 'internal'\"), at most 2 at once"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("gate approval"), "{text}");
+    assert!(
+        text.contains("gate window: Sat-Sun 00:00-00:01 Pacific/Kiritimati"),
+        "{text}"
+    );
+
+    // A canary key no row has, and a broken window, are named: exit 2.
+    for (waves, expected) in [
+        (
+            "    - {name: canary, instances: [t99]}\n    - {name: rest}\n",
+            "pipeline.yaml: Pipeline prod: spec.rollout: wave canary: no instance has the key \"t99\"",
+        ),
+        (
+            "    - {name: rest, gates: [{window: {from: \"9:00\", to: \"16:00\"}}]}\n",
+            "pipeline.yaml: Pipeline prod: spec.rollout: wave rest: gates[0]: window.from: \"9:00\" is not a time like 09:00",
+        ),
+        (
+            "    - {name: canary, instances: [t01]}\n",
+            "the last wave (canary) must take every remaining instance",
+        ),
+    ] {
+        let dir = rollout_project(waves);
+        let output = kiln(&["rollout", "plan", "-f", dir.path().to_str().unwrap()]);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{message}");
+        assert_eq!(message.trim_end().lines().count(), 1, "one line: {message}");
+        assert!(
+            message.contains(expected),
+            "{expected:?} not in {message:?}"
+        );
+    }
+}
+
+#[test]
+fn a_pipeline_with_a_rollout_is_refused_by_what_would_update_every_instance_at_once() {
+    let dir = rollout_project("    - {name: canary, instances: [t01]}\n    - {name: rest}\n");
+    let d = dir.path().to_str().unwrap();
+    let repo = dir.path().join("repo");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    std::fs::create_dir_all(&repo).unwrap();
+    assert!(git(&["init", "-q"]).status.success());
+    for args in [
+        vec!["render", "-f", d, "--git", repo.to_str().unwrap()],
+        vec!["sync", "-f", d, "--once"],
+    ] {
+        let output = kiln(&args);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {message}");
+        assert!(
+            message.contains("Pipeline prod: spec.rollout is checked and shown by `kiln rollout plan`, but this version of Kiln does not run rollouts yet"),
+            "{args:?}: {message}"
+        );
+    }
+    assert!(
+        !git(&["rev-parse", "--verify", "-q", "HEAD"])
+            .status
+            .success(),
+        "nothing was committed"
+    );
+    // Rendering to stdout or a directory is what it was: no rollout there.
+    assert!(kiln(&["render", "-f", d]).status.success());
+}

@@ -377,6 +377,191 @@ pub struct PipelineSpec {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("serviceAccountName must be the name of a ServiceAccount: lowercase letters, digits, '-' and '.'"))]
     #[schemars(length(min = 1, max = 253))]
     pub service_account_name: Option<String>,
+    /// How a change that touches every instance (a template, a blueprint's
+    /// policy, Kiln's version) reaches the fleet: wave by wave. Without it
+    /// every instance is updated in one pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// A progressive rollout: the waves in order, how long an instance may take
+/// to become healthy, and what a failure does.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// The waves, in the order they are reached. An instance belongs to the
+    /// first wave that takes it; the last wave takes every instance no
+    /// earlier one took, so it has no `instances`, `select` or `percent`.
+    #[schemars(length(min = 1, max = 64))]
+    pub waves: Vec<WaveSpec>,
+    /// How long an instance may stay updating (from its first write of the
+    /// new revision until all its objects are healthy) before it fails, as
+    /// a duration (`90s`, `10m`, `1h`). Default `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<String>,
+    /// What an instance that fails does to the rollout: `Pause` stops it
+    /// there; `Rollback` also puts every updating instance back on its
+    /// previous revision. Either way it waits for `kiln rollout resume` or
+    /// `abort`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_failure: OnFailure,
+}
+
+/// One wave of a rollout.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("[has(self.instances) && size(self.instances) > 0, has(self.select), has(self.percent)].filter(x, x).size() <= 1").message("a wave takes its instances by at most one of instances, select and percent"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaveSpec {
+    /// The wave's name, unique in the rollout: a DNS label.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("a wave's name must be a DNS label: lowercase letters, digits and '-'"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// These instances, by row key (`KEY`, or `BLUEPRINT/KEY` for one
+    /// blueprint's). A key no row has is an error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<String>,
+    /// The instances for which this expression is true, e.g.
+    /// `row.tier == 'internal'`: a template expression over `row`, `key`
+    /// and `blueprint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<String>,
+    /// This share of all the instances, in percent (rounded up, at least
+    /// one), taken from those no earlier wave took, spread by a hash of
+    /// their key so that the same instances are taken every time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("percent must be between 1 and 100"))]
+    pub percent: Option<u32>,
+    /// How many of the wave's instances may be updating at once (default:
+    /// all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxConcurrent must be at least 1"))]
+    pub max_concurrent: Option<u32>,
+    /// How many of the wave's instances must be healthy on the new revision
+    /// before the next wave starts: a count (`3`) or a share (`95%`).
+    /// Default `100%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+|([0-9]|[1-9][0-9]|100)%)$')").message("quorum must be a count (3) or a percentage (95%)"))]
+    #[schemars(length(min = 1, max = 10))]
+    pub quorum: Option<String>,
+    /// What must hold before the wave starts; all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub gates: Vec<GateSpec>,
+}
+
+/// A precondition of a wave: exactly one of its fields. `allOf` and
+/// `anyOf` hold gates without `allOf` or `anyOf` of their own.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("[has(self.approval), has(self.window), has(self.condition), has(self.release), has(self.allOf), has(self.anyOf)].filter(x, x).size() == 1").message("a gate is exactly one of approval, window, condition, release, allOf and anyOf"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GateSpec {
+    /// Open once a person approved this wave for the exact revision being
+    /// rolled out (`kiln rollout approve`); approving one revision never
+    /// lets another through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalGate>,
+    /// Open inside a time window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowGate>,
+    /// Open while a field of a cluster object has a value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<ConditionGate>,
+    /// Per instance: Kiln asks the application before writing the new
+    /// revision, and waits for its answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseGate>,
+    /// Open when every one of these is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub all_of: Option<Vec<LeafGateSpec>>,
+    /// Open when one of these is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub any_of: Option<Vec<LeafGateSpec>>,
+}
+
+/// A gate inside `allOf` or `anyOf`: exactly one of its fields.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("[has(self.approval), has(self.window), has(self.condition), has(self.release)].filter(x, x).size() == 1").message("a gate in allOf or anyOf is exactly one of approval, window, condition and release"))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeafGateSpec {
+    /// See [`GateSpec::approval`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalGate>,
+    /// See [`GateSpec::window`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowGate>,
+    /// See [`GateSpec::condition`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<ConditionGate>,
+    /// See [`GateSpec::release`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseGate>,
+}
+
+/// A manual approval; it has no settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalGate {}
+
+/// A time window, e.g. `{days: Mon-Fri, from: "09:00", to: "16:00",
+/// timeZone: Europe/Berlin}`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WindowGate {
+    /// The days: `Mon-Fri`, `Sat,Sun`, `Mon,Wed-Fri` (default every day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<String>,
+    /// When the window opens each day, `HH:MM`.
+    pub from: String,
+    /// When it closes, `HH:MM`; before `from`, it closes the next day.
+    pub to: String,
+    /// An IANA time zone (default `UTC`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+}
+
+/// An expression over one cluster object, e.g. an analysis object's
+/// `object.status.phase == 'Succeeded'`, or a metric another tool writes,
+/// `object.status.errorRate < 0.01`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConditionGate {
+    /// The object's API version, e.g. `argoproj.io/v1alpha1`.
+    pub api_version: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its namespace (namespaced kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// A template expression over `object` (the object as JSON); the gate
+    /// is open while it is true, closed while the object is missing.
+    #[schemars(length(min = 1))]
+    pub expression: String,
+}
+
+/// The per-instance release handshake: before an instance is written on a
+/// new revision, Kiln annotates its object `kiln.dev/update-requested:
+/// <revision>` and waits until the application answers with the annotation
+/// `kiln.dev/update-acknowledged: <revision>`; `progressDeadline` applies.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReleaseGate {
+    /// The id of the resource (in the instance's blueprint) whose object
+    /// carries the request and the answer.
+    pub resource: String,
+}
+
+/// What a failed instance does to a rollout.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// Stop where it is.
+    #[default]
+    Pause,
+    /// Stop, and put every updating instance back on its previous revision.
+    Rollback,
 }
 
 /// What the controller last did with a Pipeline. Its size does not grow

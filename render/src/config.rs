@@ -316,6 +316,18 @@ impl Config {
                     ),
                 ));
             }
+            let blueprints: Vec<&BlueprintSpec> = self
+                .blueprints
+                .values()
+                .filter(|b| {
+                    pipeline.spec.blueprints.is_empty()
+                        || pipeline.spec.blueprints.contains(&b.name)
+                })
+                .map(|b| &b.spec)
+                .collect();
+            if let Err(e) = crate::rollout::Strategy::of(pipeline, &blueprints) {
+                errors.push(e);
+            }
         }
         errors
     }

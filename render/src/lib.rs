@@ -15,6 +15,7 @@ pub mod policy;
 pub mod printed;
 pub mod progress;
 pub mod render;
+pub mod rollout;
 pub mod source;
 pub mod template;
 pub mod tree;

@@ -248,6 +248,27 @@ fn excerpt(error: &minijinja::Error, source: &str) -> Option<String> {
     ))
 }
 
+/// A compiled expression (a rollout wave's `select`, a condition gate):
+/// the templates' filters and strict undefined, with the default fuel.
+pub type Expression = minijinja::Expression<'static, 'static>;
+
+/// Compiles `source` as an [`Expression`]; the error is one line.
+pub fn expression(source: &str) -> Result<Expression, String> {
+    static ENV: std::sync::LazyLock<Environment<'static>> = std::sync::LazyLock::new(|| {
+        let mut env = environment();
+        env.set_fuel(Some(RenderLimits::DEFAULT_FUEL));
+        env
+    });
+    ENV.compile_expression_owned(source.to_string())
+        .map_err(|e| one_line(&e))
+}
+
+/// A template error as one line: its kind and detail, or for an undefined
+/// value, that.
+pub fn one_line(error: &minijinja::Error) -> String {
+    failure(error, "").message
+}
+
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);

@@ -11,6 +11,7 @@ mod history;
 mod render;
 mod resume;
 mod rollback;
+mod rollout;
 mod sync;
 mod target;
 mod validate;
@@ -42,6 +43,8 @@ pub enum Command {
     Rollback(rollback::Args),
     /// End a rollback's pin.
     Resume(resume::Args),
+    /// A Pipeline's progressive rollout: `plan` shows its waves.
+    Rollout(rollout::Args),
     /// Check a configuration: load it, compile every template, check the
     /// dependency graphs, render sample rows; report every error found.
     Validate(validate::Args),
@@ -93,6 +96,7 @@ impl Command {
             Command::History(args) => history::run(&args),
             Command::Rollback(args) => rollback::run(&args),
             Command::Resume(args) => resume::run(&args),
+            Command::Rollout(args) => rollout::run(&args),
             Command::Validate(args) => validate::run(&args),
             Command::Crds(args) => crds::run(&args),
             Command::Controller(args) => controller::run(&args),

@@ -138,6 +138,19 @@ pub fn load(args: &ConfigArgs) -> anyhow::Result<Loaded> {
 }
 
 impl Loaded {
+    /// Every instance: each blueprint's active rows, as (blueprint, row).
+    pub fn instances(&self) -> Vec<(&str, &kiln_render::source::Row)> {
+        let mut instances = Vec::new();
+        for blueprint in &self.blueprints {
+            for row in self.rows.get(&blueprint.spec.source).into_iter().flatten() {
+                if row.active {
+                    instances.push((blueprint.name.as_str(), row));
+                }
+            }
+        }
+        instances
+    }
+
     /// Keeps only the rows `wanted` names (`KEY` or `BLUEPRINT/KEY`); a name
     /// that matches no active row is an error.
     pub fn keep_instances(&mut self, wanted: &[String]) -> anyhow::Result<()> {
@@ -356,6 +369,19 @@ fn commit(
     mut loaded: Loaded,
     pipeline: Option<&Named<PipelineSpec>>,
 ) -> anyhow::Result<Outcome> {
+    if let Some(p) = pipeline.filter(|p| p.spec.rollout.is_some()) {
+        // Each wave would be its own commit: one commit of every instance
+        // is what the strategy forbids.
+        anyhow::bail!(
+            "{}: {}",
+            p.file.display(),
+            kiln_sync::controller::ROLLOUT_NOT_RUN.replacen(
+                "Pipeline",
+                &format!("Pipeline {}", p.name),
+                1
+            )
+        );
+    }
     let mut target = target::resolve(&args.git, pipeline)?;
     if !args.emit.is_empty() {
         let emitted = format!("emit {:?} {:?}", args.emit, args.repo_url);

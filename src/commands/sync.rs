@@ -492,6 +492,17 @@ fn settings(
         None
     };
     let name = pipeline.map_or("default", |p| p.name.as_str());
+    if let Some(p) = pipeline.filter(|p| p.spec.rollout.is_some()) {
+        anyhow::bail!(
+            "{}: {}",
+            p.file.display(),
+            kiln_sync::controller::ROLLOUT_NOT_RUN.replacen(
+                "Pipeline",
+                &format!("Pipeline {}", p.name),
+                1
+            )
+        );
+    }
     let mut apply = args.cluster.options(name)?;
     apply.detect_only = args.detect_only;
     apply.allow_mass_delete = args.allow_mass_delete;

@@ -202,6 +202,35 @@ async fn crds_install_and_their_rules_reject_bad_objects() {
             }),
             "serviceAccountName must be the name of a ServiceAccount",
         ),
+        (
+            rollout(
+                "both",
+                json!([{"name": "early", "select": "true", "percent": 10}, {"name": "rest"}]),
+            ),
+            "a wave takes its instances by at most one of instances, select and percent",
+        ),
+        (
+            rollout(
+                "two-kinds",
+                json!([{"name": "rest", "gates": [{"approval": {}, "window": {"from": "09:00", "to": "16:00"}}]}]),
+            ),
+            "a gate is exactly one of approval, window, condition, release, allOf and anyOf",
+        ),
+        (
+            rollout(
+                "nested",
+                json!([{"name": "rest", "gates": [{"anyOf": [{"allOf": [{"approval": {}}]}]}]}]),
+            ),
+            "allOf",
+        ),
+        (
+            rollout("quorum", json!([{"name": "rest", "quorum": "101%"}])),
+            "quorum must be a count (3) or a percentage (95%)",
+        ),
+        (
+            rollout("name", json!([{"name": "Rest"}])),
+            "a wave's name must be a DNS label",
+        ),
     ];
     let client = dynamic.into_client();
     for (object, expected) in refused {
@@ -217,7 +246,7 @@ async fn crds_install_and_their_rules_reject_bad_objects() {
         assert!(message.contains(expected), "{object}: {message}");
     }
     // Durations as Kubernetes writes them pass.
-    let sources: Api<Source> = Api::namespaced(client, &ns);
+    let sources: Api<Source> = Api::namespaced(client.clone(), &ns);
     let good = json!({
         "apiVersion": "kiln.dev/v1alpha1", "kind": "Source", "metadata": {"name": "hourly"},
         "spec": {"url": "sqlite://x.db", "query": "SELECT 1", "key": "id", "interval": "1h30m", "timeout": "2.5s"},
@@ -229,4 +258,32 @@ async fn crds_install_and_their_rules_reject_bad_objects() {
         )
         .await
         .unwrap();
+    // The strategy of the documentation passes.
+    let pipelines: Api<kiln_render::api::Pipeline> = Api::namespaced(client, &ns);
+    let good = rollout(
+        "staged",
+        json!([
+            {"name": "canary", "instances": ["acme"]},
+            {"name": "early", "select": "row.tier == 'internal'", "maxConcurrent": 5},
+            {"name": "ten-percent", "percent": 10, "quorum": "100%", "gates": [{"approval": {}}]},
+            {"name": "rest", "maxConcurrent": 50, "quorum": "95%", "gates": [
+                {"window": {"days": "Mon-Fri", "from": "09:00", "to": "16:00", "timeZone": "UTC"}},
+                {"anyOf": [{"approval": {}}, {"condition": {"apiVersion": "v1", "kind": "ConfigMap", "name": "go", "expression": "object.data.go == 'yes'"}}]},
+            ]},
+        ]),
+    );
+    pipelines
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(good).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+fn rollout(name: &str, waves: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": name},
+        "spec": {"rollout": {"waves": waves, "progressDeadline": "10m", "onFailure": "Rollback"}},
+    })
 }

@@ -709,6 +709,13 @@ impl Context {
             allow_plaintext_secrets: false,
             git,
         };
+        if pipeline.spec.rollout.is_some() {
+            return Err(Trouble {
+                reason: "RolloutNotSupported",
+                message: ROLLOUT_NOT_RUN.into(),
+                stalled: true,
+            });
+        }
         let acting = self.acting_for(pipeline)?;
         let (notes_tx, notes) = mpsc::unbounded_channel();
         let watches = Watches::new(acting.clone(), &inventory, notes_tx);
@@ -934,6 +941,11 @@ async fn mark_stale(
         }
     }
 }
+
+/// Why a Pipeline with `spec.rollout` is refused: this version checks a
+/// strategy and shows its waves (`kiln rollout plan`) but does not run it,
+/// and updating every instance at once instead would break its promise.
+pub const ROLLOUT_NOT_RUN: &str = "Pipeline: spec.rollout is checked and shown by `kiln rollout plan`, but this version of Kiln does not run rollouts yet; it refuses rather than update every instance at once";
 
 /// A render's event as an Event's reason and note.
 fn note(event: &Event) -> (&'static str, String) {
