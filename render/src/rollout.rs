@@ -1,7 +1,10 @@
-//! A Pipeline's progressive rollout, settled: the strategy checked and
-//! compiled from `spec.rollout`, and which wave each instance belongs to.
-//! Running a rollout (the cluster, the state, the gates that read objects)
-//! is the sync crate's; nothing here talks to a cluster or keeps state.
+//! A Pipeline's progressive rollout: the strategy checked and compiled from
+//! `spec.rollout`, which wave each instance belongs to, and the rollout's
+//! steps as pure logic over a [`State`] the caller keeps ([`State::step`]:
+//! observe, fail past the deadline, roll back, open gates, start instances
+//! within each wave's concurrency and quorum). Nothing here talks to a
+//! cluster or a repository: the caller answers through [`World`], writes
+//! what a step says and stores the state.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -545,6 +548,356 @@ fn days(text: &str) -> std::result::Result<[bool; 7], String> {
     Ok(days)
 }
 
+/// Where one instance is in a rollout of one revision.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "phase", rename_all = "camelCase")]
+pub enum Progress {
+    /// Not reached: its objects are the previous revision's.
+    Pending,
+    /// Its application was asked to release it (the release gate) at
+    /// `since` (Unix seconds); it is written once it acknowledges.
+    Requested {
+        /// When.
+        since: i64,
+    },
+    /// Written on the new revision at `since`, not healthy yet.
+    Updating {
+        /// When.
+        since: i64,
+    },
+    /// Healthy on the new revision.
+    Healthy,
+    /// Not healthy within the deadline, or its release was not
+    /// acknowledged in time.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Put back on the previous revision after a failure.
+    RolledBack,
+}
+
+/// A rollout of one revision: what a loop keeps between passes (and across
+/// restarts). Approvals belong to the revision: a new revision starts a
+/// new state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    /// The revision being rolled out.
+    pub revision: String,
+    /// Why it is paused (a failure, a person); `None` while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
+    /// The waves a person approved for this revision.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub approved: BTreeSet<String>,
+    /// Every instance that left `Pending`, by `blueprint/key`.
+    #[serde(default)]
+    pub instances: std::collections::BTreeMap<String, Progress>,
+}
+
+/// How an updating instance looks from the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Every object is healthy.
+    Healthy,
+    /// Not yet.
+    Progressing,
+    /// It cannot become healthy (a failed object).
+    Failed(String),
+}
+
+/// What the world says, asked by [`State::step`].
+pub trait World {
+    /// The health of an instance written on the new revision.
+    fn health(&self, instance: &str) -> Health;
+    /// Whether the application acknowledged the release of `instance`.
+    fn released(&self, instance: &str) -> bool;
+    /// Whether a `condition` gate holds, and if not why; an error (the
+    /// object cannot be read) keeps the gate closed.
+    fn condition(&self, gate: &crate::api::ConditionGate) -> std::result::Result<bool, String>;
+}
+
+/// What one step decided.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Instances to write on the new revision now, in order.
+    pub update: Vec<String>,
+    /// Instances whose release to request now (annotate their object).
+    pub request: Vec<String>,
+    /// Instances to put back on the previous revision.
+    pub rollback: Vec<String>,
+    /// What happened, for Events and logs, one line each.
+    pub events: Vec<String>,
+    /// The wave that waits, and why (a closed gate, the quorum of the one
+    /// before); `None` when nothing waits.
+    pub waiting: Option<(String, String)>,
+    /// Every instance healthy on the new revision.
+    pub done: bool,
+}
+
+impl State {
+    /// A rollout of `revision` with nothing done yet.
+    pub fn new(revision: &str) -> State {
+        State {
+            revision: revision.to_string(),
+            ..State::default()
+        }
+    }
+
+    /// Where `instance` is.
+    pub fn progress(&self, instance: &str) -> &Progress {
+        self.instances.get(instance).unwrap_or(&Progress::Pending)
+    }
+
+    /// Approves `wave` for `revision`: refused unless `revision` is the one
+    /// being rolled out, so approving one never lets another through.
+    pub fn approve(
+        &mut self,
+        strategy: &Strategy,
+        wave: &str,
+        revision: &str,
+    ) -> std::result::Result<(), String> {
+        if revision != self.revision {
+            return Err(format!(
+                "the rollout is of revision {}, not {revision}: an approval is for the revision it names",
+                self.revision
+            ));
+        }
+        if !strategy.waves.iter().any(|w| w.name == wave) {
+            return Err(format!("the rollout has no wave {wave}"));
+        }
+        self.approved.insert(wave.to_string());
+        Ok(())
+    }
+
+    /// Resumes a paused rollout: failed and rolled back instances are
+    /// tried again.
+    pub fn resume(&mut self) {
+        self.paused = None;
+        self.instances
+            .retain(|_, p| !matches!(p, Progress::Failed { .. } | Progress::RolledBack));
+    }
+
+    /// One step of the rollout at `now` (Unix seconds) over `waves` (each
+    /// wave's instances, `blueprint/key`, in update order): observes the
+    /// updating instances, fails those past the deadline, and decides what
+    /// to request, write and roll back. A caller does what the step says
+    /// and records the state before it writes anything, so that a restart
+    /// neither skips an instance nor updates one twice.
+    pub fn step(
+        &mut self,
+        strategy: &Strategy,
+        waves: &[Vec<String>],
+        now: i64,
+        world: &dyn World,
+    ) -> Step {
+        let mut step = Step::default();
+        let deadline = i64::try_from(strategy.progress_deadline.as_secs()).unwrap_or(i64::MAX);
+        if self.paused.is_none()
+            && self.observe(now, deadline, world, &mut step)
+            && strategy.on_failure == OnFailure::Rollback
+        {
+            // Every instance written on the new revision and not healthy
+            // goes back; healthy ones and those not reached stay.
+            for (id, progress) in &mut self.instances {
+                if matches!(
+                    progress,
+                    Progress::Updating { .. } | Progress::Failed { .. }
+                ) {
+                    step.rollback.push(id.clone());
+                    *progress = Progress::RolledBack;
+                }
+            }
+            step.events.push(format!(
+                "rolled back {} instances to the previous revision",
+                step.rollback.len()
+            ));
+        }
+        if let Some(reason) = &self.paused {
+            step.waiting = Some((String::new(), format!("paused: {reason}")));
+            return step;
+        }
+        for (wave, members) in strategy.waves.iter().zip(waves) {
+            let open = self.gates_open(wave, now, world);
+            let started = members
+                .iter()
+                .any(|m| !matches!(self.progress(m), Progress::Pending));
+            if let Err(why) = open {
+                step.waiting = Some((wave.name.clone(), why));
+                break;
+            }
+            let limit = wave.max_concurrent.unwrap_or(members.len()).max(1);
+            let mut busy = members
+                .iter()
+                .filter(|m| {
+                    matches!(
+                        self.progress(m),
+                        Progress::Requested { .. } | Progress::Updating { .. }
+                    )
+                })
+                .count();
+            let handshake = wave.gates.iter().any(needs_release);
+            let mut announced = started;
+            // Released instances are written first: they hold a slot.
+            for m in members {
+                if matches!(self.progress(m), Progress::Requested { .. }) && world.released(m) {
+                    self.instances
+                        .insert(m.clone(), Progress::Updating { since: now });
+                    step.update.push(m.clone());
+                }
+            }
+            for m in members {
+                if busy >= limit {
+                    break;
+                }
+                if *self.progress(m) != Progress::Pending {
+                    continue;
+                }
+                if !announced {
+                    step.events.push(format!("wave {} started", wave.name));
+                    announced = true;
+                }
+                if handshake {
+                    self.instances
+                        .insert(m.clone(), Progress::Requested { since: now });
+                    step.request.push(m.clone());
+                } else {
+                    self.instances
+                        .insert(m.clone(), Progress::Updating { since: now });
+                    step.update.push(m.clone());
+                }
+                busy += 1;
+            }
+            let healthy = members
+                .iter()
+                .filter(|m| *self.progress(m) == Progress::Healthy)
+                .count();
+            let needed = wave.quorum.needed(members.len());
+            if healthy < needed {
+                step.waiting = Some((
+                    wave.name.clone(),
+                    format!(
+                        "{healthy} of {needed} instances healthy (quorum {})",
+                        wave.quorum
+                    ),
+                ));
+                break;
+            }
+        }
+        step.done = waves
+            .iter()
+            .flatten()
+            .all(|m| *self.progress(m) == Progress::Healthy);
+        step
+    }
+
+    /// Moves updating instances to healthy or failed; true when one
+    /// failed (the rollout is paused then).
+    fn observe(&mut self, now: i64, deadline: i64, world: &dyn World, step: &mut Step) -> bool {
+        let mut failed = Vec::new();
+        for (id, progress) in &mut self.instances {
+            match progress {
+                Progress::Updating { since } => match world.health(id) {
+                    Health::Healthy => *progress = Progress::Healthy,
+                    Health::Failed(reason) => failed.push((id.clone(), reason)),
+                    Health::Progressing if now - *since > deadline => failed.push((
+                        id.clone(),
+                        format!("not healthy within progressDeadline ({deadline}s)"),
+                    )),
+                    Health::Progressing => {}
+                },
+                Progress::Requested { since } if now - *since > deadline && !world.released(id) => {
+                    failed.push((
+                        id.clone(),
+                        format!("release not acknowledged within progressDeadline ({deadline}s)"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if failed.is_empty() {
+            return false;
+        }
+        for (id, reason) in &failed {
+            step.events.push(format!("instance {id} failed: {reason}"));
+            self.instances.insert(
+                id.clone(),
+                Progress::Failed {
+                    reason: reason.clone(),
+                },
+            );
+        }
+        self.paused = Some(format!("instance {} failed: {}", failed[0].0, failed[0].1));
+        true
+    }
+
+    fn gates_open(
+        &self,
+        wave: &Wave,
+        now: i64,
+        world: &dyn World,
+    ) -> std::result::Result<(), String> {
+        for gate in &wave.gates {
+            self.gate_open(gate, &wave.name, now, world)?;
+        }
+        Ok(())
+    }
+
+    fn gate_open(
+        &self,
+        gate: &Gate,
+        wave: &str,
+        now: i64,
+        world: &dyn World,
+    ) -> std::result::Result<(), String> {
+        match gate {
+            Gate::Approval if self.approved.contains(wave) => Ok(()),
+            Gate::Approval => Err(format!(
+                "waiting for approval of wave {wave} for revision {}",
+                self.revision
+            )),
+            Gate::Window(w) => {
+                let at = jiff::Timestamp::from_second(now).map_err(|e| e.to_string())?;
+                if w.is_open(at) {
+                    Ok(())
+                } else {
+                    Err(format!("outside the window {w}"))
+                }
+            }
+            Gate::Condition(c) => match world.condition(c) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!("condition {} is false", c.expression)),
+                Err(e) => Err(format!("condition {}: {e}", c.expression)),
+            },
+            // Per instance: asked and answered in `step`.
+            Gate::Release { .. } => Ok(()),
+            Gate::AllOf(gates) => gates
+                .iter()
+                .try_for_each(|g| self.gate_open(g, wave, now, world)),
+            Gate::AnyOf(gates) => {
+                let mut why = Vec::new();
+                for g in gates {
+                    match self.gate_open(g, wave, now, world) {
+                        Ok(()) => return Ok(()),
+                        Err(e) => why.push(e),
+                    }
+                }
+                Err(format!("none of: {}", why.join("; ")))
+            }
+        }
+    }
+}
+
+/// Whether a gate asks each instance's application before writing it.
+fn needs_release(gate: &Gate) -> bool {
+    match gate {
+        Gate::Release { .. } => true,
+        Gate::AllOf(gates) | Gate::AnyOf(gates) => gates.iter().any(needs_release),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -818,5 +1171,321 @@ mod tests {
             error.contains("\"Mars/Olympus\" is not a known IANA time zone"),
             "{error}"
         );
+    }
+
+    /// A cluster in a test: an instance is healthy one step after it was
+    /// written, unless it fails; releases and the condition as set.
+    #[derive(Default)]
+    struct Fleet {
+        written: std::cell::RefCell<std::collections::BTreeMap<String, i64>>,
+        now: std::cell::Cell<i64>,
+        failing: BTreeSet<String>,
+        stuck: BTreeSet<String>,
+        released: std::cell::RefCell<BTreeSet<String>>,
+    }
+
+    impl World for Fleet {
+        fn health(&self, instance: &str) -> Health {
+            if self.failing.contains(instance) {
+                return Health::Failed("Deployment web: ProgressDeadlineExceeded".into());
+            }
+            match self.written.borrow().get(instance) {
+                Some(&at) if at < self.now.get() && !self.stuck.contains(instance) => {
+                    Health::Healthy
+                }
+                _ => Health::Progressing,
+            }
+        }
+        fn released(&self, instance: &str) -> bool {
+            self.released.borrow().contains(instance)
+        }
+        fn condition(&self, _: &crate::api::ConditionGate) -> std::result::Result<bool, String> {
+            Ok(true)
+        }
+    }
+
+    impl Fleet {
+        /// One step at `now`; what it wrote is recorded as written then.
+        fn step(
+            &self,
+            state: &mut State,
+            strategy: &Strategy,
+            waves: &[Vec<String>],
+            now: i64,
+        ) -> Step {
+            self.now.set(now);
+            let step = state.step(strategy, waves, now, self);
+            for id in &step.update {
+                self.written.borrow_mut().insert(id.clone(), now);
+            }
+            for id in &step.rollback {
+                self.written.borrow_mut().remove(id);
+            }
+            step
+        }
+    }
+
+    fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("web/i{i:02}")).collect()
+    }
+
+    #[test]
+    fn waves_go_in_order_within_their_concurrency_until_every_instance_is_healthy() {
+        let s = strategy(vec![
+            WaveSpec {
+                instances: vec!["i00".into()],
+                ..wave("canary")
+            },
+            WaveSpec {
+                percent: Some(20),
+                max_concurrent: Some(2),
+                ..wave("early")
+            },
+            WaveSpec {
+                max_concurrent: Some(5),
+                ..wave("rest")
+            },
+        ])
+        .unwrap();
+        let waves = vec![ids(0..1), ids(1..5), ids(5..20)];
+        let fleet = Fleet::default();
+        let mut state = State::new("r2");
+        let mut first_write: std::collections::BTreeMap<String, i64> = Default::default();
+        let mut done = false;
+        for now in 0..40 {
+            let step = fleet.step(&mut state, &s, &waves, now);
+            for id in &step.update {
+                assert!(
+                    first_write.insert(id.clone(), now).is_none(),
+                    "{id} written twice"
+                );
+            }
+            for (wave, limit) in waves.iter().zip([1, 2, 5]) {
+                let busy = wave
+                    .iter()
+                    .filter(|m| matches!(state.progress(m), Progress::Updating { .. }))
+                    .count();
+                assert!(busy <= limit, "step {now}: {busy} updating, limit {limit}");
+            }
+            if step.done {
+                done = true;
+                break;
+            }
+        }
+        assert!(done, "{state:?}");
+        assert_eq!(first_write.len(), 20, "every instance written once");
+        for pair in waves.windows(2) {
+            let last = pair[0].iter().map(|m| first_write[m]).max().unwrap();
+            let next = pair[1].iter().map(|m| first_write[m]).min().unwrap();
+            assert!(last < next, "a wave starts after the one before is healthy");
+        }
+        // Inside a wave, instances go in the order given.
+        let order: Vec<i64> = waves[2].iter().map(|m| first_write[m]).collect();
+        assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    }
+
+    #[test]
+    fn a_failed_instance_rolls_back_exactly_the_updating_ones_and_pauses_until_resumed() {
+        let mut s = strategy(vec![WaveSpec {
+            max_concurrent: Some(3),
+            ..wave("rest")
+        }])
+        .unwrap();
+        s.on_failure = OnFailure::Rollback;
+        let waves = vec![ids(0..9)];
+        let mut fleet = Fleet::default();
+        fleet.failing.insert("web/i04".into());
+        fleet.stuck.insert("web/i05".into());
+        let mut state = State::new("r2");
+        let first = fleet.step(&mut state, &s, &waves, 0);
+        assert_eq!(first.update, ids(0..3));
+        let second = fleet.step(&mut state, &s, &waves, 1);
+        assert_eq!(second.update, ids(3..6), "three healthy, three more");
+        let third = fleet.step(&mut state, &s, &waves, 2);
+        // i04 failed while i05 was still updating; i03 became healthy.
+        assert_eq!(third.rollback, ["web/i04", "web/i05"]);
+        assert_eq!(*state.progress("web/i03"), Progress::Healthy);
+        assert!(third.update.is_empty());
+        assert!(
+            third
+                .events
+                .iter()
+                .any(|e| e.contains("instance web/i04 failed")),
+            "{:?}",
+            third.events
+        );
+        assert!(state.paused.is_some());
+        assert_eq!(
+            *state.progress("web/i00"),
+            Progress::Healthy,
+            "healthy ones stay"
+        );
+        assert_eq!(
+            *state.progress("web/i06"),
+            Progress::Pending,
+            "nothing outside is touched"
+        );
+        let paused = fleet.step(&mut state, &s, &waves, 3);
+        assert!(paused.update.is_empty() && paused.rollback.is_empty());
+        assert!(
+            paused
+                .waiting
+                .unwrap()
+                .1
+                .starts_with("paused: instance web/i04 failed")
+        );
+        fleet.failing.clear();
+        fleet.stuck.clear();
+        state.resume();
+        let resumed = fleet.step(&mut state, &s, &waves, 4);
+        assert_eq!(
+            resumed.update,
+            ["web/i04", "web/i05", "web/i06"],
+            "the rolled back ones are tried again first"
+        );
+        let mut done = false;
+        for now in 5..20 {
+            if fleet.step(&mut state, &s, &waves, now).done {
+                done = true;
+                break;
+            }
+        }
+        assert!(done, "{state:?}");
+    }
+
+    #[test]
+    fn an_instance_past_the_deadline_fails_and_pause_keeps_it_where_it_is() {
+        let s = strategy(vec![wave("rest")]).unwrap();
+        let waves = vec![ids(0..2)];
+        let mut fleet = Fleet::default();
+        fleet.stuck.insert("web/i01".into());
+        let mut state = State::new("r2");
+        fleet.step(&mut state, &s, &waves, 0);
+        let early = fleet.step(&mut state, &s, &waves, 600);
+        assert!(early.events.is_empty(), "{:?}", early.events);
+        let late = fleet.step(&mut state, &s, &waves, 601);
+        assert!(late.rollback.is_empty(), "Pause rolls nothing back");
+        assert!(
+            matches!(state.progress("web/i01"), Progress::Failed { reason } if reason.contains("progressDeadline")),
+            "{state:?}"
+        );
+    }
+
+    #[test]
+    fn an_approval_opens_its_wave_for_its_revision_only() {
+        let s = strategy(vec![
+            WaveSpec {
+                instances: vec!["i00".into()],
+                ..wave("canary")
+            },
+            WaveSpec {
+                gates: vec![GateSpec {
+                    approval: Some(ApprovalGate {}),
+                    ..GateSpec::default()
+                }],
+                ..wave("rest")
+            },
+        ])
+        .unwrap();
+        let waves = vec![ids(0..1), ids(1..4)];
+        let fleet = Fleet::default();
+        let mut state = State::new("r2");
+        fleet.step(&mut state, &s, &waves, 0);
+        let waiting = fleet.step(&mut state, &s, &waves, 1);
+        assert!(waiting.update.is_empty());
+        let (wave, why) = waiting.waiting.unwrap();
+        assert_eq!(wave, "rest");
+        assert!(
+            why.contains("waiting for approval of wave rest for revision r2"),
+            "{why}"
+        );
+        let error = state.approve(&s, "rest", "r1").unwrap_err();
+        assert!(
+            error.contains("the rollout is of revision r2, not r1"),
+            "{error}"
+        );
+        assert!(fleet.step(&mut state, &s, &waves, 2).update.is_empty());
+        assert!(state.approve(&s, "later", "r2").is_err());
+        state.approve(&s, "rest", "r2").unwrap();
+        assert_eq!(fleet.step(&mut state, &s, &waves, 3).update, ids(1..4));
+        // A new revision starts without the approvals of the last.
+        assert!(State::new("r3").approved.is_empty());
+    }
+
+    #[test]
+    fn the_release_handshake_writes_an_instance_only_once_its_application_answers() {
+        let s = Strategy::from_spec(
+            &RolloutSpec {
+                waves: vec![WaveSpec {
+                    gates: vec![GateSpec {
+                        release: Some(ReleaseGate {
+                            resource: "config".into(),
+                        }),
+                        ..GateSpec::default()
+                    }],
+                    ..wave("rest")
+                }],
+                progress_deadline: Some("60s".into()),
+                on_failure: OnFailure::Pause,
+            },
+            &[&serde_json::from_value(serde_json::json!({
+                "source": "tenants",
+                "resources": [{"id": "config", "template": "x"}],
+            }))
+            .unwrap()],
+        )
+        .unwrap();
+        let waves = vec![ids(0..2)];
+        let fleet = Fleet::default();
+        let mut state = State::new("r2");
+        let asked = fleet.step(&mut state, &s, &waves, 0);
+        assert_eq!(asked.request, ids(0..2));
+        assert!(
+            asked.update.is_empty(),
+            "nothing is written before the answer"
+        );
+        assert!(fleet.step(&mut state, &s, &waves, 10).update.is_empty());
+        fleet.released.borrow_mut().insert("web/i01".into());
+        assert_eq!(fleet.step(&mut state, &s, &waves, 20).update, ["web/i01"]);
+        // i00 never answers: past the deadline it fails.
+        fleet.step(&mut state, &s, &waves, 61);
+        assert!(
+            matches!(state.progress("web/i00"), Progress::Failed { reason } if reason.contains("release not acknowledged")),
+            "{state:?}"
+        );
+    }
+
+    #[test]
+    fn a_closed_window_holds_its_wave() {
+        let s = strategy(vec![WaveSpec {
+            gates: vec![GateSpec {
+                window: Some(WindowGate {
+                    days: None,
+                    from: "09:00".into(),
+                    to: "10:00".into(),
+                    time_zone: None,
+                }),
+                ..GateSpec::default()
+            }],
+            ..wave("rest")
+        }])
+        .unwrap();
+        let waves = vec![ids(0..2)];
+        let fleet = Fleet::default();
+        let mut state = State::new("r2");
+        let nine = "2026-12-01T09:30:00Z"
+            .parse::<jiff::Timestamp>()
+            .unwrap()
+            .as_second();
+        let closed = fleet.step(&mut state, &s, &waves, nine - 3600);
+        assert!(closed.update.is_empty());
+        assert!(
+            closed
+                .waiting
+                .unwrap()
+                .1
+                .contains("outside the window every day 09:00-10:00 UTC")
+        );
+        assert_eq!(fleet.step(&mut state, &s, &waves, nine).update, ids(0..2));
     }
 }
