@@ -504,6 +504,37 @@ fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
 }
 
 #[test]
+fn a_pipeline_with_a_rollout_stalls_rather_than_update_every_instance_at_once() {
+    let scene = Scene::new("ctlroll");
+    let (_rows, _) = inline_configuration(&scene);
+    apply(&scene.pipeline(
+        "main",
+        "{rollout: {waves: [{name: canary, instances: [a]}, {name: rest}]}}",
+    ));
+    let addr = free_addr();
+    let mut controller = scene.controller(&addr, &[]);
+    eventually("RolloutNotSupported", Duration::from_secs(60), || {
+        scene.condition("main", "Stalled") == ("True".into(), "RolloutNotSupported".into())
+    });
+    let message = scene.status("main")["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("does not run rollouts yet"), "{message}");
+    assert!(
+        scene.config_map_data("plan-a").is_none(),
+        "nothing was applied"
+    );
+    // Without the strategy the Pipeline applies as before.
+    apply(&scene.pipeline("main", "{}"));
+    eventually("Ready", Duration::from_secs(30), || {
+        scene.condition("main", "Ready").0 == "True"
+    });
+    assert!(scene.config_map_data("plan-a").is_some());
+    controller.terminate();
+}
+
+#[test]
 fn two_replicas_elect_one_leader_which_a_standby_replaces() {
     let scene = Scene::new("ctlha");
     let (_rows, file) = inline_configuration(&scene);
