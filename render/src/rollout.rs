@@ -23,6 +23,23 @@ use crate::{Error, Result};
 /// How long an instance may stay updating when the strategy does not say.
 pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
 
+/// Why a Pipeline with `spec.rollout` is refused where it would be run:
+/// this version checks a strategy and shows its waves (`kiln rollout
+/// plan`) but does not run it, and updating every instance at once would
+/// break the strategy's promise.
+pub const NOT_RUN: &str = "spec.rollout is checked and shown by `kiln rollout plan`, but this version of Kiln does not run rollouts yet; it refuses rather than update every instance at once";
+
+/// [`NOT_RUN`] for `pipeline`, naming its file, when it has a rollout.
+pub fn not_run(pipeline: &Named<PipelineSpec>) -> Option<String> {
+    pipeline.spec.rollout.as_ref().map(|_| {
+        format!(
+            "{}: Pipeline {}: {NOT_RUN}",
+            pipeline.file.display(),
+            pipeline.name
+        )
+    })
+}
+
 /// A checked rollout strategy.
 #[derive(Debug, Clone)]
 pub struct Strategy {

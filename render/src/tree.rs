@@ -429,15 +429,9 @@ fn stat_walk_parallel(
     prefix: &str,
     check: &(impl Fn(&str, &std::fs::Metadata) -> Option<()> + Sync),
 ) -> Option<usize> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(0),
-        Err(_) => return None,
-    };
     let mut seen = 0;
     let mut subdirectories = Vec::new();
-    for entry in entries {
-        let entry = entry.ok()?;
+    for entry in entries(dir)? {
         let relative = format!("{prefix}/{}", entry.file_name().to_str()?);
         let meta = entry.metadata().ok()?;
         if meta.is_dir() {
@@ -484,14 +478,8 @@ fn stat_walk(
     relative: &mut String,
     check: &impl Fn(&str, &std::fs::Metadata) -> Option<()>,
 ) -> Option<usize> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(0),
-        Err(_) => return None,
-    };
     let mut seen = 0;
-    for entry in entries {
-        let entry = entry.ok()?;
+    for entry in entries(dir)? {
         let name = entry.file_name();
         let length = relative.len();
         relative.push('/');
@@ -506,6 +494,16 @@ fn stat_walk(
         relative.truncate(length);
     }
     Some(seen)
+}
+
+/// The entries of `dir`: none when it does not exist; `None` when it or
+/// one of its entries cannot be read.
+fn entries(dir: &Path) -> Option<Vec<std::fs::DirEntry>> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries.map(Result::ok).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Vec::new()),
+        Err(_) => None,
+    }
 }
 
 fn mtime(meta: &std::fs::Metadata) -> Option<u128> {

@@ -369,18 +369,10 @@ fn commit(
     mut loaded: Loaded,
     pipeline: Option<&Named<PipelineSpec>>,
 ) -> anyhow::Result<Outcome> {
-    if let Some(p) = pipeline.filter(|p| p.spec.rollout.is_some()) {
-        // Each wave would be its own commit: one commit of every instance
-        // is what the strategy forbids.
-        anyhow::bail!(
-            "{}: {}",
-            p.file.display(),
-            kiln_sync::controller::ROLLOUT_NOT_RUN.replacen(
-                "Pipeline",
-                &format!("Pipeline {}", p.name),
-                1
-            )
-        );
+    // Each wave would be its own commit: one commit of every instance is
+    // what the strategy forbids.
+    if let Some(refusal) = pipeline.and_then(kiln_render::rollout::not_run) {
+        anyhow::bail!(refusal);
     }
     let mut target = target::resolve(&args.git, pipeline)?;
     if !args.emit.is_empty() {

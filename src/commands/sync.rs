@@ -492,16 +492,8 @@ fn settings(
         None
     };
     let name = pipeline.map_or("default", |p| p.name.as_str());
-    if let Some(p) = pipeline.filter(|p| p.spec.rollout.is_some()) {
-        anyhow::bail!(
-            "{}: {}",
-            p.file.display(),
-            kiln_sync::controller::ROLLOUT_NOT_RUN.replacen(
-                "Pipeline",
-                &format!("Pipeline {}", p.name),
-                1
-            )
-        );
+    if let Some(refusal) = pipeline.and_then(kiln_render::rollout::not_run) {
+        anyhow::bail!(refusal);
     }
     let mut apply = args.cluster.options(name)?;
     apply.detect_only = args.detect_only;

@@ -712,7 +712,7 @@ impl Context {
         if pipeline.spec.rollout.is_some() {
             return Err(Trouble {
                 reason: "RolloutNotSupported",
-                message: ROLLOUT_NOT_RUN.into(),
+                message: format!("Pipeline: {}", kiln_render::rollout::NOT_RUN),
                 stalled: true,
             });
         }
@@ -941,11 +941,6 @@ async fn mark_stale(
         }
     }
 }
-
-/// Why a Pipeline with `spec.rollout` is refused: this version checks a
-/// strategy and shows its waves (`kiln rollout plan`) but does not run it,
-/// and updating every instance at once instead would break its promise.
-pub const ROLLOUT_NOT_RUN: &str = "Pipeline: spec.rollout is checked and shown by `kiln rollout plan`, but this version of Kiln does not run rollouts yet; it refuses rather than update every instance at once";
 
 /// A render's event as an Event's reason and note.
 fn note(event: &Event) -> (&'static str, String) {
