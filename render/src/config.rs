@@ -316,20 +316,24 @@ impl Config {
                     ),
                 ));
             }
-            let blueprints: Vec<&BlueprintSpec> = self
-                .blueprints
-                .values()
-                .filter(|b| {
-                    pipeline.spec.blueprints.is_empty()
-                        || pipeline.spec.blueprints.contains(&b.name)
-                })
-                .map(|b| &b.spec)
-                .collect();
-            if let Err(e) = crate::rollout::Strategy::of(pipeline, &blueprints) {
+            if let Err(e) = crate::rollout::Strategy::of(pipeline, &self.blueprints_of(pipeline)) {
                 errors.push(e);
             }
         }
         errors
+    }
+}
+
+impl Config {
+    /// The blueprints `pipeline` renders: its `spec.blueprints`, or all.
+    pub fn blueprints_of(&self, pipeline: &Named<PipelineSpec>) -> Vec<&BlueprintSpec> {
+        self.blueprints
+            .values()
+            .filter(|b| {
+                pipeline.spec.blueprints.is_empty() || pipeline.spec.blueprints.contains(&b.name)
+            })
+            .map(|b| &b.spec)
+            .collect()
     }
 }
 

@@ -110,7 +110,11 @@ pub struct Loaded {
 
 /// Loads, compiles and reads every source.
 pub fn load(args: &ConfigArgs) -> anyhow::Result<Loaded> {
-    let config = args.load()?;
+    read(args.load()?, args)
+}
+
+/// Compiles `config`, loaded from `args`, and reads every source.
+pub fn read(config: Config, args: &ConfigArgs) -> anyhow::Result<Loaded> {
     check_selection(&config, &args.blueprints)?;
     let mut selected = args.blueprints.clone();
     if selected.is_empty()

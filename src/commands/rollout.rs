@@ -3,7 +3,6 @@
 use kiln_render::rollout::{Gate, Strategy, Take, Wave};
 use serde_json::{Value, json};
 
-use super::render::check_selection;
 use super::{ConfigArgs, Format, target};
 use crate::Outcome;
 
@@ -42,26 +41,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 
 fn run_plan(args: &PlanArgs) -> anyhow::Result<Outcome> {
     let config = args.config.load()?;
-    check_selection(&config, &args.config.blueprints)?;
     let Some(pipeline) = target::pipeline(&config, args.config.pipeline.as_deref())?.cloned()
     else {
         anyhow::bail!("the configuration has no Pipeline: a rollout is a Pipeline's spec.rollout");
     };
-    let blueprint_specs: Vec<&kiln_render::api::BlueprintSpec> = config
-        .blueprints
-        .values()
-        .filter(|b| {
-            pipeline.spec.blueprints.is_empty() || pipeline.spec.blueprints.contains(&b.name)
-        })
-        .map(|b| &b.spec)
-        .collect();
-    let Some(strategy) = Strategy::of(&pipeline, &blueprint_specs)? else {
+    let Some(strategy) = Strategy::of(&pipeline, &config.blueprints_of(&pipeline))? else {
         anyhow::bail!(
             "Pipeline {} has no spec.rollout: every instance is updated in one pass",
             pipeline.name
         );
     };
-    let loaded = super::render::load(&args.config)?;
+    let loaded = super::render::read(config, &args.config)?;
     let instances = loaded.instances();
     let waves = strategy.assign(&instances).map_err(|e| {
         anyhow::anyhow!(
