@@ -394,7 +394,13 @@ fn a_killed_render_leaves_the_repository_as_it_was() {
     let (mut early, mut late) = (0u64, None::<u64>);
     let mut delay = 300u64;
     let mut killed_while_writing = false;
-    for attempt in 0..20u32 {
+    for attempt in 0..40u32 {
+        // Timing noise can close the interval around a window it never
+        // hit (a render that finished sooner than one killed earlier):
+        // search it again.
+        if late.is_some_and(|late| late <= early + 1) {
+            (early, late, delay) = (0, None, 300);
+        }
         let many: Vec<(String, u32)> = (0..3000)
             .map(|i| (format!("t{i:03}"), attempt + 2))
             .chain([("acme".to_string(), 1)])
