@@ -35,6 +35,8 @@ pub struct Compiled {
     /// SHA-256 of the spec and every template's text: what a render commit
     /// records as the configuration it came from.
     pub digest: String,
+    /// What it was compiled from.
+    pub snapshot: std::sync::Arc<Snapshot>,
 }
 
 const NAMESPACE_TEMPLATE: &str = "(namespace)";
@@ -89,54 +91,105 @@ fn compile_one(blueprint: &Named<BlueprintSpec>) -> Result<Compiled, Vec<Error>>
         template_names.push(template_name.clone());
         sources.push((template_name, text));
     }
-    let digest = {
+    let snapshot = Snapshot {
+        name: name.clone(),
+        spec: blueprint.spec.clone(),
+        sources,
+        template_names,
+    };
+    match snapshot.build(&at) {
+        Ok(compiled) if errors.is_empty() => Ok(compiled),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            Err(errors)
+        }
+    }
+}
+
+/// A blueprint with every template's text: what compiles to the same
+/// [`Compiled`] (same digest, same output) without its files, so that a
+/// rollout can keep rendering the revision it replaces.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    /// The blueprint's name.
+    pub name: String,
+    /// Its spec.
+    pub spec: BlueprintSpec,
+    /// Every template, by name, in the order they compile.
+    sources: Vec<(String, String)>,
+    /// Template name of each resource that has one, by index.
+    template_names: Vec<String>,
+}
+
+impl Snapshot {
+    /// Compiles it; `origin` names where it was kept, for messages.
+    pub fn compile(&self, origin: &str) -> Result<Compiled> {
+        let at =
+            |message: String| Error::config(origin, format!("Blueprint {}: {message}", self.name));
+        self.build(&at).map_err(|errors| {
+            Error::all(errors)
+                .err()
+                .unwrap_or_else(|| at("does not compile".into()))
+        })
+    }
+
+    /// SHA-256 of the spec and every template's text ([`Compiled::digest`]).
+    pub fn digest(&self) -> String {
         use sha2::Digest as _;
         let mut hasher = sha2::Sha256::new();
-        hasher.update(serde_json::to_vec(&blueprint.spec).unwrap_or_default());
-        for (name, text) in &sources {
+        hasher.update(serde_json::to_vec(&self.spec).unwrap_or_default());
+        for (name, text) in &self.sources {
             hasher.update([0]);
             hasher.update(name.as_bytes());
             hasher.update([0]);
             hasher.update(text.as_bytes());
         }
         crate::template::hex(&hasher.finalize())
-    };
-    let mut policies = Vec::with_capacity(blueprint.spec.resources.len());
-    for resource in &blueprint.spec.resources {
-        match Policies::of(resource) {
-            Ok(p) => policies.push(p.annotations()),
-            Err(e) => errors.push(at(format!("resource {}: {e}", resource.id))),
-        }
     }
-    let graph = graph::build(&blueprint.spec.resources)
-        .map_err(|e| e.into_iter().map(&at).collect::<Vec<_>>());
-    let limits = blueprint.spec.limits.clone().unwrap_or_default();
-    let templates = Templates::compile(sources, &limits).map_err(|failures| {
-        failures
-            .into_iter()
-            .map(|(template, failure)| {
-                let mut error = at(format!("template {template} does not compile: {failure}"));
-                if let Error::Config { excerpt, .. } = &mut error {
-                    *excerpt = failure.excerpt;
-                }
-                error
-            })
-            .collect::<Vec<_>>()
-    });
-    match (graph, templates) {
-        (Ok(graph), Ok(templates)) if errors.is_empty() => Ok(Compiled {
-            digest,
-            name: name.clone(),
-            spec: blueprint.spec.clone(),
-            templates,
-            template_names,
-            graph,
-            policies,
-        }),
-        (graph, templates) => {
-            errors.extend(graph.err().unwrap_or_default());
-            errors.extend(templates.err().unwrap_or_default());
-            Err(errors)
+
+    fn build(&self, at: &dyn Fn(String) -> Error) -> Result<Compiled, Vec<Error>> {
+        let mut errors = Vec::new();
+        let digest = self.digest();
+        let mut policies = Vec::with_capacity(self.spec.resources.len());
+        for resource in &self.spec.resources {
+            match Policies::of(resource) {
+                Ok(p) => policies.push(p.annotations()),
+                Err(e) => errors.push(at(format!("resource {}: {e}", resource.id))),
+            }
+        }
+        let graph = graph::build(&self.spec.resources)
+            .map_err(|e| e.into_iter().map(at).collect::<Vec<_>>());
+        let limits = self.spec.limits.clone().unwrap_or_default();
+        let templates = Templates::compile(self.sources.clone(), &limits).map_err(|failures| {
+            failures
+                .into_iter()
+                .map(|(template, failure)| {
+                    let mut error = at(format!("template {template} does not compile: {failure}"));
+                    if let Error::Config { excerpt, .. } = &mut error {
+                        *excerpt = failure.excerpt;
+                    }
+                    error
+                })
+                .collect::<Vec<_>>()
+        });
+        match (graph, templates) {
+            (Ok(graph), Ok(templates)) if errors.is_empty() => Ok(Compiled {
+                digest,
+                name: self.name.clone(),
+                spec: self.spec.clone(),
+                templates,
+                template_names: self.template_names.clone(),
+                graph,
+                policies,
+                snapshot: std::sync::Arc::new(self.clone()),
+            }),
+            (graph, templates) => {
+                errors.extend(graph.err().unwrap_or_default());
+                errors.extend(templates.err().unwrap_or_default());
+                Err(errors)
+            }
         }
     }
 }

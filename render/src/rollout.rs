@@ -23,11 +23,11 @@ use crate::{Error, Result};
 /// How long an instance may stay updating when the strategy does not say.
 pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
 
-/// Why a Pipeline with `spec.rollout` is refused where it would be run:
-/// this version checks a strategy and shows its waves (`kiln rollout
-/// plan`) but does not run it, and updating every instance at once would
-/// break the strategy's promise.
-pub const NOT_RUN: &str = "spec.rollout is checked and shown by `kiln rollout plan`, but this version of Kiln does not run rollouts yet; it refuses rather than update every instance at once";
+/// Why a Pipeline with `spec.rollout` is refused where it would be run
+/// through Git: `kiln sync` runs a rollout when it applies directly, but
+/// staged commits (one per wave) are not built yet, and committing every
+/// instance at once would break the strategy's promise.
+pub const NOT_RUN: &str = "spec.rollout runs in `kiln sync` without Git; through Git (render --git, sync --git, the controller) it needs staged commits, which this version does not make yet, so it refuses rather than update every instance at once";
 
 /// [`NOT_RUN`] for `pipeline`, naming its file, when it has a rollout.
 pub fn not_run(pipeline: &Named<PipelineSpec>) -> Option<String> {
@@ -241,6 +241,24 @@ impl Strategy {
         &self,
         instances: &[(&'a str, &'a Row)],
     ) -> std::result::Result<Vec<Vec<Member<'a>>>, String> {
+        self.assign_checked(instances, true)
+    }
+
+    /// [`Strategy::assign`] for a rollout under way: a key that no
+    /// instance has any more (its row was removed, or it is not one the
+    /// rollout moves) takes nothing instead of being an error.
+    pub fn assign_present<'a>(
+        &self,
+        instances: &[(&'a str, &'a Row)],
+    ) -> std::result::Result<Vec<Vec<Member<'a>>>, String> {
+        self.assign_checked(instances, false)
+    }
+
+    fn assign_checked<'a>(
+        &self,
+        instances: &[(&'a str, &'a Row)],
+        strict: bool,
+    ) -> std::result::Result<Vec<Vec<Member<'a>>>, String> {
         let mut remaining: Vec<Member<'a>> = instances
             .iter()
             .map(|&(blueprint, row)| Member { blueprint, row })
@@ -257,7 +275,7 @@ impl Strategy {
                         let known = instances
                             .iter()
                             .any(|&(blueprint, row)| names(wanted, blueprint, &row.key));
-                        if !known {
+                        if strict && !known {
                             return Err(at(format!("no instance has the key {wanted:?}")));
                         }
                     }
@@ -696,6 +714,27 @@ impl State {
             .retain(|_, p| !matches!(p, Progress::Failed { .. } | Progress::RolledBack));
     }
 
+    /// Pauses the rollout for `reason`; nothing is written until it is
+    /// resumed.
+    pub fn pause(&mut self, reason: &str) {
+        self.paused = Some(reason.to_string());
+    }
+
+    /// Aborts the rollout: every instance that left `Pending` goes back to
+    /// the previous revision, and the rollout stays paused; resuming it
+    /// starts again from the first wave. Returns the instances put back.
+    pub fn abort(&mut self) -> Vec<String> {
+        let mut back = Vec::new();
+        for (id, progress) in &mut self.instances {
+            if !matches!(progress, Progress::Pending | Progress::RolledBack) {
+                *progress = Progress::RolledBack;
+                back.push(id.clone());
+            }
+        }
+        self.paused = Some("aborted: every instance is back on the previous revision; `kiln rollout resume` starts again from the first wave".into());
+        back
+    }
+
     /// One step of the rollout at `now` (Unix seconds) over `waves` (each
     /// wave's instances, `blueprint/key`, in update order): observes the
     /// updating instances, fails those past the deadline, and decides what
@@ -904,6 +943,16 @@ impl State {
             }
         }
     }
+}
+
+/// Whether a `condition` gate's expression holds over `object` (as read
+/// from the cluster); the error is one line.
+pub fn holds(expression: &str, object: &serde_json::Value) -> std::result::Result<bool, String> {
+    let compiled = crate::template::expression(expression)?;
+    let value = compiled
+        .eval(minijinja::context! { object => Value::from(minijinja::value::Serde(object)) })
+        .map_err(|e| crate::template::one_line(&e))?;
+    Ok(value.is_true())
 }
 
 /// Whether a gate asks each instance's application before writing it.

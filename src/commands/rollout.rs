@@ -1,6 +1,7 @@
 //! `kiln rollout`: a Pipeline's progressive rollout (`spec.rollout`).
 
-use kiln_render::rollout::{Gate, Strategy, Take, Wave};
+use kiln_render::rollout::{Gate, Progress, Strategy, Take, Wave};
+use kiln_sync::rollout::{Place, Stored};
 use serde_json::{Value, json};
 
 use super::{ConfigArgs, Format, target};
@@ -19,6 +20,44 @@ enum Verb {
     /// instances each takes, in the order they are updated, with its
     /// concurrency, quorum and gates (a window says whether it is open).
     Plan(PlanArgs),
+    /// Show where the rollout `kiln sync` runs is: the revision, each
+    /// wave's instances pending, asked to release, updating, healthy,
+    /// failed and rolled back, and what it waits for.
+    Status(StateArgs),
+    /// Pause the rollout: nothing more is updated until it is resumed.
+    Pause(StateArgs),
+    /// Resume a paused rollout; failed and rolled back instances are tried
+    /// again (after an abort, from the first wave).
+    Resume(StateArgs),
+    /// Approve a wave's approval gate for the revision being rolled out.
+    Approve(ApproveArgs),
+    /// Abort the rollout: every instance it reached goes back to the
+    /// previous revision, and it stays paused.
+    Abort(StateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StateArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    cluster: super::cluster::ClusterArgs,
+    /// `text` (stdout) or `json` (stdout): the rollout's status.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+#[derive(Debug, clap::Args)]
+struct ApproveArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// The wave (default: the one waiting for approval).
+    #[arg(long, value_name = "W")]
+    wave: Option<String>,
+    /// The revision approved (default: the one being rolled out); refused
+    /// unless it is the one being rolled out.
+    #[arg(long, value_name = "R")]
+    revision: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -36,6 +75,65 @@ struct PlanArgs {
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.verb {
         Verb::Plan(plan) => run_plan(plan),
+        Verb::Status(a) => change(a, |_, _| Ok(None)),
+        Verb::Pause(a) => change(a, |stored, _| {
+            if stored.done {
+                return Err(format!(
+                    "nothing to pause: revision {} is rolled out",
+                    stored.current.id
+                ));
+            }
+            stored.state.pause("paused by a person");
+            Ok(Some(format!(
+                "paused the rollout of revision {}",
+                stored.current.id
+            )))
+        }),
+        Verb::Resume(a) => change(a, |stored, _| {
+            if stored.state.paused.is_none() {
+                return Err(format!(
+                    "the rollout of revision {} is not paused",
+                    stored.current.id
+                ));
+            }
+            stored.state.resume();
+            stored.done = false;
+            Ok(Some(format!(
+                "resumed the rollout of revision {}",
+                stored.current.id
+            )))
+        }),
+        Verb::Abort(a) => change(a, |stored, _| {
+            if stored.done {
+                return Err(format!(
+                    "nothing to abort: revision {} is rolled out",
+                    stored.current.id
+                ));
+            }
+            let back = stored.state.abort();
+            Ok(Some(format!(
+                "aborted the rollout of revision {}: {} instances go back to revision {}",
+                stored.current.id,
+                back.len(),
+                stored.previous.as_ref().map_or("?", |p| p.id.as_str())
+            )))
+        }),
+        Verb::Approve(a) => change(&a.state, |stored, strategy| {
+            let revision = a
+                .revision
+                .clone()
+                .unwrap_or_else(|| stored.state.revision.clone());
+            let wave = match &a.wave {
+                Some(w) => w.clone(),
+                None => waiting_for_approval(stored, strategy).ok_or_else(|| {
+                    "no wave waits for approval; name one with --wave".to_string()
+                })?,
+            };
+            stored.state.approve(strategy, &wave, &revision)?;
+            Ok(Some(format!(
+                "approved wave {wave} for revision {revision}"
+            )))
+        }),
     }
 }
 
@@ -86,6 +184,222 @@ fn run_plan(args: &PlanArgs) -> anyhow::Result<Outcome> {
         Format::Text => print_plan(&plan, args.show),
     }
     Ok(Outcome::Clean)
+}
+
+/// The first wave with an approval gate not approved yet.
+fn waiting_for_approval(stored: &Stored, strategy: &Strategy) -> Option<String> {
+    fn asks(g: &Gate) -> bool {
+        match g {
+            Gate::Approval => true,
+            Gate::AllOf(gates) | Gate::AnyOf(gates) => gates.iter().any(asks),
+            _ => false,
+        }
+    }
+    strategy
+        .waves
+        .iter()
+        .find(|w| w.gates.iter().any(asks) && !stored.state.approved.contains(&w.name))
+        .map(|w| w.name.clone())
+}
+
+/// Loads the Pipeline's strategy and the rollout's state, applies
+/// `change` (a compare-and-swap; `Ok(None)` changes nothing), says what it
+/// did and prints the status.
+fn change(
+    args: &StateArgs,
+    change: impl Fn(&mut Stored, &Strategy) -> Result<Option<String>, String>,
+) -> anyhow::Result<Outcome> {
+    let config = args.config.load()?;
+    let Some(pipeline) = target::pipeline(&config, args.config.pipeline.as_deref())?.cloned()
+    else {
+        anyhow::bail!("the configuration has no Pipeline: a rollout is a Pipeline's spec.rollout");
+    };
+    let Some(strategy) = Strategy::of(&pipeline, &config.blueprints_of(&pipeline))? else {
+        anyhow::bail!(
+            "Pipeline {} has no spec.rollout: every instance is updated in one pass",
+            pipeline.name
+        );
+    };
+    let options = args.cluster.options(&pipeline.name)?;
+    let place = Place::of(&options.inventory_namespace, &options.inventory);
+    let at = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "{}: Pipeline {}: rollout: {e}",
+            pipeline.file.display(),
+            pipeline.name
+        )
+    };
+    let stored = super::runtime()?.block_on(async {
+        let cluster = args.cluster.connect().await?;
+        let said = place
+            .update(&cluster, |stored| change(stored, &strategy))
+            .await
+            .map_err(|e| at(&e))?;
+        if let Some(line) = said {
+            eprintln!("rollout: {line}");
+        }
+        let (stored, _) = place
+            .load(&cluster)
+            .await
+            .map_err(|e| at(&e))?
+            .ok_or_else(|| at(&"the rollout state is gone"))?;
+        anyhow::Ok(stored)
+    })?;
+    let loaded = super::render::read(config, &args.config)?;
+    let status = status(&pipeline.name, &strategy, &stored, &loaded.instances())?;
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Format::Text => print_status(&status),
+    }
+    Ok(Outcome::Clean)
+}
+
+/// The rollout's status as JSON: the revisions, what it waits for, and
+/// each wave's instances by phase.
+fn status(
+    pipeline: &str,
+    strategy: &Strategy,
+    stored: &Stored,
+    instances: &[(&str, &kiln_render::source::Row)],
+) -> anyhow::Result<Value> {
+    let members: Vec<(&str, &kiln_render::source::Row)> = instances
+        .iter()
+        .filter(|(b, r)| stored.members.contains(&format!("{b}/{}", r.key)))
+        .copied()
+        .collect();
+    let waves = strategy
+        .assign_present(&members)
+        .map_err(|e| anyhow::anyhow!("Pipeline {pipeline}: spec.rollout: {e}"))?;
+    let mut failed = Vec::new();
+    let mut rolled_back = Vec::new();
+    let described: Vec<Value> = strategy
+        .waves
+        .iter()
+        .zip(&waves)
+        .map(|(wave, members)| {
+            let mut counts = std::collections::BTreeMap::from([
+                ("pending", 0),
+                ("requested", 0),
+                ("updating", 0),
+                ("healthy", 0),
+                ("failed", 0),
+                ("rolledBack", 0),
+            ]);
+            for m in members {
+                let id = format!("{}/{}", m.blueprint, m.row.key);
+                let phase = match stored.state.progress(&id) {
+                    _ if stored.done => "healthy",
+                    Progress::Pending => "pending",
+                    Progress::Requested { .. } => "requested",
+                    Progress::Updating { .. } => "updating",
+                    Progress::Healthy => "healthy",
+                    Progress::Failed { reason } => {
+                        failed.push(json!({"instance": id, "reason": reason}));
+                        "failed"
+                    }
+                    Progress::RolledBack => {
+                        rolled_back.push(id.clone());
+                        "rolledBack"
+                    }
+                };
+                *counts.entry(phase).or_default() += 1;
+            }
+            let needed = wave.quorum.needed(members.len());
+            json!({
+                "name": wave.name,
+                "instances": members.len(),
+                "healthyNeeded": needed,
+                "maxConcurrent": wave.max_concurrent,
+                "approved": stored.state.approved.contains(&wave.name),
+                "counts": counts,
+            })
+        })
+        .collect();
+    let phase = if stored.done {
+        "Done"
+    } else if stored.state.paused.is_some() {
+        "Paused"
+    } else {
+        "Progressing"
+    };
+    Ok(json!({
+        "pipeline": pipeline,
+        "revision": stored.current.id,
+        "previousRevision": stored.previous.as_ref().map(|p| p.id.clone()),
+        "phase": phase,
+        "paused": stored.state.paused,
+        "waiting": stored.waiting.as_ref().map(|(w, why)| json!({"wave": w, "reason": why})),
+        "instances": stored.members.len(),
+        "waves": described,
+        "failed": failed,
+        "rolledBack": rolled_back,
+    }))
+}
+
+fn print_status(status: &Value) {
+    println!(
+        "Pipeline {}: revision {} (from {}): {}",
+        status["pipeline"].as_str().unwrap_or_default(),
+        status["revision"].as_str().unwrap_or_default(),
+        status["previousRevision"].as_str().unwrap_or("none"),
+        status["phase"].as_str().unwrap_or_default()
+    );
+    if let Some(reason) = status["paused"].as_str() {
+        println!("paused: {reason}");
+    }
+    if let Some(waiting) = status["waiting"].as_object() {
+        let wave = waiting["wave"].as_str().unwrap_or_default();
+        let reason = waiting["reason"].as_str().unwrap_or_default();
+        if wave.is_empty() {
+            println!("waiting: {reason}");
+        } else {
+            println!("waiting: wave {wave}: {reason}");
+        }
+    }
+    for (i, wave) in status["waves"].as_array().into_iter().flatten().enumerate() {
+        let counts = &wave["counts"];
+        let mut parts = Vec::new();
+        for phase in [
+            "pending",
+            "requested",
+            "updating",
+            "healthy",
+            "failed",
+            "rolledBack",
+        ] {
+            if let Some(n) = counts[phase].as_u64().filter(|n| *n > 0) {
+                parts.push(format!("{n} {phase}"));
+            }
+        }
+        println!(
+            "wave {} {}: {} instances ({}), {} healthy needed",
+            i + 1,
+            wave["name"].as_str().unwrap_or_default(),
+            wave["instances"],
+            if parts.is_empty() {
+                "none".to_string()
+            } else {
+                parts.join(", ")
+            },
+            wave["healthyNeeded"]
+        );
+    }
+    let back: Vec<&str> = status["rolledBack"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !back.is_empty() {
+        println!("rolled back: {}", back.join(", "));
+    }
+    for f in status["failed"].as_array().into_iter().flatten() {
+        println!(
+            "failed: {}: {}",
+            f["instance"].as_str().unwrap_or_default(),
+            f["reason"].as_str().unwrap_or_default()
+        );
+    }
 }
 
 fn describe(wave: &Wave, keys: &[String], now: jiff::Timestamp) -> Value {

@@ -24,6 +24,9 @@ use crate::Outcome;
 /// How long the loop lets changed rows settle before it reads them.
 const ROWS_SETTLE: Duration = Duration::from_millis(50);
 
+/// How often a rollout under way is stepped when nothing else starts a pass.
+const ROLLOUT_TICK: Duration = Duration::from_secs(2);
+
 /// Arguments of `kiln sync`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -89,6 +92,8 @@ pub fn stop_on_signal(stop: watch::Sender<bool>) -> tokio::task::JoinHandle<()> 
 struct Loaded {
     /// What the engine is made of, until it is.
     parts: Option<(kiln_render::config::Config, Vec<render::Compiled>, Settings)>,
+    /// The Pipeline's rollout, when it has one.
+    rollout: Option<kiln_sync::rollout::Driver>,
     /// Where commits go, for messages.
     place: target::Place,
     /// The `kubernetes` sources read, watched.
@@ -114,6 +119,18 @@ fn load(args: &Args) -> anyhow::Result<Loaded> {
     }
     let blueprints = render::compile(&config, &selected)?;
     let settings = settings(args, pipeline.as_ref())?;
+    let rollout = match &pipeline {
+        Some(p) => kiln_render::rollout::Strategy::of(p, &config.blueprints_of(p))?.map(|s| {
+            kiln_sync::rollout::Driver::new(
+                s,
+                kiln_sync::rollout::Place::of(
+                    &settings.apply.inventory_namespace,
+                    &settings.apply.inventory,
+                ),
+            )
+        }),
+        None => None,
+    };
     let polled = Polled::all(&config, &blueprints)?;
     let mut definitions = std::collections::BTreeSet::new();
     for blueprint in config.blueprints.values() {
@@ -159,6 +176,7 @@ fn load(args: &Args) -> anyhow::Result<Loaded> {
         .collect();
     Ok(Loaded {
         parts: Some((config, blueprints, settings)),
+        rollout,
         place,
         kube_sources,
         notified_sources,
@@ -293,10 +311,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         let mut file_watcher = watch_files(&loaded, &args.config.files, files_tx.clone());
         let engine = |loaded: &mut Loaded| {
             let (config, blueprints, settings) = loaded.parts.take()?;
-            Some(
-                Reconciler::new(config, blueprints, settings, metrics.clone())
-                    .with_objects(std::sync::Arc::new(objects.clone())),
-            )
+            let mut engine = Reconciler::new(config, blueprints, settings, metrics.clone())
+                .with_objects(std::sync::Arc::new(objects.clone()));
+            if let Some(driver) = loaded.rollout.take() {
+                engine = engine.with_rollout(driver);
+            }
+            Some(engine)
         };
         let Some(mut reconciler) = engine(&mut loaded) else {
             anyhow::bail!("the configuration was already used");
@@ -370,11 +390,16 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             if *stop.borrow() {
                 break Ok(());
             }
-            let next = polled
+            let mut next = polled
                 .iter()
                 .map(|p| p.due)
                 .min()
                 .unwrap_or_else(|| Instant::now() + DEFAULT_INTERVAL);
+            // A rollout under way moves with health, gates and time, not
+            // only with the rows: it is stepped again soon.
+            if reconciler.rollout().is_some_and(|r| r.active()) {
+                next = next.min(Instant::now() + ROLLOUT_TICK);
+            }
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(next) => break,
@@ -492,7 +517,10 @@ fn settings(
         None
     };
     let name = pipeline.map_or("default", |p| p.name.as_str());
-    if let Some(refusal) = pipeline.and_then(kiln_render::rollout::not_run) {
+    // With Git, a rollout is staged commits: not built yet.
+    if git.is_some()
+        && let Some(refusal) = pipeline.and_then(kiln_render::rollout::not_run)
+    {
         anyhow::bail!(refusal);
     }
     let mut apply = args.cluster.options(name)?;
@@ -520,6 +548,7 @@ fn describe(event: &Event, place: &target::Place) -> Option<String> {
             published.branch.short(),
             published.summary.line()
         ),
+        Event::Rollout(line) => format!("rollout: {line}"),
         Event::Pinned { branch, commit } => format!(
             "{branch} is pinned by rollback commit {}: applying it and committing nothing until `kiln resume`",
             commit.short()

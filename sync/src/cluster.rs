@@ -731,6 +731,11 @@ pub fn message(error: &kube::Error) -> String {
     }
 }
 
+/// A failed request as the other requests' failures are kept.
+pub fn failure(error: kube::Error) -> Failure {
+    classify(error)
+}
+
 fn classify(error: kube::Error) -> Failure {
     Failure { error }
 }

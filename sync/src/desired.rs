@@ -215,7 +215,8 @@ pub fn from_rendered(rendered: &Rendered) -> Result<Vec<Desired>> {
     Ok(objects)
 }
 
-fn check_unique(objects: &[Desired]) -> Result<()> {
+/// Refuses the same object twice, naming both places.
+pub fn check_unique(objects: &[Desired]) -> Result<()> {
     let mut seen: HashMap<&Identity, &str> = HashMap::with_capacity(objects.len());
     for object in objects {
         if let Some(first) = seen.insert(&object.identity, &object.origin) {

@@ -24,6 +24,7 @@ pub mod plan;
 pub mod prune;
 pub mod reconcile;
 pub mod report;
+pub mod rollout;
 pub mod rows;
 pub mod watch;
 

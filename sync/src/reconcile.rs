@@ -112,6 +112,8 @@ pub enum Event {
     },
     /// A render was committed.
     Committed(Published),
+    /// The rollout moved: a wave started, an instance failed, a rollback.
+    Rollout(String),
     /// The branch is pinned by a rollback: its tree is applied, nothing is
     /// committed (told once per pin).
     Pinned {
@@ -145,6 +147,8 @@ pub struct Reconciler {
     committed: Option<CommitId>,
     desired: Option<Arc<Vec<Desired>>>,
     pinned_reported: bool,
+    /// The Pipeline's rollout, when it has one (without Git).
+    rollout: Option<crate::rollout::Driver>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -181,7 +185,20 @@ impl Reconciler {
             committed: None,
             desired: None,
             pinned_reported: false,
+            rollout: None,
         }
+    }
+
+    /// Runs the Pipeline's rollout: each pass steps it, and each instance
+    /// renders at the revision the rollout has it on.
+    pub fn with_rollout(mut self, driver: crate::rollout::Driver) -> Self {
+        self.rollout = Some(driver);
+        self
+    }
+
+    /// The rollout, when the Pipeline has one.
+    pub fn rollout(&self) -> Option<&crate::rollout::Driver> {
+        self.rollout.as_ref()
     }
 
     /// Reads `kubernetes` sources through `objects`.
@@ -278,6 +295,9 @@ impl Reconciler {
                 message: "not every source has been read yet".into(),
             });
         }
+        if self.git.is_none() && self.rollout.is_some() {
+            return self.render_rollout(cluster).await;
+        }
         let mut events = Vec::new();
         // Rows not read again since the last render cannot have changed: a
         // pass started by a watch need not hash them.
@@ -349,6 +369,30 @@ impl Reconciler {
                 self.desired = Some(Arc::new(desired));
             }
         }
+        Ok(events)
+    }
+
+    /// A pass of the rollout: every pass steps it (health, gates and time
+    /// move without the rows changing), so every pass renders.
+    async fn render_rollout(&mut self, cluster: &Cluster) -> Result<Vec<Event>> {
+        let Some(driver) = self.rollout.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let started = Instant::now();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let pass = driver
+            .pass(cluster, &self.config, &self.blueprints, &self.rows, now)
+            .await?;
+        let elapsed = started.elapsed();
+        self.metrics.rendered(elapsed);
+        let mut events = vec![rendered_event(&pass.rendered, elapsed)];
+        events.extend(pass.events.into_iter().map(Event::Rollout));
+        let mut options = self.settings.apply.clone();
+        options.prune = !self.settings.no_prune;
+        crate::guard::check_cluster(cluster, &options, &pass.desired).await?;
+        self.desired = Some(Arc::new(pass.desired));
         Ok(events)
     }
 

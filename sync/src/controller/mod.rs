@@ -972,6 +972,7 @@ fn note(event: &Event) -> (&'static str, String) {
                 published.summary.line()
             ),
         ),
+        Event::Rollout(line) => ("Rollout", line.clone()),
         Event::Pinned { branch, commit } => (
             "Pinned",
             format!(

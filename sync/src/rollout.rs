@@ -1,0 +1,836 @@
+//! A Pipeline's rollout run from a loop (`kiln sync` without Git): which
+//! revision each instance renders at, the rollout's state kept in a
+//! ConfigMap beside the inventory (written with a compare-and-swap before
+//! any object is), and the cluster answering [`World`]'s questions.
+//!
+//! A revision is what touches every instance: the blueprints' digests and
+//! Kiln's version. Rows are not part of it: a changed row renders at the
+//! revision its instance is on, a new row at the newest. The state holds
+//! the blueprints of the revision being replaced, so that instances not
+//! reached yet, and those rolled back, keep rendering it after a restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kiln_render::api::ConditionGate;
+use kiln_render::config::Config;
+use kiln_render::render::{self, Compiled, Instance, Rendered, Snapshot};
+use kiln_render::rollout::{self, Gate, Health, Progress, State, Step, Strategy, World};
+use kiln_render::source::Row;
+use kube::api::{Api, PostParams};
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::desired::{self, DIGEST_ANNOTATION, Desired};
+use crate::{Error, Result};
+
+/// Put on an instance's release object while Kiln waits to update it; the
+/// value is the revision.
+pub const REQUESTED_ANNOTATION: &str = "kiln.dev/update-requested";
+/// The application's answer on the same object: it may be updated to the
+/// revision it names.
+pub const ACKNOWLEDGED_ANNOTATION: &str = "kiln.dev/update-acknowledged";
+/// The ConfigMap key holding the state.
+const STATE_KEY: &str = "rollout.json";
+/// How many compare-and-swap attempts a step makes before it gives up for
+/// this pass.
+const ATTEMPTS: usize = 3;
+
+/// One revision: its id and the blueprints it renders with.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Revision {
+    /// The first 12 hex digits of the digest of Kiln's version and every
+    /// blueprint's digest.
+    pub id: String,
+    /// Its blueprints.
+    pub blueprints: Vec<Snapshot>,
+}
+
+impl Revision {
+    /// The revision `blueprints` are.
+    pub fn of(blueprints: &[Compiled]) -> Revision {
+        Revision {
+            id: revision_id(blueprints),
+            blueprints: blueprints.iter().map(|b| (*b.snapshot).clone()).collect(),
+        }
+    }
+
+    fn digest_of(&self, blueprint: &str) -> Option<String> {
+        self.blueprints
+            .iter()
+            .find(|b| b.name == blueprint)
+            .map(Snapshot::digest)
+    }
+}
+
+/// The id of the revision `blueprints` are.
+pub fn revision_id(blueprints: &[Compiled]) -> String {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(env!("CARGO_PKG_VERSION"));
+    let mut digests: Vec<(&str, &str)> = blueprints
+        .iter()
+        .map(|b| (b.name.as_str(), b.digest.as_str()))
+        .collect();
+    digests.sort_unstable();
+    for (name, digest) in digests {
+        hasher.update([0]);
+        hasher.update(name);
+        hasher.update([0]);
+        hasher.update(digest);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What the state ConfigMap holds.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stored {
+    /// The revision being rolled out (or rolled out).
+    pub current: Revision,
+    /// The revision it replaces: what instances not reached render at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Revision>,
+    /// The instances (`blueprint/key`) the rollout moves: those that were
+    /// there when it started, of blueprints that changed.
+    #[serde(default)]
+    pub members: BTreeSet<String>,
+    /// Where each member is.
+    pub state: State,
+    /// The wave that waits and why, as of the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<(String, String)>,
+    /// Every member healthy on the current revision.
+    #[serde(default)]
+    pub done: bool,
+    /// When the last step ran (Unix seconds).
+    #[serde(default)]
+    pub stepped: i64,
+}
+
+impl Stored {
+    /// A state with nothing to roll: `current` is what every instance
+    /// renders at.
+    pub fn settled(current: Revision) -> Stored {
+        Stored {
+            state: State::new(&current.id),
+            current,
+            done: true,
+            ..Stored::default()
+        }
+    }
+
+    /// Whether `instance` renders at the previous revision now.
+    pub fn renders_previous(&self, instance: &str) -> bool {
+        !self.done
+            && self.previous.is_some()
+            && self.members.contains(instance)
+            && matches!(
+                self.state.progress(instance),
+                Progress::Pending | Progress::Requested { .. } | Progress::RolledBack
+            )
+    }
+}
+
+/// Where a Pipeline's rollout state lives: the ConfigMap `<inventory>-rollout`
+/// in the inventory's namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// The namespace.
+    pub namespace: String,
+    /// The ConfigMap's name.
+    pub name: String,
+}
+
+impl Place {
+    /// The place of the rollout of the inventory `inventory`.
+    pub fn of(namespace: &str, inventory: &str) -> Place {
+        Place {
+            namespace: namespace.to_string(),
+            name: format!("{inventory}-rollout"),
+        }
+    }
+
+    fn api(&self, cluster: &Cluster) -> Api<ConfigMap> {
+        Api::namespaced(cluster.client().clone(), &self.namespace)
+    }
+
+    fn what(&self, verb: &str) -> String {
+        format!(
+            "{verb} rollout state ConfigMap {}/{}",
+            self.namespace, self.name
+        )
+    }
+
+    /// The state and the ConfigMap's resourceVersion; `None` when there is
+    /// none yet.
+    pub async fn load(&self, cluster: &Cluster) -> Result<Option<(Stored, String)>> {
+        let found = self
+            .api(cluster)
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Error::Api {
+                what: self.what("read"),
+                failure: crate::cluster::failure(e),
+            })?;
+        let Some(map) = found else {
+            return Ok(None);
+        };
+        let version = map.metadata.resource_version.clone().unwrap_or_default();
+        let text = map
+            .data
+            .as_ref()
+            .and_then(|d| d.get(STATE_KEY))
+            .ok_or_else(|| Error::InvalidPlan {
+                message: format!(
+                    "rollout state ConfigMap {}/{} has no {STATE_KEY}",
+                    self.namespace, self.name
+                ),
+            })?;
+        let stored = serde_json::from_str(text).map_err(|e| Error::InvalidPlan {
+            message: format!(
+                "rollout state ConfigMap {}/{}: {STATE_KEY}: {e}",
+                self.namespace, self.name
+            ),
+        })?;
+        Ok(Some((stored, version)))
+    }
+
+    /// Writes `stored` if the ConfigMap is still at `version` (`None`:
+    /// absent); false when someone wrote it meanwhile.
+    pub async fn store(
+        &self,
+        cluster: &Cluster,
+        stored: &Stored,
+        version: Option<&str>,
+    ) -> Result<Option<String>> {
+        let text = serde_json::to_string(stored).map_err(|e| Error::InvalidPlan {
+            message: format!("rollout state: {e}"),
+        })?;
+        let mut map = ConfigMap::default();
+        map.metadata.name = Some(self.name.clone());
+        map.metadata.namespace = Some(self.namespace.clone());
+        map.metadata.labels = Some(BTreeMap::from([(
+            "app.kubernetes.io/managed-by".to_string(),
+            "kiln".to_string(),
+        )]));
+        map.data = Some(BTreeMap::from([(STATE_KEY.to_string(), text)]));
+        let api = self.api(cluster);
+        let result = match version {
+            Some(v) => {
+                map.metadata.resource_version = Some(v.to_string());
+                api.replace(&self.name, &PostParams::default(), &map).await
+            }
+            None => {
+                cluster.ensure_namespace(&self.namespace).await?;
+                api.create(&PostParams::default(), &map).await
+            }
+        };
+        match result {
+            Ok(written) => Ok(Some(written.metadata.resource_version.unwrap_or_default())),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
+            Err(e) => Err(Error::Api {
+                what: self.what("write"),
+                failure: crate::cluster::failure(e),
+            }),
+        }
+    }
+
+    /// Reads the state, changes it with `change`, and writes it back with
+    /// a compare-and-swap, trying again when someone wrote meanwhile.
+    pub async fn update<T>(
+        &self,
+        cluster: &Cluster,
+        mut change: impl FnMut(&mut Stored) -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        for _ in 0..ATTEMPTS {
+            let Some((mut stored, version)) = self.load(cluster).await? else {
+                return Err(Error::InvalidPlan {
+                    message: format!(
+                        "no rollout state ConfigMap {}/{}: no loop has run this Pipeline's rollout yet",
+                        self.namespace, self.name
+                    ),
+                });
+            };
+            let before = stored.clone();
+            let answer = change(&mut stored).map_err(|message| Error::InvalidPlan { message })?;
+            if stored == before
+                || self
+                    .store(cluster, &stored, Some(&version))
+                    .await?
+                    .is_some()
+            {
+                return Ok(answer);
+            }
+        }
+        Err(Error::InvalidPlan {
+            message: format!(
+                "rollout state ConfigMap {}/{} kept changing; try again",
+                self.namespace, self.name
+            ),
+        })
+    }
+}
+
+/// Runs one Pipeline's rollout, pass after pass.
+#[derive(Debug)]
+pub struct Driver {
+    /// The checked strategy.
+    pub strategy: Strategy,
+    /// Where the state lives.
+    pub place: Place,
+    /// The previous revision, compiled, by id.
+    compiled: Option<(String, std::sync::Arc<Vec<Compiled>>)>,
+    /// The state as of the last pass.
+    last: Option<Stored>,
+}
+
+/// What one pass of the rollout gives the loop.
+#[derive(Debug)]
+pub struct Pass {
+    /// Every object, each instance at its revision.
+    pub desired: Vec<Desired>,
+    /// What happened, one line each.
+    pub events: Vec<String>,
+    /// The render at the current revision (for the loop's report).
+    pub rendered: Rendered,
+}
+
+impl Driver {
+    /// A driver of `strategy` keeping its state at `place`.
+    pub fn new(strategy: Strategy, place: Place) -> Driver {
+        Driver {
+            strategy,
+            place,
+            compiled: None,
+            last: None,
+        }
+    }
+
+    /// The state as of the last pass.
+    pub fn last(&self) -> Option<&Stored> {
+        self.last.as_ref()
+    }
+
+    /// Whether the rollout is under way: the loop should pass again soon
+    /// even when nothing changes.
+    pub fn active(&self) -> bool {
+        self.last.as_ref().is_some_and(|s| !s.done)
+    }
+
+    /// One pass at `now` (Unix seconds): renders the current revision, and
+    /// the previous one for the rollout's members; reads what the step
+    /// needs from the cluster; steps; records the state (compare-and-swap)
+    /// before returning the objects to write.
+    pub async fn pass(
+        &mut self,
+        cluster: &Cluster,
+        config: &Config,
+        blueprints: &[Compiled],
+        rows: &BTreeMap<String, Vec<Row>>,
+        now: i64,
+    ) -> Result<Pass> {
+        let current = Revision::of(blueprints);
+        let rendered = render::render(blueprints, config, rows, true)?;
+        let mut events = Vec::new();
+        for _ in 0..ATTEMPTS {
+            events.clear();
+            let loaded = self.place.load(cluster).await?;
+            let version = loaded.as_ref().map(|(_, v)| v.clone());
+            let mut fresh = true;
+            let mut stored = match loaded {
+                None => Stored::settled(current.clone()),
+                Some((stored, _)) if stored.current.id != current.id => {
+                    let start = self.start(stored, current.clone(), blueprints, rows);
+                    events.push(format!(
+                        "rollout of revision {} started: {} instances in {} waves",
+                        start.current.id,
+                        start.members.len(),
+                        self.strategy.waves.len()
+                    ));
+                    start
+                }
+                Some((stored, _)) => {
+                    fresh = false;
+                    stored
+                }
+            };
+            let before = stored.clone();
+            let previous = self.previous(&stored)?;
+            let old = match &previous {
+                Some(old) if !stored.done => Some(render::render(
+                    old,
+                    config,
+                    &member_rows(&stored, old, rows),
+                    true,
+                )?),
+                _ => None,
+            };
+            if !stored.done {
+                let waves = self.waves(&stored, blueprints, rows)?;
+                let world = self
+                    .observe(cluster, &stored, &rendered, old.as_ref())
+                    .await?;
+                let step: Step = stored.state.step(&self.strategy, &waves, now, &world);
+                stored.waiting = step.waiting.clone();
+                stored.done = step.done;
+                events.extend(step.events.iter().cloned());
+                if step.done {
+                    events.push(format!(
+                        "rollout of revision {} done: every instance healthy",
+                        stored.current.id
+                    ));
+                }
+            }
+            if fresh || stored != before {
+                stored.stepped = now;
+                match self
+                    .place
+                    .store(cluster, &stored, version.as_deref())
+                    .await?
+                {
+                    Some(_) => {}
+                    None => continue,
+                }
+            }
+            let desired = assemble(&stored, &rendered, old.as_ref(), &self.strategy)?;
+            self.last = Some(stored);
+            return Ok(Pass {
+                desired,
+                events,
+                rendered,
+            });
+        }
+        Err(Error::InvalidPlan {
+            message: format!(
+                "rollout state ConfigMap {}/{} kept changing during the pass; trying again next pass",
+                self.place.namespace, self.place.name
+            ),
+        })
+    }
+
+    /// A new rollout of `current`, replacing what `stored` rolled out: the
+    /// previous revision is the last one every instance reached (a
+    /// revision that arrives mid-rollout rolls from there again).
+    fn start(
+        &self,
+        stored: Stored,
+        current: Revision,
+        blueprints: &[Compiled],
+        rows: &BTreeMap<String, Vec<Row>>,
+    ) -> Stored {
+        let previous = if stored.done || stored.previous.is_none() {
+            stored.current
+        } else {
+            stored.previous.unwrap_or_default()
+        };
+        let mut members = BTreeSet::new();
+        for blueprint in blueprints {
+            let changed = previous
+                .digest_of(&blueprint.name)
+                .is_some_and(|d| d != blueprint.digest);
+            if !changed {
+                continue;
+            }
+            for row in rows.get(&blueprint.spec.source).into_iter().flatten() {
+                if row.active {
+                    members.insert(format!("{}/{}", blueprint.name, row.key));
+                }
+            }
+        }
+        let done = members.is_empty();
+        Stored {
+            state: State::new(&current.id),
+            current,
+            previous: Some(previous),
+            members,
+            done,
+            ..Stored::default()
+        }
+    }
+
+    /// The previous revision's blueprints, compiled once per revision.
+    fn previous(&mut self, stored: &Stored) -> Result<Option<std::sync::Arc<Vec<Compiled>>>> {
+        let Some(previous) = &stored.previous else {
+            return Ok(None);
+        };
+        if let Some((id, compiled)) = &self.compiled
+            && *id == previous.id
+        {
+            return Ok(Some(compiled.clone()));
+        }
+        let origin = format!(
+            "rollout state ConfigMap {}/{}, revision {}",
+            self.place.namespace, self.place.name, previous.id
+        );
+        let compiled = previous
+            .blueprints
+            .iter()
+            .map(|s| s.compile(&origin))
+            .collect::<kiln_render::Result<Vec<_>>>()?;
+        let compiled = std::sync::Arc::new(compiled);
+        self.compiled = Some((previous.id.clone(), compiled.clone()));
+        Ok(Some(compiled))
+    }
+
+    /// Each wave's members as the rows are now, in update order.
+    fn waves(
+        &self,
+        stored: &Stored,
+        blueprints: &[Compiled],
+        rows: &BTreeMap<String, Vec<Row>>,
+    ) -> Result<Vec<Vec<String>>> {
+        let mut instances = Vec::new();
+        for blueprint in blueprints {
+            for row in rows.get(&blueprint.spec.source).into_iter().flatten() {
+                if row.active
+                    && stored
+                        .members
+                        .contains(&format!("{}/{}", blueprint.name, row.key))
+                {
+                    instances.push((blueprint.name.as_str(), row));
+                }
+            }
+        }
+        let waves = self
+            .strategy
+            .assign_present(&instances)
+            .map_err(|e| Error::InvalidPlan {
+                message: format!("spec.rollout: {e}"),
+            })?;
+        Ok(waves
+            .into_iter()
+            .map(|members| {
+                members
+                    .iter()
+                    .map(|m| format!("{}/{}", m.blueprint, m.row.key))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Reads from the cluster what the step asks: the health of updating
+    /// instances, the answers of those asked to release, the conditions.
+    async fn observe(
+        &self,
+        cluster: &Cluster,
+        stored: &Stored,
+        rendered: &Rendered,
+        old: Option<&Rendered>,
+    ) -> Result<Observed> {
+        let mut observed = Observed::default();
+        let by_id = |r: &'_ Rendered| -> BTreeMap<String, usize> {
+            r.instances
+                .iter()
+                .enumerate()
+                .map(|(i, inst)| (format!("{}/{}", inst.blueprint, inst.key), i))
+                .collect()
+        };
+        let new_index = by_id(rendered);
+        for (id, progress) in &stored.state.instances {
+            if !matches!(progress, Progress::Updating { .. }) {
+                continue;
+            }
+            let Some(&i) = new_index.get(id) else {
+                // Its row is gone: nothing left to wait for.
+                observed.health.insert(id.clone(), Health::Healthy);
+                continue;
+            };
+            let health = instance_health(cluster, &rendered.instances[i]).await?;
+            observed.health.insert(id.clone(), health);
+        }
+        if let Some(old) = old {
+            let old_index = by_id(old);
+            let resource = self.release_resource();
+            for (id, progress) in &stored.state.instances {
+                if !matches!(progress, Progress::Requested { .. }) {
+                    continue;
+                }
+                let (Some(&i), Some(resource)) = (old_index.get(id), resource.as_deref()) else {
+                    observed.released.insert(id.clone());
+                    continue;
+                };
+                if acknowledged(cluster, &old.instances[i], resource, &stored.current.id).await? {
+                    observed.released.insert(id.clone());
+                }
+            }
+        }
+        for wave in &self.strategy.waves {
+            for gate in &wave.gates {
+                collect_conditions(gate, &mut observed.conditions);
+            }
+        }
+        for (key, gate) in observed.conditions.clone() {
+            let answer = condition(cluster, &gate).await;
+            observed.answers.insert(key, answer);
+        }
+        Ok(observed)
+    }
+
+    /// The resource a release gate names, if any wave has one.
+    fn release_resource(&self) -> Option<String> {
+        self.strategy
+            .waves
+            .iter()
+            .flat_map(|w| &w.gates)
+            .find_map(release_of)
+    }
+}
+
+fn release_of(gate: &Gate) -> Option<String> {
+    match gate {
+        Gate::Release { resource } => Some(resource.clone()),
+        Gate::AllOf(gates) | Gate::AnyOf(gates) => gates.iter().find_map(release_of),
+        _ => None,
+    }
+}
+
+fn collect_conditions(gate: &Gate, into: &mut BTreeMap<String, ConditionGate>) {
+    match gate {
+        Gate::Condition(c) => {
+            into.insert(condition_key(c), c.clone());
+        }
+        Gate::AllOf(gates) | Gate::AnyOf(gates) => {
+            for g in gates {
+                collect_conditions(g, into);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn condition_key(c: &ConditionGate) -> String {
+    format!(
+        "{}\0{}\0{}\0{}\0{}",
+        c.api_version,
+        c.kind,
+        c.namespace.as_deref().unwrap_or_default(),
+        c.name,
+        c.expression
+    )
+}
+
+/// The rows of `old`'s blueprints' sources, keeping only the rollout's
+/// members' rows (each blueprint renders only its members; a source two
+/// blueprints read is filtered by the union, and the other's extra
+/// instances are dropped in [`assemble`]).
+fn member_rows(
+    stored: &Stored,
+    old: &[Compiled],
+    rows: &BTreeMap<String, Vec<Row>>,
+) -> BTreeMap<String, Vec<Row>> {
+    let mut kept: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+    for blueprint in old {
+        let Some(source_rows) = rows.get(&blueprint.spec.source) else {
+            continue;
+        };
+        let entry = kept.entry(blueprint.spec.source.clone()).or_default();
+        for row in source_rows {
+            let id = format!("{}/{}", blueprint.name, row.key);
+            if stored.members.contains(&id) && !entry.iter().any(|r| r.key == row.key) {
+                entry.push(row.clone());
+            }
+        }
+    }
+    kept
+}
+
+/// Every object, each instance at the revision the state says; an
+/// instance asked to release carries the request on its release object.
+fn assemble(
+    stored: &Stored,
+    rendered: &Rendered,
+    old: Option<&Rendered>,
+    strategy: &Strategy,
+) -> Result<Vec<Desired>> {
+    let old_by_id: BTreeMap<String, &Instance> = old
+        .map(|r| {
+            r.instances
+                .iter()
+                .map(|i| (format!("{}/{}", i.blueprint, i.key), i))
+                .collect()
+        })
+        .unwrap_or_default();
+    let release = strategy
+        .waves
+        .iter()
+        .flat_map(|w| &w.gates)
+        .find_map(release_of);
+    let mut chosen: Vec<(&Instance, bool)> = Vec::with_capacity(rendered.instances.len());
+    for instance in &rendered.instances {
+        let id = format!("{}/{}", instance.blueprint, instance.key);
+        match old_by_id.get(&id) {
+            Some(old) if stored.renders_previous(&id) => {
+                let requested = matches!(stored.state.progress(&id), Progress::Requested { .. });
+                chosen.push((old, requested));
+            }
+            _ => chosen.push((instance, false)),
+        }
+    }
+    let mut objects = Vec::new();
+    for (instance, requested) in chosen {
+        for object in &instance.objects {
+            let origin = format!(
+                "{}/{}/{}.yaml",
+                instance.blueprint, instance.name, object.resource
+            );
+            let mut value = object.value()?;
+            if requested && release.as_deref() == Some(object.resource.as_str()) {
+                annotate(&mut value, REQUESTED_ANNOTATION, &stored.current.id);
+            }
+            objects.push(Desired::new(value, &origin)?);
+        }
+    }
+    // The same checks as a render's objects get.
+    desired::check_unique(&objects)?;
+    Ok(objects)
+}
+
+fn annotate(object: &mut Value, key: &str, value: &str) {
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        let annotations = metadata
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(map) = annotations.as_object_mut() {
+            map.insert(key.to_string(), value.into());
+        }
+    }
+}
+
+/// What the cluster said, for one step.
+#[derive(Debug, Default)]
+struct Observed {
+    health: BTreeMap<String, Health>,
+    released: BTreeSet<String>,
+    conditions: BTreeMap<String, ConditionGate>,
+    answers: BTreeMap<String, std::result::Result<bool, String>>,
+}
+
+impl World for Observed {
+    fn health(&self, instance: &str) -> Health {
+        self.health
+            .get(instance)
+            .cloned()
+            .unwrap_or(Health::Progressing)
+    }
+
+    fn released(&self, instance: &str) -> bool {
+        self.released.contains(instance)
+    }
+
+    fn condition(&self, gate: &ConditionGate) -> std::result::Result<bool, String> {
+        self.answers
+            .get(&condition_key(gate))
+            .cloned()
+            .unwrap_or_else(|| Err("not read".into()))
+    }
+}
+
+/// How an instance written at the current revision looks: healthy when
+/// every object carries this revision's digest and is ready.
+async fn instance_health(cluster: &Cluster, instance: &Instance) -> Result<Health> {
+    let mut progressing = false;
+    for object in &instance.objects {
+        let origin = format!(
+            "{}/{}/{}.yaml",
+            instance.blueprint, instance.name, object.resource
+        );
+        let wanted = Desired::new(object.value()?, &origin)?;
+        let Some(live) = live(cluster, &wanted).await? else {
+            progressing = true;
+            continue;
+        };
+        if live["metadata"]["annotations"][DIGEST_ANNOTATION].as_str()
+            != Some(wanted.digest.as_str())
+        {
+            progressing = true;
+            continue;
+        }
+        match crate::health::health(&live) {
+            crate::health::Health::Ready => {}
+            crate::health::Health::Progressing(_) => progressing = true,
+            crate::health::Health::Failed(why) => {
+                return Ok(Health::Failed(format!("{}: {why}", wanted.identity)));
+            }
+        }
+    }
+    Ok(if progressing {
+        Health::Progressing
+    } else {
+        Health::Healthy
+    })
+}
+
+/// Whether the application answered the release request of `instance`
+/// (its `resource` objects acknowledge `revision`).
+async fn acknowledged(
+    cluster: &Cluster,
+    instance: &Instance,
+    resource: &str,
+    revision: &str,
+) -> Result<bool> {
+    let mut any = false;
+    for object in instance.objects.iter().filter(|o| o.resource == resource) {
+        let origin = format!(
+            "{}/{}/{}.yaml",
+            instance.blueprint, instance.name, object.resource
+        );
+        let wanted = Desired::new(object.value()?, &origin)?;
+        let Some(live) = live(cluster, &wanted).await? else {
+            return Ok(false);
+        };
+        if live["metadata"]["annotations"][ACKNOWLEDGED_ANNOTATION].as_str() != Some(revision) {
+            return Ok(false);
+        }
+        any = true;
+    }
+    // An instance whose release resource rendered nothing has no one to ask.
+    Ok(any || !instance.objects.iter().any(|o| o.resource == resource))
+}
+
+async fn live(cluster: &Cluster, wanted: &Desired) -> Result<Option<Value>> {
+    let Some(kind) = cluster
+        .kind(&wanted.api_version, &wanted.identity.kind)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let namespace = wanted.identity.namespace.as_str();
+    cluster
+        .get(&kind, namespace, &wanted.identity.name)
+        .await
+        .map_err(|failure| Error::Api {
+            what: format!("read {}", wanted.identity),
+            failure,
+        })
+}
+
+/// Whether a condition gate holds: its expression over the object; a
+/// missing object keeps the gate closed.
+async fn condition(cluster: &Cluster, gate: &ConditionGate) -> std::result::Result<bool, String> {
+    let kind = cluster
+        .kind(&gate.api_version, &gate.kind)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("the server has no {} in {}", gate.kind, gate.api_version))?;
+    let namespace = gate.namespace.as_deref().unwrap_or_default();
+    let object = cluster
+        .get(&kind, namespace, &gate.name)
+        .await
+        .map_err(|f| f.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "{} {} does not exist",
+                gate.kind,
+                gate.namespace
+                    .as_ref()
+                    .map_or(gate.name.clone(), |n| format!("{n}/{}", gate.name))
+            )
+        })?;
+    rollout::holds(&gate.expression, &object)
+}

@@ -1,0 +1,587 @@
+//! `kiln sync` running a Pipeline's rollout against the test environment's
+//! API server. No controller runs there: a thread of the test plays the
+//! Deployment controller, marking each Deployment it sees written
+//! available, and records what the API server showed it: the order
+//! instances reached the new revision and how many were updating at once.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on fails, with the cause
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Running, eventually, kiln, kubectl, kubectl_ok, stderr, stdout};
+use serde_json::Value;
+
+/// A fleet of `count` tenants (`t000`...), each a Deployment named after
+/// it in one namespace; every tenth is `internal`.
+struct Fleet {
+    dir: tempfile::TempDir,
+    ns: String,
+    count: usize,
+}
+
+impl Fleet {
+    fn new(hint: &str, count: usize, rollout: &str) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = kiln_testenv::unique_name(hint);
+        kubectl_ok(&["create", "namespace", &ns]);
+        let fleet = Fleet { dir, ns, count };
+        let rows: String = (0..count)
+            .map(|i| {
+                let tier = if i % 10 == 3 { "internal" } else { "pro" };
+                format!("- {{id: t{i:03}, tier: {tier}}}\n")
+            })
+            .collect();
+        std::fs::create_dir_all(fleet.path("cfg")).unwrap();
+        std::fs::write(fleet.path("rows.yaml"), rows).unwrap();
+        std::fs::write(
+            fleet.path("cfg/pipeline.yaml"),
+            format!(
+                "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: fleet}}\n\
+                 spec:\n  blueprints: [app]\n  rollout:\n{rollout}"
+            ),
+        )
+        .unwrap();
+        fleet.revision("v1");
+        fleet
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Writes the blueprint with `rev` in the pod template: a change that
+    /// touches every instance.
+    fn revision(&self, rev: &str) {
+        let config = format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows}}\n\
+             spec: {{url: \"file:../rows.yaml\", key: id, interval: 1h}}\n---\n\
+             apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app}}\n\
+             spec:\n  source: rows\n  resources:\n  - id: web\n    template: |\n      \
+             apiVersion: apps/v1\n      kind: Deployment\n      \
+             metadata: {{name: \"{{{{ key }}}}\", namespace: {ns}}}\n      \
+             spec:\n        replicas: 1\n        selector: {{matchLabels: {{app: \"{{{{ key }}}}\"}}}}\n        \
+             template:\n          metadata:\n            labels: {{app: \"{{{{ key }}}}\"}}\n            \
+             annotations: {{rev: {rev}}}\n          \
+             spec: {{containers: [{{name: web, image: \"web:1\"}}]}}\n",
+            ns = self.ns
+        );
+        std::fs::write(self.path("cfg/kiln.yaml"), config).unwrap();
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "-f".into(),
+            self.path("cfg").display().to_string(),
+            "--kubeconfig".into(),
+            kiln_testenv::cluster().kubeconfig.display().to_string(),
+            "--inventory".into(),
+            self.ns.clone(),
+        ]
+    }
+
+    fn sync(&self) -> Running {
+        let log = std::fs::File::create(self.path("sync.log")).unwrap();
+        common::kiln_command()
+            .arg("sync")
+            .args(self.args())
+            .env("KILN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map(Running::new)
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("sync.log")).unwrap_or_default()
+    }
+
+    /// `kiln rollout VERB ... --format json`.
+    fn rollout(&self, verb: &str, extra: &[&str]) -> std::process::Output {
+        let mut args = vec!["rollout".to_string(), verb.to_string()];
+        args.extend(self.args());
+        args.extend(["--format".to_string(), "json".to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        kiln(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn status(&self) -> Value {
+        let out = self.rollout("status", &[]);
+        assert!(out.status.success(), "rollout status: {}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    }
+
+    fn wait_phase(&self, phase: &str, limit: Duration) -> Value {
+        let mut last = Value::Null;
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            let out = self.rollout("status", &[]);
+            if out.status.success() {
+                last = serde_json::from_str(&stdout(&out)).unwrap();
+                if last["phase"] == phase {
+                    return last;
+                }
+            } else {
+                last = stderr(&out).into();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!(
+            "the rollout was not {phase} within {limit:?}: {last:#}\n{}",
+            self.log()
+        );
+    }
+}
+
+/// A Deployment as the API server shows it.
+#[derive(Debug, Clone)]
+struct Seen {
+    rev: String,
+    generation: i64,
+    observed: i64,
+}
+
+fn deployments(ns: &str) -> BTreeMap<String, Seen> {
+    let out = kubectl_ok(&["get", "deployments", "-n", ns, "-o", "json"]);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["metadata"]["name"].as_str().unwrap().to_string(),
+                Seen {
+                    rev: d["spec"]["template"]["metadata"]["annotations"]["rev"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    generation: d["metadata"]["generation"].as_i64().unwrap(),
+                    observed: d["status"]["observedGeneration"].as_i64().unwrap_or(0),
+                },
+            )
+        })
+        .collect()
+}
+
+/// What the stand-in Deployment controller saw.
+#[derive(Debug, Default)]
+struct Observations {
+    /// Per revision, each instance with the poll it was first seen on it.
+    first_seen: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Per revision, the most instances seen on it at once and not yet
+    /// available.
+    most_updating: BTreeMap<String, usize>,
+    /// Per revision, the most not-yet-available instances of one wave seen
+    /// at once, by the wave's members given.
+    most_updating_in: BTreeMap<(String, String), usize>,
+}
+
+/// Plays the Deployment controller: every Deployment whose generation it
+/// has not observed is marked available (unless `never` names it), after
+/// recording what it saw.
+struct Controller {
+    stop: Arc<AtomicBool>,
+    never: Arc<Mutex<BTreeSet<String>>>,
+    seen: Arc<Mutex<Observations>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Controller {
+    fn start(ns: &str, waves: BTreeMap<String, BTreeSet<String>>) -> Controller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let never: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let seen: Arc<Mutex<Observations>> = Arc::default();
+        let (ns, s, n, o) = (ns.to_string(), stop.clone(), never.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            let mut poll = 0;
+            while !s.load(Ordering::SeqCst) {
+                poll += 1;
+                let now = deployments(&ns);
+                let pending: Vec<(String, Seen)> = now
+                    .iter()
+                    .filter(|(_, d)| d.observed < d.generation)
+                    .map(|(k, d)| (k.clone(), d.clone()))
+                    .collect();
+                {
+                    let mut o = o.lock().unwrap();
+                    for (name, d) in &now {
+                        o.first_seen
+                            .entry(d.rev.clone())
+                            .or_default()
+                            .entry(name.clone())
+                            .or_insert(poll);
+                    }
+                    let mut per_rev: BTreeMap<String, usize> = BTreeMap::new();
+                    let mut per_wave: BTreeMap<(String, String), usize> = BTreeMap::new();
+                    for (name, d) in &pending {
+                        *per_rev.entry(d.rev.clone()).or_default() += 1;
+                        for (wave, members) in &waves {
+                            if members.contains(name) {
+                                *per_wave.entry((d.rev.clone(), wave.clone())).or_default() += 1;
+                            }
+                        }
+                    }
+                    for (rev, count) in per_rev {
+                        let most = o.most_updating.entry(rev).or_default();
+                        *most = (*most).max(count);
+                    }
+                    for (key, count) in per_wave {
+                        let most = o.most_updating_in.entry(key).or_default();
+                        *most = (*most).max(count);
+                    }
+                }
+                let never = n.lock().unwrap().clone();
+                let todo: Vec<(String, i64)> = pending
+                    .into_iter()
+                    .filter(|(name, _)| !never.contains(name))
+                    .map(|(name, d)| (name, d.generation))
+                    .collect();
+                // Eight at a time, as a controller's workers would.
+                for chunk in todo.chunks(8) {
+                    std::thread::scope(|scope| {
+                        for (name, generation) in chunk {
+                            let ns = &ns;
+                            scope.spawn(move || available(ns, name, *generation));
+                        }
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Controller {
+            stop,
+            never,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn never(&self, names: &[&str]) {
+        let mut never = self.never.lock().unwrap();
+        never.clear();
+        never.extend(names.iter().map(|s| s.to_string()));
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Marks a Deployment available at `generation`, as its controller would.
+fn available(ns: &str, name: &str, generation: i64) {
+    let status = format!(
+        r#"{{"status":{{"observedGeneration":{generation},"replicas":1,"updatedReplicas":1,"readyReplicas":1,"availableReplicas":1}}}}"#
+    );
+    // A Deployment deleted meanwhile is no error.
+    let _ = kubectl(&[
+        "patch",
+        "deployment",
+        name,
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status,
+    ]);
+}
+
+fn names(status: &Value, wave: &str) -> usize {
+    status["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == wave)
+        .map(|w| w["instances"].as_u64().unwrap() as usize)
+        .unwrap()
+}
+
+#[test]
+fn a_template_change_rolls_out_wave_by_wave_within_its_bounds_and_gates() {
+    let fleet = Fleet::new(
+        "roll",
+        200,
+        concat!(
+            "    waves:\n",
+            "    - {name: canary, instances: [t000]}\n",
+            "    - {name: early, select: \"row.tier == 'internal'\", maxConcurrent: 5}\n",
+            "    - {name: ten-percent, percent: 10, gates: [{approval: {}}]}\n",
+            "    - {name: rest, maxConcurrent: 50, quorum: 95%}\n",
+            "    progressDeadline: 2m\n",
+        ),
+    );
+    // Which wave each instance is in, as the plan says.
+    let plan = kiln(&[
+        "rollout",
+        "plan",
+        "-f",
+        fleet.path("cfg").to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan: Value = serde_json::from_str(&stdout(&plan)).unwrap();
+    let waves: BTreeMap<String, BTreeSet<String>> = plan["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["name"].as_str().unwrap().to_string(),
+                w["instances"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|k| k.as_str().unwrap().trim_start_matches("app/").to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(waves["canary"].len(), 1);
+    assert_eq!(waves["early"].len(), 20);
+    assert_eq!(waves["ten-percent"].len(), 20);
+    assert_eq!(waves["rest"].len(), 159);
+
+    let controller = Controller::start(&fleet.ns, waves.clone());
+    let _sync = fleet.sync();
+    // The first revision has nothing to roll from: every instance at once.
+    let settled = fleet.wait_phase("Done", Duration::from_secs(120));
+    assert_eq!(settled["instances"], 0, "{settled:#}");
+    eventually("200 deployments", Duration::from_secs(60), || {
+        deployments(&fleet.ns).len() == fleet.count
+    });
+    let v1 = settled["revision"].as_str().unwrap().to_string();
+
+    fleet.revision("v2");
+    let waiting = {
+        let start = std::time::Instant::now();
+        loop {
+            let status = fleet.status();
+            if status["revision"] != v1.as_str()
+                && status["waiting"]["wave"] == "ten-percent"
+                && status["waiting"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("approval")
+            {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "the rollout never waited for approval: {status:#}\n{}",
+                fleet.log()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let v2 = waiting["revision"].as_str().unwrap().to_string();
+    assert_eq!(waiting["previousRevision"], v1.as_str());
+    assert_eq!(waiting["instances"], 200);
+    assert_eq!(names(&waiting, "early"), 20);
+    // From the API server: the first two waves are on v2, nothing else is.
+    let now = deployments(&fleet.ns);
+    for (name, d) in &now {
+        let reached = waves["canary"].contains(name) || waves["early"].contains(name);
+        assert_eq!(
+            d.rev == "v2",
+            reached,
+            "{name} is on {} while ten-percent waits for approval",
+            d.rev
+        );
+    }
+    // An approval names the revision it approves: another is refused.
+    let refused = fleet.rollout(
+        "approve",
+        &["--wave", "ten-percent", "--revision", v1.as_str()],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("approval is for the revision"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        deployments(&fleet.ns)
+            .iter()
+            .filter(|(n, _)| waves["ten-percent"].contains(*n))
+            .all(|(_, d)| d.rev == "v1"),
+        "an approval of another revision let the wave through"
+    );
+    let approved = fleet.rollout("approve", &["--revision", &v2]);
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    let done = fleet.wait_phase("Done", Duration::from_secs(300));
+    assert_eq!(done["revision"], v2.as_str());
+
+    // Every instance went to v2 exactly once: one spec change each.
+    let now = deployments(&fleet.ns);
+    assert_eq!(now.len(), 200);
+    for (name, d) in &now {
+        assert_eq!(d.rev, "v2", "{name}");
+        assert_eq!(d.generation, 2, "{name} was written more than once");
+    }
+    let seen = std::mem::take(&mut *controller.seen.lock().unwrap());
+    drop(controller);
+    // Wave order, as the API server showed it: no instance of a wave
+    // reached v2 before every instance of the wave before it had.
+    let first = &seen.first_seen["v2"];
+    let order = ["canary", "early", "ten-percent", "rest"];
+    for pair in order.windows(2) {
+        let last_of = waves[pair[0]].iter().map(|n| first[n]).max().unwrap();
+        let first_of = waves[pair[1]].iter().map(|n| first[n]).min().unwrap();
+        assert!(
+            last_of < first_of,
+            "wave {} started (poll {first_of}) before wave {} was done (poll {last_of})",
+            pair[1],
+            pair[0]
+        );
+    }
+    // maxConcurrent, as the API server showed it.
+    let most = |wave: &str| {
+        seen.most_updating_in
+            .get(&("v2".to_string(), wave.to_string()))
+            .copied()
+            .unwrap_or_default()
+    };
+    eprintln!(
+        "most updating at once: early {}, rest {}; polls {}",
+        most("early"),
+        most("rest"),
+        first.values().max().unwrap()
+    );
+    assert!(most("early") <= 5, "early had {} updating", most("early"));
+    assert!(most("early") >= 2, "early never ran two at once");
+    assert!(most("rest") <= 50, "rest had {} updating", most("rest"));
+    assert!(most("rest") > 5, "rest never ran more than five at once");
+}
+
+/// Each Deployment's revision and generation: `(rev, generation)`.
+fn revisions(ns: &str) -> BTreeMap<String, (String, i64)> {
+    deployments(ns)
+        .into_iter()
+        .map(|(name, d)| (name, (d.rev, d.generation)))
+        .collect()
+}
+
+fn wave<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == name)
+        .unwrap()
+}
+
+#[test]
+fn a_failed_instance_rolls_back_the_updating_ones_and_pauses_until_resumed_or_aborted() {
+    let fleet = Fleet::new(
+        "rollback",
+        12,
+        concat!(
+            "    waves:\n",
+            "    - {name: canary, instances: [t000]}\n",
+            "    - {name: rest, maxConcurrent: 1, gates: [{approval: {}}]}\n",
+            "    progressDeadline: 4s\n",
+            "    onFailure: Rollback\n",
+        ),
+    );
+    let controller = Controller::start(&fleet.ns, BTreeMap::new());
+    let _sync = fleet.sync();
+    fleet.wait_phase("Done", Duration::from_secs(120));
+    eventually("12 deployments", Duration::from_secs(60), || {
+        revisions(&fleet.ns).len() == 12
+    });
+
+    // t005 never becomes available on the new revision.
+    controller.never(&["t005"]);
+    fleet.revision("v2");
+    eventually("the rest to wait for approval", Duration::from_secs(120), || {
+        let status = fleet.status();
+        status["waiting"]["wave"] == "rest" && wave(&status, "canary")["counts"]["healthy"] == 1
+    });
+    let approved = fleet.rollout("approve", &[]);
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    let paused = fleet.wait_phase("Paused", Duration::from_secs(120));
+    assert_eq!(
+        paused["paused"],
+        "instance app/t005 failed: not healthy within progressDeadline (4s)"
+    );
+    assert_eq!(paused["rolledBack"], serde_json::json!(["app/t005"]));
+    // From the API server: the instances before it are on v2, written
+    // once; t005 went to v2 and back (generation 3); the rest were never
+    // touched.
+    let check_paused = || {
+        let now = revisions(&fleet.ns);
+        for (name, (rev, generation)) in &now {
+            let expected = match name.as_str() {
+                "t000" | "t001" | "t002" | "t003" | "t004" => ("v2", 2),
+                "t005" => ("v1", 3),
+                _ => ("v1", 1),
+            };
+            assert_eq!(
+                (rev.as_str(), *generation),
+                expected,
+                "{name}\n{}",
+                fleet.log()
+            );
+        }
+    };
+    eventually("t005 back on v1", Duration::from_secs(30), || {
+        revisions(&fleet.ns)["t005"] == ("v1".to_string(), 3)
+    });
+    check_paused();
+    assert!(fleet.log().contains("rolled back 1 instances"), "{}", fleet.log());
+    // Paused, it stays where it is.
+    std::thread::sleep(Duration::from_secs(3));
+    check_paused();
+    assert_eq!(fleet.status()["phase"], "Paused");
+
+    // Fixed, and resumed: t005 goes again, then the rest.
+    controller.never(&[]);
+    let resumed = fleet.rollout("resume", &[]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    fleet.wait_phase("Done", Duration::from_secs(120));
+    for (name, (rev, generation)) in revisions(&fleet.ns) {
+        assert_eq!(rev, "v2", "{name}");
+        let expected = if name == "t005" { 4 } else { 2 };
+        assert_eq!(generation, expected, "{name}");
+    }
+
+    // Aborted mid-way: the canary goes back to v2; the rest never moved.
+    fleet.revision("v3");
+    eventually("the canary on v3", Duration::from_secs(120), || {
+        let status = fleet.status();
+        status["waiting"]["wave"] == "rest" && wave(&status, "canary")["counts"]["healthy"] == 1
+    });
+    let aborted = fleet.rollout("abort", &[]);
+    assert!(aborted.status.success(), "{}", stderr(&aborted));
+    assert!(
+        stderr(&aborted).contains("1 instances go back"),
+        "{}",
+        stderr(&aborted)
+    );
+    eventually("the canary back on v2", Duration::from_secs(30), || {
+        revisions(&fleet.ns)["t000"] == ("v2".to_string(), 4)
+    });
+    let status = fleet.status();
+    assert_eq!(status["phase"], "Paused");
+    assert!(status["paused"].as_str().unwrap().contains("aborted"));
+    for (name, (rev, _)) in revisions(&fleet.ns) {
+        assert_eq!(rev, "v2", "{name}");
+    }
+    // An aborted rollout resumes from the first wave.
+    let resumed = fleet.rollout("resume", &[]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    eventually("the canary on v3 again", Duration::from_secs(60), || {
+        revisions(&fleet.ns)["t000"].0 == "v3"
+    });
+}
