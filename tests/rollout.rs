@@ -40,16 +40,22 @@ impl Fleet {
             .collect();
         std::fs::create_dir_all(fleet.path("cfg")).unwrap();
         std::fs::write(fleet.path("rows.yaml"), rows).unwrap();
+        fleet.pipeline(rollout);
+        fleet.revision("v1");
+        fleet
+    }
+
+    /// Writes the Pipeline with `rollout` (`NS` is the fleet's namespace).
+    fn pipeline(&self, rollout: &str) {
+        let rollout = rollout.replace("NS", &self.ns);
         std::fs::write(
-            fleet.path("cfg/pipeline.yaml"),
+            self.path("cfg/pipeline.yaml"),
             format!(
                 "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: fleet}}\n\
                  spec:\n  blueprints: [app]\n  rollout:\n{rollout}"
             ),
         )
         .unwrap();
-        fleet.revision("v1");
-        fleet
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -504,10 +510,14 @@ fn a_failed_instance_rolls_back_the_updating_ones_and_pauses_until_resumed_or_ab
     // t005 never becomes available on the new revision.
     controller.never(&["t005"]);
     fleet.revision("v2");
-    eventually("the rest to wait for approval", Duration::from_secs(120), || {
-        let status = fleet.status();
-        status["waiting"]["wave"] == "rest" && wave(&status, "canary")["counts"]["healthy"] == 1
-    });
+    eventually(
+        "the rest to wait for approval",
+        Duration::from_secs(120),
+        || {
+            let status = fleet.status();
+            status["waiting"]["wave"] == "rest" && wave(&status, "canary")["counts"]["healthy"] == 1
+        },
+    );
     let approved = fleet.rollout("approve", &[]);
     assert!(approved.status.success(), "{}", stderr(&approved));
     let paused = fleet.wait_phase("Paused", Duration::from_secs(120));
@@ -539,7 +549,11 @@ fn a_failed_instance_rolls_back_the_updating_ones_and_pauses_until_resumed_or_ab
         revisions(&fleet.ns)["t005"] == ("v1".to_string(), 3)
     });
     check_paused();
-    assert!(fleet.log().contains("rolled back 1 instances"), "{}", fleet.log());
+    assert!(
+        fleet.log().contains("rolled back 1 instances"),
+        "{}",
+        fleet.log()
+    );
     // Paused, it stays where it is.
     std::thread::sleep(Duration::from_secs(3));
     check_paused();
@@ -584,4 +598,212 @@ fn a_failed_instance_rolls_back_the_updating_ones_and_pauses_until_resumed_or_ab
     eventually("the canary on v3 again", Duration::from_secs(60), || {
         revisions(&fleet.ns)["t000"].0 == "v3"
     });
+}
+
+/// A Deployment's annotation, as the API server has it.
+fn annotation(ns: &str, name: &str, key: &str) -> Option<String> {
+    let out = kubectl_ok(&["get", "deployment", name, "-n", ns, "-o", "json"]);
+    let object: Value = serde_json::from_str(&out).unwrap();
+    object["metadata"]["annotations"][key]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn gates_hold_their_waves_until_the_application_answers_the_condition_holds_and_the_window_opens() {
+    // A window that is closed all day today: the day after tomorrow only.
+    let days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    let today = {
+        let out = std::process::Command::new("date")
+            .args(["-u", "+%u"])
+            .output()
+            .unwrap();
+        stdout(&out).trim().parse::<usize>().unwrap() - 1
+    };
+    let closed_day = days[(today + 2) % 7];
+    let strategy = |window: bool| {
+        format!(
+            "    waves:\n\
+             \x20   - {{name: canary, instances: [t000], gates: [{{release: {{resource: web}}}}]}}\n\
+             \x20   - name: analysed\n\
+             \x20     instances: [t001, t002]\n\
+             \x20     gates: [{{condition: {{apiVersion: v1, kind: ConfigMap, namespace: NS, name: analysis, expression: \"object.data.phase == 'Succeeded'\"}}}}]\n\
+             \x20   - {{name: rest{}}}\n",
+            if window {
+                format!(
+                    ", gates: [{{window: {{days: {closed_day}, from: \"00:00\", to: \"23:59\", timeZone: UTC}}}}]"
+                )
+            } else {
+                String::new()
+            }
+        )
+    };
+    let fleet = Fleet::new("gates", 6, &strategy(true));
+    let _controller = Controller::start(&fleet.ns, BTreeMap::new());
+    let _sync = fleet.sync();
+    fleet.wait_phase("Done", Duration::from_secs(120));
+    eventually("6 deployments", Duration::from_secs(60), || {
+        revisions(&fleet.ns).len() == 6
+    });
+
+    // The release handshake: Kiln asks t000's application, and waits.
+    fleet.revision("v2");
+    let mut revision = String::new();
+    eventually(
+        "t000 asked to release",
+        Duration::from_secs(60),
+        || match annotation(&fleet.ns, "t000", "kiln.dev/update-requested") {
+            Some(r) => {
+                revision = r;
+                true
+            }
+            None => false,
+        },
+    );
+    assert_eq!(fleet.status()["revision"], revision.as_str());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        revisions(&fleet.ns)["t000"].0,
+        "v1",
+        "t000 was written before its application answered"
+    );
+    // An answer for another revision is no answer.
+    kubectl_ok(&[
+        "annotate",
+        "deployment",
+        "t000",
+        "-n",
+        &fleet.ns,
+        "kiln.dev/update-acknowledged=someother",
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(revisions(&fleet.ns)["t000"].0, "v1");
+    kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "deployment",
+        "t000",
+        "-n",
+        &fleet.ns,
+        &format!("kiln.dev/update-acknowledged={revision}"),
+    ]);
+    eventually("t000 on v2", Duration::from_secs(60), || {
+        revisions(&fleet.ns)["t000"].0 == "v2"
+    });
+    // Written, the request is gone: Kiln owned it.
+    eventually("the request withdrawn", Duration::from_secs(30), || {
+        annotation(&fleet.ns, "t000", "kiln.dev/update-requested").is_none()
+    });
+
+    // The condition: closed while the object is missing or says otherwise.
+    eventually(
+        "analysed waits for its condition",
+        Duration::from_secs(60),
+        || {
+            let status = fleet.status();
+            status["waiting"]["wave"] == "analysed"
+                && status["waiting"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("does not exist")
+        },
+    );
+    kubectl_ok(&[
+        "create",
+        "configmap",
+        "analysis",
+        "-n",
+        &fleet.ns,
+        "--from-literal=phase=Running",
+    ]);
+    eventually("the condition read false", Duration::from_secs(60), || {
+        fleet.status()["waiting"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is false")
+    });
+    assert_eq!(revisions(&fleet.ns)["t001"].0, "v1");
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "analysis",
+        "-n",
+        &fleet.ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"phase":"Succeeded"}}"#,
+    ]);
+
+    // The window: closed all day today, the rest waits.
+    eventually("rest waits for its window", Duration::from_secs(60), || {
+        let status = fleet.status();
+        status["waiting"]["wave"] == "rest"
+            && status["waiting"]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("outside the window")
+    });
+    let now = revisions(&fleet.ns);
+    for (name, (rev, _)) in &now {
+        let reached = matches!(name.as_str(), "t000" | "t001" | "t002");
+        assert_eq!(rev == "v2", reached, "{name} on {rev}");
+    }
+    // Without the window (a Pipeline change is no new revision), it goes on.
+    fleet.pipeline(&strategy(false));
+    let done = fleet.wait_phase("Done", Duration::from_secs(120));
+    assert_eq!(done["revision"], revision.as_str());
+    for (name, (rev, generation)) in revisions(&fleet.ns) {
+        assert_eq!(rev, "v2", "{name}");
+        // A Deployment's annotations count as its generation: t000's
+        // request and answers did.
+        if name != "t000" {
+            assert_eq!(generation, 2, "{name} was written more than once");
+        }
+    }
+}
+
+#[test]
+fn a_kill_in_the_middle_of_a_wave_resumes_where_it_stopped() {
+    let fleet = Fleet::new(
+        "resume",
+        40,
+        concat!(
+            "    waves:\n",
+            "    - {name: canary, instances: [t000]}\n",
+            "    - {name: rest, maxConcurrent: 3}\n",
+        ),
+    );
+    let waves = BTreeMap::from([(
+        "rest".to_string(),
+        (1..40).map(|i| format!("t{i:03}")).collect::<BTreeSet<_>>(),
+    )]);
+    let controller = Controller::start(&fleet.ns, waves);
+    let mut sync = fleet.sync();
+    fleet.wait_phase("Done", Duration::from_secs(120));
+    eventually("40 deployments", Duration::from_secs(60), || {
+        revisions(&fleet.ns).len() == 40
+    });
+    fleet.revision("v2");
+    eventually("the rest wave under way", Duration::from_secs(120), || {
+        let on_v2 = revisions(&fleet.ns)
+            .values()
+            .filter(|(rev, _)| rev == "v2")
+            .count();
+        (4..30).contains(&on_v2)
+    });
+    sync.kill();
+    let before = revisions(&fleet.ns);
+    let reached = before.values().filter(|(rev, _)| rev == "v2").count();
+    assert!(reached < 40, "the kill came too late: {reached} on v2");
+    let _sync = fleet.sync();
+    fleet.wait_phase("Done", Duration::from_secs(180));
+    // No instance skipped, none written twice, the bound kept across the
+    // restart.
+    for (name, (rev, generation)) in revisions(&fleet.ns) {
+        assert_eq!((rev.as_str(), generation), ("v2", 2), "{name}");
+    }
+    let seen = std::mem::take(&mut *controller.seen.lock().unwrap());
+    drop(controller);
+    let most = seen.most_updating_in[&("v2".to_string(), "rest".to_string())];
+    assert!(most <= 3, "rest had {most} updating at once");
 }
