@@ -93,10 +93,15 @@ impl Fleet {
     }
 
     fn sync(&self) -> Running {
+        self.sync_with(&[])
+    }
+
+    fn sync_with(&self, extra: &[&str]) -> Running {
         let log = std::fs::File::create(self.path("sync.log")).unwrap();
         common::kiln_command()
             .arg("sync")
             .args(self.args())
+            .args(extra)
             .env("KILN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -501,7 +506,8 @@ fn a_failed_instance_rolls_back_the_updating_ones_and_pauses_until_resumed_or_ab
         ),
     );
     let controller = Controller::start(&fleet.ns, BTreeMap::new());
-    let _sync = fleet.sync();
+    let addr = common::free_addr();
+    let _sync = fleet.sync_with(&["--metrics-addr", &addr]);
     fleet.wait_phase("Done", Duration::from_secs(120));
     eventually("12 deployments", Duration::from_secs(60), || {
         revisions(&fleet.ns).len() == 12
@@ -554,6 +560,30 @@ fn a_failed_instance_rolls_back_the_updating_ones_and_pauses_until_resumed_or_ab
         "{}",
         fleet.log()
     );
+    // The metrics say the same.
+    let revision = paused["revision"].as_str().unwrap();
+    eventually("the metrics of the pause", Duration::from_secs(10), || {
+        common::metric(
+            &addr,
+            &format!("kiln_rollout_phase{{phase=\"Paused\",revision=\"{revision}\"}}"),
+        ) == Some(1.0)
+    });
+    for (phase, count) in [
+        ("healthy", 5.0),
+        ("rolledBack", 1.0),
+        ("pending", 6.0),
+        ("updating", 0.0),
+    ] {
+        assert_eq!(
+            common::metric(
+                &addr,
+                &format!("kiln_rollout_instances{{phase=\"{phase}\"}}")
+            ),
+            Some(count),
+            "{phase}"
+        );
+    }
+    assert_eq!(common::metric(&addr, "kiln_rollout_wave"), Some(2.0));
     // Paused, it stays where it is.
     std::thread::sleep(Duration::from_secs(3));
     check_paused();

@@ -327,6 +327,7 @@ fn status(
         "revision": stored.current.id,
         "previousRevision": stored.previous.as_ref().map(|p| p.id.clone()),
         "phase": phase,
+        "wave": if stored.done { strategy.waves.len() } else { stored.wave.max(1) },
         "paused": stored.state.paused,
         "waiting": stored.waiting.as_ref().map(|(w, why)| json!({"wave": w, "reason": why})),
         "instances": stored.members.len(),

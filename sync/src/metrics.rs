@@ -85,7 +85,33 @@ struct State {
     source_errors: BTreeMap<String, u64>,
     /// The Pipeline's Ready condition: whether true, and its reason.
     condition: Option<(bool, String)>,
+    /// The rollout, when the Pipeline has one.
+    rollout: Option<Rollout>,
 }
+
+/// Where a rollout is, for its metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// The revision being rolled out.
+    pub revision: String,
+    /// `Progressing`, `Paused` or `Done`.
+    pub phase: &'static str,
+    /// The wave it is in, from 1 (the last when done).
+    pub wave: usize,
+    /// Its instances by phase: `pending`, `requested`, `updating`,
+    /// `healthy`, `failed`, `rolledBack`.
+    pub instances: BTreeMap<&'static str, u64>,
+}
+
+/// The phases of a rollout's instances, in the order they are written.
+pub const ROLLOUT_INSTANCE_PHASES: [&str; 6] = [
+    "pending",
+    "requested",
+    "updating",
+    "healthy",
+    "failed",
+    "rolledBack",
+];
 
 #[derive(Debug, Default)]
 struct Registry {
@@ -179,6 +205,11 @@ impl Metrics {
     /// The Pipeline's Ready condition as its status now says (controller).
     pub fn condition(&self, ready: bool, reason: &str) {
         self.with(|s| s.condition = Some((ready, reason.to_string())));
+    }
+
+    /// Where the Pipeline's rollout is now.
+    pub fn rollout(&self, rollout: Rollout) {
+        self.with(|s| s.rollout = Some(rollout));
     }
 
     /// Marks the process ready for `/readyz`.
@@ -371,6 +402,46 @@ impl Metrics {
                 "kiln_pipeline_ready{{{labels}reason=\"{reason}\"}} {}",
                 u8::from(*ready)
             );
+        }
+        let rollouts: Vec<(&String, &Rollout)> = states
+            .iter()
+            .filter_map(|(labels, state)| Some((labels, state.rollout.as_ref()?)))
+            .collect();
+        if !rollouts.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP kiln_rollout_phase The rollout's phase (1 for the one it is in), with the revision it rolls out.\n# TYPE kiln_rollout_phase gauge"
+            );
+            for (labels, r) in &rollouts {
+                for phase in ["Progressing", "Paused", "Done"] {
+                    let _ = writeln!(
+                        out,
+                        "kiln_rollout_phase{{{labels}phase=\"{phase}\",revision=\"{}\"}} {}",
+                        r.revision,
+                        u8::from(r.phase == phase)
+                    );
+                }
+            }
+            let _ = writeln!(
+                out,
+                "# HELP kiln_rollout_wave The wave the rollout is in, from 1.\n# TYPE kiln_rollout_wave gauge"
+            );
+            for (labels, r) in &rollouts {
+                let _ = writeln!(out, "kiln_rollout_wave{} {}", braces(labels), r.wave);
+            }
+            let _ = writeln!(
+                out,
+                "# HELP kiln_rollout_instances The rollout's instances by phase.\n# TYPE kiln_rollout_instances gauge"
+            );
+            for (labels, r) in &rollouts {
+                for phase in ROLLOUT_INSTANCE_PHASES {
+                    let _ = writeln!(
+                        out,
+                        "kiln_rollout_instances{{{labels}phase=\"{phase}\"}} {}",
+                        r.instances.get(phase).copied().unwrap_or_default()
+                    );
+                }
+            }
         }
         if let Some(leader) = registry.leader {
             let _ = writeln!(

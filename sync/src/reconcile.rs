@@ -387,6 +387,15 @@ impl Reconciler {
             .await?;
         let elapsed = started.elapsed();
         self.metrics.rendered(elapsed);
+        if let Some(stored) = driver.last() {
+            let waves: Vec<String> = driver
+                .strategy
+                .waves
+                .iter()
+                .map(|w| w.name.clone())
+                .collect();
+            self.metrics.rollout(stored.figures(&waves));
+        }
         let mut events = vec![rendered_event(&pass.rendered, elapsed)];
         events.extend(pass.events.into_iter().map(Event::Rollout));
         let mut options = self.settings.apply.clone();

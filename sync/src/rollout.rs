@@ -108,6 +108,10 @@ pub struct Stored {
     /// Every member healthy on the current revision.
     #[serde(default)]
     pub done: bool,
+    /// The wave the rollout is in, from 1: the first with an instance not
+    /// healthy on the current revision.
+    #[serde(default)]
+    pub wave: usize,
     /// When the last step ran (Unix seconds).
     #[serde(default)]
     pub stepped: i64,
@@ -134,6 +138,49 @@ impl Stored {
                 self.state.progress(instance),
                 Progress::Pending | Progress::Requested { .. } | Progress::RolledBack
             )
+    }
+}
+
+impl Stored {
+    /// Where it is, for metrics; `waves` is the strategy's wave names.
+    pub fn figures(&self, waves: &[String]) -> crate::metrics::Rollout {
+        let mut instances: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut left = self.members.len() as u64;
+        if self.done {
+            instances.insert("healthy", left);
+            left = 0;
+        } else {
+            for progress in self.state.instances.values() {
+                let phase = match progress {
+                    Progress::Pending => continue,
+                    Progress::Requested { .. } => "requested",
+                    Progress::Updating { .. } => "updating",
+                    Progress::Healthy => "healthy",
+                    Progress::Failed { .. } => "failed",
+                    Progress::RolledBack => "rolledBack",
+                };
+                *instances.entry(phase).or_default() += 1;
+                left = left.saturating_sub(1);
+            }
+        }
+        instances.insert("pending", left);
+        let wave = if self.done {
+            waves.len()
+        } else {
+            self.wave.max(1)
+        };
+        crate::metrics::Rollout {
+            revision: self.current.id.clone(),
+            phase: if self.done {
+                "Done"
+            } else if self.state.paused.is_some() {
+                "Paused"
+            } else {
+                "Progressing"
+            },
+            wave,
+            instances,
+        }
     }
 }
 
@@ -379,6 +426,13 @@ impl Driver {
                 let step: Step = stored.state.step(&self.strategy, &waves, now, &world);
                 stored.waiting = step.waiting.clone();
                 stored.done = step.done;
+                stored.wave = waves
+                    .iter()
+                    .position(|w| {
+                        w.iter()
+                            .any(|m| *stored.state.progress(m) != Progress::Healthy)
+                    })
+                    .map_or(waves.len(), |i| i + 1);
                 events.extend(step.events.iter().cloned());
                 if step.done {
                     events.push(format!(
