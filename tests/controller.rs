@@ -520,7 +520,10 @@ fn a_pipeline_with_a_rollout_stalls_rather_than_update_every_instance_at_once() 
         .as_str()
         .unwrap()
         .to_string();
-    assert!(message.contains("needs staged commits"), "{message}");
+    assert!(
+        message.contains("the controller does not run it yet"),
+        "{message}"
+    );
     assert!(
         scene.config_map_data("plan-a").is_none(),
         "nothing was applied"

@@ -129,6 +129,23 @@ impl Fleet {
         serde_json::from_str(&stdout(&out)).unwrap()
     }
 
+    /// Waits for a rollout of a revision other than `old` to be done.
+    fn wait_done_after(&self, old: &str, limit: Duration) -> Value {
+        let start = std::time::Instant::now();
+        loop {
+            let status = self.wait_phase("Done", limit);
+            if status["revision"] != old {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no new revision was rolled out within {limit:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     fn wait_phase(&self, phase: &str, limit: Duration) -> Value {
         let mut last = Value::Null;
         let start = std::time::Instant::now();
@@ -836,4 +853,122 @@ fn a_kill_in_the_middle_of_a_wave_resumes_where_it_stopped() {
     drop(controller);
     let most = seen.most_updating_in[&("v2".to_string(), "rest".to_string())];
     assert!(most <= 3, "rest had {most} updating at once");
+}
+
+/// `git` in `dir`, which must succeed; its stdout.
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    common::git(dir, args)
+}
+
+#[test]
+fn through_git_each_step_is_a_commit_and_instances_not_reached_keep_their_files() {
+    let fleet = Fleet::new(
+        "staged",
+        30,
+        concat!(
+            "    waves:\n",
+            "    - {name: canary, instances: [t000]}\n",
+            "    - {name: early, select: \"row.tier == 'internal'\"}\n",
+            "    - {name: rest, maxConcurrent: 10}\n",
+        ),
+    );
+    let repo = fleet.path("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let _controller = Controller::start(&fleet.ns, BTreeMap::new());
+    let _sync = fleet.sync_with(&["--git", repo.to_str().unwrap()]);
+    let v1 = fleet.wait_phase("Done", Duration::from_secs(120))["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually("30 deployments", Duration::from_secs(60), || {
+        revisions(&fleet.ns).len() == 30
+    });
+    let before = git(&repo, &["rev-parse", "main"]);
+    let blob = |commit: &str, key: &str| {
+        git(
+            &repo,
+            &["rev-parse", &format!("{commit}:app/{key}/web.yaml")],
+        )
+    };
+    let v1_blobs: BTreeMap<String, String> = (0..30)
+        .map(|i| {
+            let key = format!("t{i:03}");
+            let id = blob(&before, &key);
+            (key, id)
+        })
+        .collect();
+
+    fleet.revision("v2");
+    let done = fleet.wait_done_after(&v1, Duration::from_secs(300));
+    let revision = done["revision"].as_str().unwrap().to_string();
+    // The history since: one commit per step, oldest first.
+    let log = git(
+        &repo,
+        &["rev-list", "--reverse", &format!("{before}..main")],
+    );
+    let commits: Vec<&str> = log.lines().collect();
+    assert!(commits.len() >= 5, "{} commits: {log}", commits.len());
+    let early: BTreeSet<String> = (0..30)
+        .filter(|i| i % 10 == 3)
+        .map(|i| format!("t{i:03}"))
+        .collect();
+    let mut reached: BTreeSet<String> = BTreeSet::new();
+    for commit in &commits {
+        let message = git(&repo, &["log", "-1", "--format=%B", commit]);
+        assert!(
+            message.contains(&format!("Kiln-Rollout: {revision}")),
+            "{commit}: {message}"
+        );
+        let now: BTreeSet<String> = v1_blobs
+            .keys()
+            .filter(|key| {
+                git(&repo, &["show", &format!("{commit}:app/{key}/web.yaml")]).contains("rev: v2")
+            })
+            .cloned()
+            .collect();
+        // Instances not reached keep their files byte for byte.
+        for key in v1_blobs.keys().filter(|k| !now.contains(*k)) {
+            assert_eq!(blob(commit, key), v1_blobs[key], "{commit}: {key}");
+        }
+        assert!(now.is_superset(&reached), "{commit} put an instance back");
+        let added: BTreeSet<String> = now.difference(&reached).cloned().collect();
+        // Waves in order: the canary alone first; the rest only once every
+        // early instance is there; at most ten of the rest per step.
+        if reached.is_empty() {
+            assert_eq!(added, BTreeSet::from(["t000".to_string()]), "{commit}");
+        }
+        let rest: Vec<&String> = added
+            .iter()
+            .filter(|k| *k != "t000" && !early.contains(*k))
+            .collect();
+        if !rest.is_empty() {
+            assert!(
+                reached.is_superset(&early),
+                "{commit}: the rest before early was done"
+            );
+            assert!(
+                rest.len() <= 10,
+                "{commit} wrote {} of the rest at once",
+                rest.len()
+            );
+        }
+        let wave = message
+            .lines()
+            .find_map(|l| l.strip_prefix("Kiln-Rollout-Wave: "))
+            .unwrap_or_default();
+        assert!(
+            ["canary", "early", "rest"].contains(&wave),
+            "{commit}: {message}"
+        );
+        reached = now;
+    }
+    assert_eq!(
+        reached.len(),
+        30,
+        "the last commit has every instance on v2"
+    );
+    for (name, (rev, generation)) in revisions(&fleet.ns) {
+        assert_eq!((rev.as_str(), generation), ("v2", 2), "{name}");
+    }
 }

@@ -517,12 +517,6 @@ fn settings(
         None
     };
     let name = pipeline.map_or("default", |p| p.name.as_str());
-    // With Git, a rollout is staged commits: not built yet.
-    if git.is_some()
-        && let Some(refusal) = pipeline.and_then(kiln_render::rollout::not_run)
-    {
-        anyhow::bail!(refusal);
-    }
     let mut apply = args.cluster.options(name)?;
     apply.detect_only = args.detect_only;
     apply.allow_mass_delete = args.allow_mass_delete;

@@ -295,7 +295,7 @@ impl Reconciler {
                 message: "not every source has been read yet".into(),
             });
         }
-        if self.git.is_none() && self.rollout.is_some() {
+        if self.rollout.is_some() {
             return self.render_rollout(cluster).await;
         }
         let mut events = Vec::new();
@@ -351,25 +351,33 @@ impl Reconciler {
                 self.inputs = Some(inputs);
             }
         }
-        if let Some(git) = self.git.clone() {
-            let known = (self.tip.clone(), self.desired.is_some());
-            let read = blocking(move || {
-                let target = git.lock().map_err(|_| poisoned())?;
-                read_tip(&target, known, !fetched)
-            })
-            .await??;
-            if let Some((tip, desired)) = read {
-                // Someone else moved the branch (a rollback, a resume): what
-                // was last rendered says nothing about it, so the next pass
-                // renders again.
-                if self.tip.is_some() && self.committed.as_ref() != Some(&tip) {
-                    self.inputs = None;
-                }
-                self.tip = Some(tip);
-                self.desired = Some(Arc::new(desired));
-            }
-        }
+        self.settle_tip(fetched).await?;
         Ok(events)
+    }
+
+    /// With Git, takes the branch's tree as the desired state when the tip
+    /// moved; `fetched` when this pass fetched the remote already.
+    async fn settle_tip(&mut self, fetched: bool) -> Result<()> {
+        let Some(git) = self.git.clone() else {
+            return Ok(());
+        };
+        let known = (self.tip.clone(), self.desired.is_some());
+        let read = blocking(move || {
+            let target = git.lock().map_err(|_| poisoned())?;
+            read_tip(&target, known, !fetched)
+        })
+        .await??;
+        if let Some((tip, desired)) = read {
+            // Someone else moved the branch (a rollback, a resume): what
+            // was last rendered says nothing about it, so the next pass
+            // renders again.
+            if self.tip.is_some() && self.committed.as_ref() != Some(&tip) {
+                self.inputs = None;
+            }
+            self.tip = Some(tip);
+            self.desired = Some(Arc::new(desired));
+        }
+        Ok(())
     }
 
     /// A pass of the rollout: every pass steps it (health, gates and time
@@ -398,10 +406,53 @@ impl Reconciler {
         }
         let mut events = vec![rendered_event(&pass.rendered, elapsed)];
         events.extend(pass.events.into_iter().map(Event::Rollout));
-        let mut options = self.settings.apply.clone();
-        options.prune = !self.settings.no_prune;
-        crate::guard::check_cluster(cluster, &options, &pass.desired).await?;
-        self.desired = Some(Arc::new(pass.desired));
+        let Some(git) = self.git.clone() else {
+            let mut options = self.settings.apply.clone();
+            options.prune = !self.settings.no_prune;
+            crate::guard::check_cluster(cluster, &options, &pass.desired).await?;
+            self.desired = Some(Arc::new(pass.desired));
+            return Ok(events);
+        };
+        // Through Git, each step that moves instances is a commit of the
+        // tree with every instance at its revision, carrying the rollout's
+        // state in trailers; what is applied is the branch's tree.
+        if !self.settings.allow_plaintext_secrets {
+            publish::check_secrets(&pass.assembled)?;
+        }
+        let mut inputs = Inputs::digest(&self.blueprints, &self.config, &self.rows);
+        if let Some(state) = pass.trailers.last() {
+            // A half-rolled tree is not the render of these inputs.
+            use sha2::Digest as _;
+            let mut mixed = sha2::Sha256::new();
+            mixed.update(inputs.config.as_bytes());
+            mixed.update(state.1.as_bytes());
+            inputs.config = format!("sha256:{:x}", mixed.finalize());
+        }
+        let (assembled, subject, trailers) = (pass.assembled, pass.subject, pass.trailers);
+        let pinned_reported = self.pinned_reported;
+        let outcome = blocking(move || {
+            let tree = tree::build(&assembled)?;
+            let mut target = git.lock().map_err(|_| poisoned())?;
+            let saved = (
+                target.options.message.clone(),
+                std::mem::take(&mut target.options.trailers),
+            );
+            if subject.is_some() {
+                target.options.message = subject;
+            }
+            target.options.trailers = trailers;
+            let outcome = commit_and_push(&target, &tree, &inputs, pinned_reported);
+            (target.options.message, target.options.trailers) = saved;
+            outcome
+        })
+        .await??;
+        self.pinned_reported = outcome.pinned;
+        if outcome.committed.is_some() {
+            self.committed = outcome.committed;
+        }
+        events.extend(outcome.events);
+        // Committing fetched the remote already.
+        self.settle_tip(true).await?;
         Ok(events)
     }
 

@@ -346,6 +346,12 @@ pub struct Pass {
     pub events: Vec<String>,
     /// The render at the current revision (for the loop's report).
     pub rendered: Rendered,
+    /// What to publish: each instance at its revision.
+    pub assembled: Rendered,
+    /// A commit's subject for it, while a rollout is under way.
+    pub subject: Option<String>,
+    /// A commit's rollout trailers: the revisions, the wave, the state.
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Driver {
@@ -452,12 +458,17 @@ impl Driver {
                     None => continue,
                 }
             }
-            let desired = assemble(&stored, &rendered, old.as_ref(), &self.strategy)?;
+            let assembled = assemble(&stored, &rendered, old.as_ref(), &self.strategy)?;
+            let desired = desired::from_rendered(&assembled)?;
+            let (subject, trailers) = self.message(&stored);
             self.last = Some(stored);
             return Ok(Pass {
                 desired,
                 events,
                 rendered,
+                assembled,
+                subject,
+                trailers,
             });
         }
         Err(Error::InvalidPlan {
@@ -626,6 +637,40 @@ impl Driver {
         Ok(observed)
     }
 
+    /// A commit's subject and trailers for the state: the rollout rides
+    /// in the history, so a clone shows where it is.
+    fn message(&self, stored: &Stored) -> (Option<String>, Vec<(String, String)>) {
+        use kiln_render::git::history;
+        let Some(previous) = stored.previous.as_ref().filter(|_| !stored.done) else {
+            return (None, Vec::new());
+        };
+        let wave = self
+            .strategy
+            .waves
+            .get(stored.wave.max(1) - 1)
+            .map_or_else(String::new, |w| w.name.clone());
+        let on_new = stored
+            .members
+            .iter()
+            .filter(|m| !stored.renders_previous(m))
+            .count();
+        let subject = format!(
+            "kiln: rollout {}, wave {wave}: {on_new} of {} instances on it",
+            stored.current.id,
+            stored.members.len()
+        );
+        let state = serde_json::to_string(&stored.state).unwrap_or_default();
+        (
+            Some(subject),
+            vec![
+                (history::ROLLOUT.to_string(), stored.current.id.clone()),
+                (history::ROLLOUT_PREVIOUS.to_string(), previous.id.clone()),
+                (history::ROLLOUT_WAVE.to_string(), wave),
+                (history::ROLLOUT_STATE.to_string(), state),
+            ],
+        )
+    }
+
     /// The resource a release gate names, if any wave has one.
     fn release_resource(&self) -> Option<String> {
         self.strategy
@@ -694,14 +739,16 @@ fn member_rows(
     kept
 }
 
-/// Every object, each instance at the revision the state says; an
-/// instance asked to release carries the request on its release object.
+/// The render to publish: each instance at the revision the state says
+/// (the previous revision's render for those not reached and those rolled
+/// back); an instance asked to release carries the request on its release
+/// object.
 fn assemble(
     stored: &Stored,
     rendered: &Rendered,
     old: Option<&Rendered>,
     strategy: &Strategy,
-) -> Result<Vec<Desired>> {
+) -> Result<Rendered> {
     let old_by_id: BTreeMap<String, &Instance> = old
         .map(|r| {
             r.instances
@@ -715,34 +762,29 @@ fn assemble(
         .iter()
         .flat_map(|w| &w.gates)
         .find_map(release_of);
-    let mut chosen: Vec<(&Instance, bool)> = Vec::with_capacity(rendered.instances.len());
+    let mut instances = Vec::with_capacity(rendered.instances.len());
     for instance in &rendered.instances {
         let id = format!("{}/{}", instance.blueprint, instance.key);
-        match old_by_id.get(&id) {
-            Some(old) if stored.renders_previous(&id) => {
-                let requested = matches!(stored.state.progress(&id), Progress::Requested { .. });
-                chosen.push((old, requested));
-            }
-            _ => chosen.push((instance, false)),
-        }
-    }
-    let mut objects = Vec::new();
-    for (instance, requested) in chosen {
-        for object in &instance.objects {
-            let origin = format!(
-                "{}/{}/{}.yaml",
-                instance.blueprint, instance.name, object.resource
-            );
-            let mut value = object.value()?;
-            if requested && release.as_deref() == Some(object.resource.as_str()) {
+        let Some(old) = old_by_id.get(&id).filter(|_| stored.renders_previous(&id)) else {
+            instances.push(instance.clone());
+            continue;
+        };
+        let mut chosen = (*old).clone();
+        let requested = matches!(stored.state.progress(&id), Progress::Requested { .. });
+        if let Some(resource) = release.as_deref().filter(|_| requested) {
+            for object in chosen.objects.iter_mut().filter(|o| o.resource == resource) {
+                let mut value = object.value()?;
                 annotate(&mut value, REQUESTED_ANNOTATION, &stored.current.id);
+                object.yaml = kiln_render::yaml::value_to_string(&value)?;
             }
-            objects.push(Desired::new(value, &origin)?);
         }
+        instances.push(chosen);
     }
-    // The same checks as a render's objects get.
-    desired::check_unique(&objects)?;
-    Ok(objects)
+    Ok(Rendered {
+        blueprints: rendered.blueprints.clone(),
+        instances,
+        scopes: None,
+    })
 }
 
 fn annotate(object: &mut Value, key: &str, value: &str) {

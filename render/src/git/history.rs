@@ -27,6 +27,14 @@ pub const TREE: &str = "Kiln-Tree";
 pub const CONFIG: &str = "Kiln-Config";
 /// `<source> sha256:<digest>` of the rows a source returned, one per source.
 pub const SOURCE: &str = "Kiln-Source";
+/// The revision a rollout commit rolls out.
+pub const ROLLOUT: &str = "Kiln-Rollout";
+/// The revision it replaces.
+pub const ROLLOUT_PREVIOUS: &str = "Kiln-Rollout-Previous";
+/// The wave it is in.
+pub const ROLLOUT_WAVE: &str = "Kiln-Rollout-Wave";
+/// Where each instance is, as JSON on one line.
+pub const ROLLOUT_STATE: &str = "Kiln-Rollout-State";
 
 /// What a Kiln commit did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

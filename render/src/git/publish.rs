@@ -50,6 +50,8 @@ pub struct Options {
     pub allow_mass_delete: bool,
     /// `deletionGuard.maxPercent`.
     pub max_delete_percent: u32,
+    /// More trailers for a render commit (a rollout's state).
+    pub trailers: Vec<(String, String)>,
 }
 
 /// A directory inside a repository in canonical form: `a//b/` → `a/b`;
@@ -699,6 +701,9 @@ fn message(summary: &Summary, inputs: &Inputs, options: &Options, tree: Oid) -> 
     let _ = writeln!(text, "{}: {}", history::CONFIG, inputs.config);
     for line in inputs.source_lines() {
         let _ = writeln!(text, "{}: {line}", history::SOURCE);
+    }
+    for (key, value) in &options.trailers {
+        let _ = writeln!(text, "{key}: {value}");
     }
     text
 }
