@@ -47,12 +47,17 @@ impl Fleet {
 
     /// Writes the Pipeline with `rollout` (`NS` is the fleet's namespace).
     fn pipeline(&self, rollout: &str) {
+        self.pipeline_with("", rollout);
+    }
+
+    /// [`Fleet::pipeline`] with more of the spec (`extra`, indented).
+    fn pipeline_with(&self, extra: &str, rollout: &str) {
         let rollout = rollout.replace("NS", &self.ns);
         std::fs::write(
             self.path("cfg/pipeline.yaml"),
             format!(
                 "apiVersion: kiln.dev/v1alpha1\nkind: Pipeline\nmetadata: {{name: fleet}}\n\
-                 spec:\n  blueprints: [app]\n  rollout:\n{rollout}"
+                 spec:\n  blueprints: [app]\n{extra}  rollout:\n{rollout}"
             ),
         )
         .unwrap();
@@ -971,4 +976,108 @@ fn through_git_each_step_is_a_commit_and_instances_not_reached_keep_their_files(
     for (name, (rev, generation)) in revisions(&fleet.ns) {
         assert_eq!((rev.as_str(), generation), ("v2", 2), "{name}");
     }
+}
+
+/// Plays ArgoCD: applies the branch's tree each time it moves, with
+/// `kubectl apply --server-side -k`, as its own field manager.
+struct Applier {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Applier {
+    fn start(repo: PathBuf, work: PathBuf) -> Applier {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut applied = String::new();
+            while !s.load(Ordering::SeqCst) {
+                let tip = std::process::Command::new("git")
+                    .arg("-C")
+                    .arg(&repo)
+                    .args(["rev-parse", "--verify", "-q", "main"])
+                    .output()
+                    .unwrap();
+                let tip = stdout(&tip).trim().to_string();
+                if !tip.is_empty() && tip != applied {
+                    let _ = std::fs::remove_dir_all(&work);
+                    std::fs::create_dir_all(&work).unwrap();
+                    let archive = std::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(format!(
+                            "git -C '{}' archive {tip} | tar -x -C '{}'",
+                            repo.display(),
+                            work.display()
+                        ))
+                        .status()
+                        .unwrap();
+                    assert!(archive.success());
+                    let out = kubectl(&[
+                        "apply",
+                        "--server-side",
+                        "--field-manager=argocd-controller",
+                        "-k",
+                        work.to_str().unwrap(),
+                    ]);
+                    if out.status.success() {
+                        applied = tip;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        Applier {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn with_apply_false_another_tool_applies_each_commit_and_kiln_follows_its_health() {
+    let rollout = concat!(
+        "    waves:\n",
+        "    - {name: canary, instances: [t000]}\n",
+        "    - {name: rest, maxConcurrent: 4}\n",
+    );
+    let fleet = Fleet::new("argo", 12, rollout);
+    fleet.pipeline_with("  apply: false\n", rollout);
+    let repo = fleet.path("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let _controller = Controller::start(&fleet.ns, BTreeMap::new());
+    let _argocd = Applier::start(repo.clone(), fleet.path("argocd"));
+    let _sync = fleet.sync_with(&["--git", repo.to_str().unwrap()]);
+    let v1 = fleet.wait_phase("Done", Duration::from_secs(120))["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually("12 deployments", Duration::from_secs(60), || {
+        revisions(&fleet.ns).len() == 12
+    });
+    let before = git(&repo, &["rev-parse", "main"]);
+    fleet.revision("v2");
+    fleet.wait_done_after(&v1, Duration::from_secs(300));
+    for (name, (rev, generation)) in revisions(&fleet.ns) {
+        assert_eq!((rev.as_str(), generation), ("v2", 2), "{name}");
+        // Kiln wrote none of them: no digest of its own on any.
+        assert!(
+            annotation(&fleet.ns, &name, "kiln.dev/applied-digest").is_none(),
+            "{name} was applied by Kiln"
+        );
+    }
+    let log = git(&repo, &["rev-list", &format!("{before}..main")]);
+    assert!(
+        log.lines().count() >= 4,
+        "canary and three steps of four: {log}"
+    );
 }

@@ -94,6 +94,8 @@ struct Loaded {
     parts: Option<(kiln_render::config::Config, Vec<render::Compiled>, Settings)>,
     /// The Pipeline's rollout, when it has one.
     rollout: Option<kiln_sync::rollout::Driver>,
+    /// `apply: false`: commit only; ArgoCD or Flux applies the branch.
+    commit_only: bool,
     /// Where commits go, for messages.
     place: target::Place,
     /// The `kubernetes` sources read, watched.
@@ -119,6 +121,19 @@ fn load(args: &Args) -> anyhow::Result<Loaded> {
     }
     let blueprints = render::compile(&config, &selected)?;
     let settings = settings(args, pipeline.as_ref())?;
+    let commit_only = pipeline
+        .as_ref()
+        .is_some_and(|p| p.spec.apply == Some(false));
+    if let Some(p) = pipeline
+        .as_ref()
+        .filter(|_| commit_only && settings.git.is_none())
+    {
+        anyhow::bail!(
+            "{}: Pipeline {}: apply: false commits only, so it needs a repository (spec.git or --git)",
+            p.file.display(),
+            p.name
+        );
+    }
     let rollout = match &pipeline {
         Some(p) => kiln_render::rollout::Strategy::of(p, &config.blueprints_of(p))?.map(|s| {
             kiln_sync::rollout::Driver::new(
@@ -177,6 +192,7 @@ fn load(args: &Args) -> anyhow::Result<Loaded> {
     Ok(Loaded {
         parts: Some((config, blueprints, settings)),
         rollout,
+        commit_only,
         place,
         kube_sources,
         notified_sources,
@@ -352,6 +368,19 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     degraded = true;
                 }
             }
+            if loaded.commit_only {
+                // ArgoCD or Flux applies what was committed.
+                if !degraded {
+                    metrics.set_ready();
+                }
+                if args.once {
+                    break if degraded {
+                        Err(anyhow::anyhow!("the pass failed"))
+                    } else {
+                        Ok(())
+                    };
+                }
+            } else {
             match reconciler.apply(&cluster, !degraded, &stop).await {
                 Some(Ok(report)) => {
                     let writes = rows::healths(&reconciler, &report);
@@ -381,6 +410,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     break Err(anyhow::anyhow!("nothing to apply: no source has been read"));
                 }
                 None => {}
+            }
             }
             if let Some(desired) = reconciler.desired()
                 && let Err(e) = watches.cover(desired).await
