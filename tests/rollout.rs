@@ -973,6 +973,38 @@ fn through_git_each_step_is_a_commit_and_instances_not_reached_keep_their_files(
         30,
         "the last commit has every instance on v2"
     );
+    // A clone, with no cluster, says where the rollout went.
+    let clone = fleet.path("clone");
+    let cloned = std::process::Command::new("git")
+        .args(["clone", "-q"])
+        .arg(&repo)
+        .arg(&clone)
+        .status()
+        .unwrap();
+    assert!(cloned.success());
+    let out = kiln(&[
+        "rollout",
+        "status",
+        "-f",
+        fleet.path("cfg").to_str().unwrap(),
+        "--git",
+        clone.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let from_git: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(from_git["revision"], revision.as_str());
+    assert_eq!(from_git["previousRevision"], v1.as_str());
+    assert_eq!(from_git["commit"], commits.last().unwrap().trim());
+    assert_eq!(from_git["wave"], 3);
+    let pending: u64 = from_git["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["counts"]["pending"].as_u64().unwrap())
+        .sum();
+    assert_eq!(pending, 0, "{from_git:#}");
     for (name, (rev, generation)) in revisions(&fleet.ns) {
         assert_eq!((rev.as_str(), generation), ("v2", 2), "{name}");
     }

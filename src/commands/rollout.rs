@@ -22,8 +22,9 @@ enum Verb {
     Plan(PlanArgs),
     /// Show where the rollout `kiln sync` runs is: the revision, each
     /// wave's instances pending, asked to release, updating, healthy,
-    /// failed and rolled back, and what it waits for.
-    Status(StateArgs),
+    /// failed and rolled back, and what it waits for. With --git, from the
+    /// branch's rollout commits alone (no cluster).
+    Status(StatusArgs),
     /// Pause the rollout: nothing more is updated until it is resumed.
     Pause(StateArgs),
     /// Resume a paused rollout; failed and rolled back instances are tried
@@ -45,6 +46,14 @@ struct StateArgs {
     /// `text` (stdout) or `json` (stdout): the rollout's status.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    #[command(flatten)]
+    git: target::GitArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,7 +84,8 @@ struct PlanArgs {
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.verb {
         Verb::Plan(plan) => run_plan(plan),
-        Verb::Status(a) => change(a, |_, _| Ok(None)),
+        Verb::Status(a) if a.git.repo.is_some() => status_from_git(a),
+        Verb::Status(a) => change(&a.state, |_, _| Ok(None)),
         Verb::Pause(a) => change(a, |stored, _| {
             if stored.done {
                 return Err(format!(
@@ -250,6 +260,98 @@ fn change(
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
         Format::Text => print_status(&status),
+    }
+    Ok(Outcome::Clean)
+}
+
+/// `status --git`: the rollout as the branch's commits carry it. The
+/// newest Kiln commit for the path with rollout trailers says where it
+/// was at its last step; a later Kiln commit without them means it was
+/// done.
+fn status_from_git(args: &StatusArgs) -> anyhow::Result<Outcome> {
+    use kiln_render::git::history;
+    let config = args.state.config.load()?;
+    let Some(pipeline) = target::pipeline(&config, args.state.config.pipeline.as_deref())?.cloned()
+    else {
+        anyhow::bail!("the configuration has no Pipeline: a rollout is a Pipeline's spec.rollout");
+    };
+    let Some(strategy) = Strategy::of(&pipeline, &config.blueprints_of(&pipeline))? else {
+        anyhow::bail!(
+            "Pipeline {} has no spec.rollout: every instance is updated in one pass",
+            pipeline.name
+        );
+    };
+    let target = target::resolve(&args.git, Some(&pipeline))?;
+    let records = target.history(1000)?;
+    let trailer = |r: &history::Record, key: &str| {
+        r.trailers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let Some((newest, record)) = records
+        .iter()
+        .enumerate()
+        .find(|(_, r)| trailer(r, history::ROLLOUT).is_some())
+    else {
+        anyhow::bail!(
+            "no rollout commit on {} for path {}: no rollout has gone through this branch",
+            target.refname()?.short(),
+            history::path_label(&target.options.path)
+        );
+    };
+    let state: kiln_render::rollout::State =
+        serde_json::from_str(&trailer(record, history::ROLLOUT_STATE).unwrap_or_default())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "commit {}: {}: {e}",
+                    record.commit.short(),
+                    history::ROLLOUT_STATE
+                )
+            })?;
+    let loaded = super::render::read(config, &args.state.config)?;
+    let instances = loaded.instances();
+    let wave_name = trailer(record, history::ROLLOUT_WAVE).unwrap_or_default();
+    let stored = Stored {
+        current: kiln_sync::rollout::Revision {
+            id: trailer(record, history::ROLLOUT).unwrap_or_default(),
+            blueprints: Vec::new(),
+        },
+        previous: trailer(record, history::ROLLOUT_PREVIOUS).map(|id| {
+            kiln_sync::rollout::Revision {
+                id,
+                blueprints: Vec::new(),
+            }
+        }),
+        members: instances
+            .iter()
+            .map(|(b, r)| format!("{b}/{}", r.key))
+            .collect(),
+        wave: strategy
+            .waves
+            .iter()
+            .position(|w| w.name == wave_name)
+            .map_or(1, |i| i + 1),
+        done: newest > 0,
+        state,
+        ..Stored::default()
+    };
+    let mut status = status(&pipeline.name, &strategy, &stored, &instances)?;
+    status["commit"] = record.commit.as_str().into();
+    match args.state.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Format::Text => {
+            println!(
+                "as of commit {}{}",
+                record.commit.short(),
+                if newest > 0 {
+                    " (later commits render the rollout's revision everywhere)"
+                } else {
+                    ""
+                }
+            );
+            print_status(&status);
+        }
     }
     Ok(Outcome::Clean)
 }
