@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Running, eventually, free_addr, http_get, kubectl, kubectl_ok, metric, postgres, sql, stderr,
+    Running, eventually, free_addr, http_get, kiln, kubectl, kubectl_ok, metric, postgres, sql,
+    stderr, stdout,
 };
 use serde_json::Value;
 
@@ -503,37 +504,122 @@ fn a_missing_configmap_stalls_the_pipeline_until_it_is_created() {
     controller.terminate();
 }
 
+/// A file source of five rows (`a`..`e`) and a Blueprint whose ConfigMap
+/// `plan-<key>` carries `rev`.
+fn rollout_configuration(scene: &Scene, file: &std::path::Path, rev: &str) {
+    apply(&format!(
+        "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows, namespace: {ns}}}\n\
+         spec: {{url: \"file:{file}\", key: id, interval: 1s}}\n---\n\
+         apiVersion: kiln.dev/v1alpha1\nkind: Blueprint\nmetadata: {{name: app, namespace: {ns}}}\n\
+         spec:\n  source: rows\n  namespace: {ns}\n  resources:\n  - id: plan\n    template: |\n      \
+         apiVersion: v1\n      kind: ConfigMap\n      metadata: {{name: \"plan-{{{{ key }}}}\"}}\n      \
+         data: {{rev: {rev}}}\n",
+        ns = scene.namespace,
+        file = file.display()
+    ));
+}
+
 #[test]
-fn a_pipeline_with_a_rollout_stalls_rather_than_update_every_instance_at_once() {
+fn the_controller_runs_a_rollout_and_takes_requests_through_the_pipeline() {
     let scene = Scene::new("ctlroll");
-    let (_rows, _) = inline_configuration(&scene);
+    let rows = tempfile::tempdir().unwrap();
+    let file = rows.path().join("rows.yaml");
+    std::fs::write(
+        &file,
+        "- {id: a}\n- {id: b}\n- {id: c}\n- {id: d}\n- {id: e}\n",
+    )
+    .unwrap();
+    rollout_configuration(&scene, &file, "v1");
     apply(&scene.pipeline(
         "main",
-        "{rollout: {waves: [{name: canary, instances: [a]}, {name: rest}]}}",
+        "{rollout: {waves: [{name: canary, instances: [a]}, {name: rest, maxConcurrent: 2, gates: [{approval: {}}]}]}}",
     ));
     let addr = free_addr();
     let mut controller = scene.controller(&addr, &[]);
-    eventually("RolloutNotSupported", Duration::from_secs(60), || {
-        scene.condition("main", "Stalled") == ("True".into(), "RolloutNotSupported".into())
-    });
-    let message = scene.status("main")["conditions"][0]["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        message.contains("the controller does not run it yet"),
-        "{message}"
+    let rev = |key: &str| {
+        scene
+            .config_map_data(&format!("plan-{key}"))
+            .map(|d| d["rev"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    let rollout = || scene.status("main")["rollout"].clone();
+    eventually(
+        "the first revision everywhere",
+        Duration::from_secs(60),
+        || rollout()["phase"] == "Done" && ["a", "b", "c", "d", "e"].iter().all(|k| rev(k) == "v1"),
     );
-    assert!(
-        scene.config_map_data("plan-a").is_none(),
-        "nothing was applied"
+    let v1 = rollout()["revision"].as_str().unwrap().to_string();
+
+    // A template change: the canary, then the rest waits for approval.
+    rollout_configuration(&scene, &file, "v2");
+    eventually(
+        "the rest waits for approval",
+        Duration::from_secs(60),
+        || {
+            let r = rollout();
+            r["revision"] != v1.as_str()
+                && r["waiting"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("approval")
+                && rev("a") == "v2"
+        },
     );
-    // Without the strategy the Pipeline applies as before.
-    apply(&scene.pipeline("main", "{}"));
-    eventually("Ready", Duration::from_secs(30), || {
-        scene.condition("main", "Ready").0 == "True"
+    let status = rollout();
+    assert_eq!(status["previousRevision"], v1.as_str(), "{status}");
+    assert_eq!(status["wave"], "rest", "{status}");
+    assert_eq!(status["instances"]["pending"], 4, "{status}");
+    for key in ["b", "c", "d", "e"] {
+        assert_eq!(rev(key), "v1", "{key} moved before the approval");
+    }
+    let cluster = kiln_testenv::cluster();
+    let pipeline = format!("{}/main", scene.namespace);
+    let verb = |args: &[&str]| {
+        let mut all = vec!["rollout"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&[
+            "--controller",
+            &pipeline,
+            "--kubeconfig",
+            cluster.kubeconfig.to_str().unwrap(),
+        ]);
+        kiln(&all)
+    };
+    // An approval of another revision is refused, and said so.
+    let refused = verb(&["approve", "--revision", &v1]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("an approval is for the revision it names"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(rollout()["request"]["done"], false);
+    let approved = verb(&["approve"]);
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    eventually("every instance on v2", Duration::from_secs(60), || {
+        rollout()["phase"] == "Done" && ["a", "b", "c", "d", "e"].iter().all(|k| rev(k) == "v2")
     });
-    assert!(scene.config_map_data("plan-a").is_some());
+    let shown = verb(&["status", "--format", "json"]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let shown: Value = serde_json::from_str(&stdout(&shown)).unwrap();
+    assert_eq!(shown["phase"], "Done");
+    assert_eq!(shown["instances"]["healthy"], 5);
+    let reasons = scene.event_reasons("main");
+    assert!(reasons.iter().any(|(_, r)| r == "Rollout"), "{reasons:?}");
+
+    // Paused through the Pipeline, a new revision waits where it is.
+    rollout_configuration(&scene, &file, "v3");
+    eventually("the canary on v3", Duration::from_secs(60), || {
+        rev("a") == "v3"
+    });
+    let paused = verb(&["pause"]);
+    assert!(paused.status.success(), "{}", stderr(&paused));
+    assert_eq!(rollout()["phase"], "Paused");
+    let aborted = verb(&["abort"]);
+    assert!(aborted.status.success(), "{}", stderr(&aborted));
+    eventually("the canary back on v2", Duration::from_secs(60), || {
+        rev("a") == "v2"
+    });
     controller.terminate();
 }
 

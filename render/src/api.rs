@@ -615,6 +615,57 @@ pub struct PipelineStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub sources: Vec<SourceState>,
+    /// Where the rollout is (`spec.rollout`): counts, never names, so the
+    /// status does not grow with the fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// A Pipeline's rollout, as its status shows it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The revision being rolled out (the blueprints' digests and Kiln's
+    /// version).
+    pub revision: String,
+    /// The revision it replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_revision: Option<String>,
+    /// `Progressing`, `Paused` or `Done`.
+    pub phase: String,
+    /// The wave it is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<String>,
+    /// What it waits for, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Why it is paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
+    /// Waves approved for this revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub approved: Vec<String>,
+    /// Instances by phase: pending, requested, updating, healthy, failed,
+    /// rolledBack.
+    #[serde(default)]
+    pub instances: std::collections::BTreeMap<String, u64>,
+    /// The last request of the `kiln.dev/rollout-request` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RolloutRequest>,
+}
+
+/// A request made through the Pipeline's `kiln.dev/rollout-request`
+/// annotation, and what came of it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRequest {
+    /// Its id (the annotation's first word).
+    pub id: String,
+    /// Whether it was carried out.
+    pub done: bool,
+    /// What was done, or why not.
+    pub message: String,
 }
 
 impl PipelineStatus {

@@ -23,11 +23,10 @@ use crate::{Error, Result};
 /// How long an instance may stay updating when the strategy does not say.
 pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
 
-/// Why a Pipeline with `spec.rollout` is refused where it cannot be run:
-/// `kiln render --git` renders once and has no cluster to read health
-/// from, and the controller does not run rollouts yet; committing or
-/// applying every instance at once would break the strategy's promise.
-pub const NOT_RUN: &str = "spec.rollout is run by `kiln sync` (with or without --git: one commit per step); `kiln render --git` renders once and cannot step it, and the controller does not run it yet, so this refuses rather than update every instance at once";
+/// Why `kiln render --git` refuses a Pipeline with `spec.rollout`: it
+/// renders once and has no cluster to read health from, and committing
+/// every instance at once would break the strategy's promise.
+pub const NOT_RUN: &str = "spec.rollout is run by `kiln sync` (with or without --git: one commit per step) and by the controller, which read health from the cluster between steps; `kiln render --git` renders once and cannot step it, so it refuses rather than commit every instance at once";
 
 /// [`NOT_RUN`] for `pipeline`, naming its file, when it has a rollout.
 pub fn not_run(pipeline: &Named<PipelineSpec>) -> Option<String> {

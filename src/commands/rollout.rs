@@ -1,7 +1,7 @@
 //! `kiln rollout`: a Pipeline's progressive rollout (`spec.rollout`).
 
 use kiln_render::rollout::{Gate, Progress, Strategy, Take, Wave};
-use kiln_sync::rollout::{Place, Stored};
+use kiln_sync::rollout::{Command, Place, Stored};
 use serde_json::{Value, json};
 
 use super::{ConfigArgs, Format, target};
@@ -24,16 +24,21 @@ enum Verb {
     /// wave's instances pending, asked to release, updating, healthy,
     /// failed and rolled back, and what it waits for. With --git, from the
     /// branch's rollout commits alone (no cluster).
+    #[command(mut_arg("files", |a| a.required(false).required_unless_present("controller")))]
     Status(StatusArgs),
     /// Pause the rollout: nothing more is updated until it is resumed.
+    #[command(mut_arg("files", |a| a.required(false).required_unless_present("controller")))]
     Pause(StateArgs),
     /// Resume a paused rollout; failed and rolled back instances are tried
     /// again (after an abort, from the first wave).
+    #[command(mut_arg("files", |a| a.required(false).required_unless_present("controller")))]
     Resume(StateArgs),
     /// Approve a wave's approval gate for the revision being rolled out.
+    #[command(mut_arg("files", |a| a.required(false).required_unless_present("controller")))]
     Approve(ApproveArgs),
     /// Abort the rollout: every instance it reached goes back to the
     /// previous revision, and it stays paused.
+    #[command(mut_arg("files", |a| a.required(false).required_unless_present("controller")))]
     Abort(StateArgs),
 }
 
@@ -46,6 +51,11 @@ struct StateArgs {
     /// `text` (stdout) or `json` (stdout): the rollout's status.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// The Pipeline object `kiln controller` runs, instead of -f: the
+    /// request goes through its `kiln.dev/rollout-request` annotation and
+    /// the status comes from its `status.rollout`.
+    #[arg(long, value_name = "NS/NAME", conflicts_with = "files")]
+    controller: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,66 +94,34 @@ struct PlanArgs {
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.verb {
         Verb::Plan(plan) => run_plan(plan),
+        Verb::Status(a) if a.state.controller.is_some() => through_pipeline(&a.state, None),
+        Verb::Pause(a) | Verb::Resume(a) | Verb::Abort(a) if a.controller.is_some() => {
+            let command = match &args.verb {
+                Verb::Pause(_) => Command::Pause,
+                Verb::Resume(_) => Command::Resume,
+                _ => Command::Abort,
+            };
+            through_pipeline(a, Some(command))
+        }
+        Verb::Approve(a) if a.state.controller.is_some() => through_pipeline(
+            &a.state,
+            Some(Command::Approve {
+                wave: a.wave.clone(),
+                revision: a.revision.clone(),
+            }),
+        ),
         Verb::Status(a) if a.git.repo.is_some() => status_from_git(a),
         Verb::Status(a) => change(&a.state, |_, _| Ok(None)),
-        Verb::Pause(a) => change(a, |stored, _| {
-            if stored.done {
-                return Err(format!(
-                    "nothing to pause: revision {} is rolled out",
-                    stored.current.id
-                ));
-            }
-            stored.state.pause("paused by a person");
-            Ok(Some(format!(
-                "paused the rollout of revision {}",
-                stored.current.id
-            )))
-        }),
-        Verb::Resume(a) => change(a, |stored, _| {
-            if stored.state.paused.is_none() {
-                return Err(format!(
-                    "the rollout of revision {} is not paused",
-                    stored.current.id
-                ));
-            }
-            stored.state.resume();
-            stored.done = false;
-            Ok(Some(format!(
-                "resumed the rollout of revision {}",
-                stored.current.id
-            )))
-        }),
-        Verb::Abort(a) => change(a, |stored, _| {
-            if stored.done {
-                return Err(format!(
-                    "nothing to abort: revision {} is rolled out",
-                    stored.current.id
-                ));
-            }
-            let back = stored.state.abort();
-            Ok(Some(format!(
-                "aborted the rollout of revision {}: {} instances go back to revision {}",
-                stored.current.id,
-                back.len(),
-                stored.previous.as_ref().map_or("?", |p| p.id.as_str())
-            )))
-        }),
-        Verb::Approve(a) => change(&a.state, |stored, strategy| {
-            let revision = a
-                .revision
-                .clone()
-                .unwrap_or_else(|| stored.state.revision.clone());
-            let wave = match &a.wave {
-                Some(w) => w.clone(),
-                None => waiting_for_approval(stored, strategy).ok_or_else(|| {
-                    "no wave waits for approval; name one with --wave".to_string()
-                })?,
-            };
-            stored.state.approve(strategy, &wave, &revision)?;
-            Ok(Some(format!(
-                "approved wave {wave} for revision {revision}"
-            )))
-        }),
+        Verb::Pause(a) => command(a, Command::Pause),
+        Verb::Resume(a) => command(a, Command::Resume),
+        Verb::Abort(a) => command(a, Command::Abort),
+        Verb::Approve(a) => command(
+            &a.state,
+            Command::Approve {
+                wave: a.wave.clone(),
+                revision: a.revision.clone(),
+            },
+        ),
     }
 }
 
@@ -196,20 +174,90 @@ fn run_plan(args: &PlanArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Clean)
 }
 
-/// The first wave with an approval gate not approved yet.
-fn waiting_for_approval(stored: &Stored, strategy: &Strategy) -> Option<String> {
-    fn asks(g: &Gate) -> bool {
-        match g {
-            Gate::Approval => true,
-            Gate::AllOf(gates) | Gate::AnyOf(gates) => gates.iter().any(asks),
-            _ => false,
+/// The controller's side: asks `command` of the Pipeline's rollout through
+/// its annotation and waits (a minute at most) for the controller to say
+/// what came of it in `status.rollout.request`; then shows
+/// `status.rollout`.
+fn through_pipeline(args: &StateArgs, command: Option<Command>) -> anyhow::Result<Outcome> {
+    let reference = args.controller.as_deref().unwrap_or_default();
+    let Some((namespace, name)) = reference.split_once('/') else {
+        anyhow::bail!("--controller {reference:?}: must be NAMESPACE/NAME of a Pipeline");
+    };
+    let rollout = super::runtime()?.block_on(async {
+        let cluster = args.cluster.connect().await?;
+        let read = || kiln_sync::rollout::reported(&cluster, namespace, name);
+        let Some(command) = command else {
+            return anyhow::Ok(read().await?);
+        };
+        read().await?;
+        let id = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let request = format!("{id} {}", command.text());
+        kiln_sync::rollout::request(&cluster, namespace, name, &request).await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let rollout = read().await?;
+            if let Some(handled) = rollout
+                .as_ref()
+                .and_then(|r| r.request.as_ref())
+                .filter(|h| h.id == id)
+            {
+                if !handled.done {
+                    anyhow::bail!("Pipeline {reference}: rollout: {}", handled.message);
+                }
+                eprintln!("rollout: {}", handled.message);
+                return Ok(rollout);
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "Pipeline {reference}: the controller did not take the request {request:?} within a minute (is it running, and does its --selector take this Pipeline?)"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    })?;
+    let Some(rollout) = rollout else {
+        anyhow::bail!("Pipeline {reference}: the controller has not reported a rollout yet");
+    };
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rollout)?),
+        Format::Text => {
+            println!(
+                "Pipeline {reference}: revision {} (from {}): {}",
+                rollout.revision,
+                rollout.previous_revision.as_deref().unwrap_or("none"),
+                rollout.phase
+            );
+            if let Some(wave) = &rollout.wave {
+                println!("wave: {wave}");
+            }
+            if let Some(paused) = &rollout.paused {
+                println!("paused: {paused}");
+            }
+            if let Some(waiting) = &rollout.waiting {
+                println!("waiting: {waiting}");
+            }
+            let counts: Vec<String> = rollout
+                .instances
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(phase, n)| format!("{n} {phase}"))
+                .collect();
+            println!("instances: {}", counts.join(", "));
         }
     }
-    strategy
-        .waves
-        .iter()
-        .find(|w| w.gates.iter().any(asks) && !stored.state.approved.contains(&w.name))
-        .map(|w| w.name.clone())
+    Ok(Outcome::Clean)
+}
+
+/// Carries out `command` on the rollout's state.
+fn command(args: &StateArgs, command: Command) -> anyhow::Result<Outcome> {
+    change(args, |stored, strategy| {
+        command.apply(stored, strategy).map(Some)
+    })
 }
 
 /// Loads the Pipeline's strategy and the rollout's state, applies

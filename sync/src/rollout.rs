@@ -115,6 +115,155 @@ pub struct Stored {
     /// When the last step ran (Unix seconds).
     #[serde(default)]
     pub stepped: i64,
+    /// The last request made through a Pipeline's annotation, handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled: Option<Handled>,
+}
+
+/// A request made through [`REQUEST_ANNOTATION`], and what came of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Handled {
+    /// The request's id.
+    pub id: String,
+    /// Whether it was done.
+    pub done: bool,
+    /// What was done, or why not.
+    pub message: String,
+}
+
+/// On a Pipeline the controller runs: `<id> <verb> [args]`, a request the
+/// controller carries out once (`pause`, `resume`, `abort`, `approve
+/// [wave=W] [revision=R]`); the Pipeline's `status.rollout.request` says
+/// what came of the last one.
+pub const REQUEST_ANNOTATION: &str = "kiln.dev/rollout-request";
+
+/// What a person asks of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Stop where it is.
+    Pause,
+    /// Go on; failed and rolled back instances are tried again.
+    Resume,
+    /// Put every instance it reached back, and pause.
+    Abort,
+    /// Open a wave's approval gate for a revision.
+    Approve {
+        /// The wave (default: the first waiting for approval).
+        wave: Option<String>,
+        /// The revision (default: the one being rolled out).
+        revision: Option<String>,
+    },
+}
+
+impl Command {
+    /// Reads `<verb> [wave=W] [revision=R]`.
+    pub fn parse(text: &str) -> std::result::Result<Command, String> {
+        let mut words = text.split_whitespace();
+        let verb = words.next().unwrap_or_default();
+        let (mut wave, mut revision) = (None, None);
+        for word in words {
+            match word.split_once('=') {
+                Some(("wave", w)) if verb == "approve" => wave = Some(w.to_string()),
+                Some(("revision", r)) if verb == "approve" => revision = Some(r.to_string()),
+                _ => return Err(format!("{word:?} is not an argument of {verb}")),
+            }
+        }
+        match verb {
+            "pause" => Ok(Command::Pause),
+            "resume" => Ok(Command::Resume),
+            "abort" => Ok(Command::Abort),
+            "approve" => Ok(Command::Approve { wave, revision }),
+            other => Err(format!(
+                "{other:?} is not a rollout verb (pause, resume, abort, approve)"
+            )),
+        }
+    }
+
+    /// The request's text, as [`Command::parse`] reads it.
+    pub fn text(&self) -> String {
+        match self {
+            Command::Pause => "pause".into(),
+            Command::Resume => "resume".into(),
+            Command::Abort => "abort".into(),
+            Command::Approve { wave, revision } => {
+                let mut text = "approve".to_string();
+                if let Some(w) = wave {
+                    text.push_str(&format!(" wave={w}"));
+                }
+                if let Some(r) = revision {
+                    text.push_str(&format!(" revision={r}"));
+                }
+                text
+            }
+        }
+    }
+
+    /// Carries it out on `stored`; the line says what was done, the error
+    /// why it was refused.
+    pub fn apply(
+        &self,
+        stored: &mut Stored,
+        strategy: &Strategy,
+    ) -> std::result::Result<String, String> {
+        let id = stored.current.id.clone();
+        match self {
+            Command::Pause => {
+                if stored.done {
+                    return Err(format!("nothing to pause: revision {id} is rolled out"));
+                }
+                stored.state.pause("paused by a person");
+                Ok(format!("paused the rollout of revision {id}"))
+            }
+            Command::Resume => {
+                if stored.state.paused.is_none() {
+                    return Err(format!("the rollout of revision {id} is not paused"));
+                }
+                stored.state.resume();
+                stored.done = false;
+                Ok(format!("resumed the rollout of revision {id}"))
+            }
+            Command::Abort => {
+                if stored.done {
+                    return Err(format!("nothing to abort: revision {id} is rolled out"));
+                }
+                let back = stored.state.abort();
+                Ok(format!(
+                    "aborted the rollout of revision {id}: {} instances go back to revision {}",
+                    back.len(),
+                    stored.previous.as_ref().map_or("?", |p| p.id.as_str())
+                ))
+            }
+            Command::Approve { wave, revision } => {
+                let revision = revision
+                    .clone()
+                    .unwrap_or_else(|| stored.state.revision.clone());
+                let wave = match wave {
+                    Some(w) => w.clone(),
+                    None => waiting_for_approval(stored, strategy)
+                        .ok_or_else(|| "no wave waits for approval; name one".to_string())?,
+                };
+                stored.state.approve(strategy, &wave, &revision)?;
+                Ok(format!("approved wave {wave} for revision {revision}"))
+            }
+        }
+    }
+}
+
+/// The first wave with an approval gate not approved yet.
+fn waiting_for_approval(stored: &Stored, strategy: &Strategy) -> Option<String> {
+    fn asks(g: &Gate) -> bool {
+        match g {
+            Gate::Approval => true,
+            Gate::AllOf(gates) | Gate::AnyOf(gates) => gates.iter().any(asks),
+            _ => false,
+        }
+    }
+    strategy
+        .waves
+        .iter()
+        .find(|w| w.gates.iter().any(asks) && !stored.state.approved.contains(&w.name))
+        .map(|w| w.name.clone())
 }
 
 impl Stored {
@@ -184,6 +333,45 @@ impl Stored {
     }
 }
 
+impl Stored {
+    /// The Pipeline status's view of it.
+    pub fn status(&self, waves: &[String]) -> kiln_render::api::RolloutStatus {
+        let figures = self.figures(waves);
+        kiln_render::api::RolloutStatus {
+            revision: self.current.id.clone(),
+            previous_revision: self.previous.as_ref().map(|p| p.id.clone()),
+            phase: figures.phase.to_string(),
+            wave: waves.get(figures.wave.max(1) - 1).cloned(),
+            waiting: self
+                .waiting
+                .as_ref()
+                .filter(|_| !self.done)
+                .map(|(w, why)| {
+                    if w.is_empty() {
+                        why.clone()
+                    } else {
+                        format!("wave {w}: {why}")
+                    }
+                }),
+            paused: self.state.paused.clone(),
+            approved: self.state.approved.iter().cloned().collect(),
+            instances: figures
+                .instances
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), *v))
+                .collect(),
+            request: self
+                .handled
+                .as_ref()
+                .map(|h| kiln_render::api::RolloutRequest {
+                    id: h.id.clone(),
+                    done: h.done,
+                    message: h.message.clone(),
+                }),
+        }
+    }
+}
+
 /// Where a Pipeline's rollout state lives: the ConfigMap `<inventory>-rollout`
 /// in the inventory's namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,8 +391,10 @@ impl Place {
         }
     }
 
+    /// The ConfigMaps of the namespace, as Kiln itself: the state is
+    /// Kiln's, like the inventory, whoever the objects are written as.
     fn api(&self, cluster: &Cluster) -> Api<ConfigMap> {
-        Api::namespaced(cluster.client().clone(), &self.namespace)
+        Api::namespaced(cluster.home().client().clone(), &self.namespace)
     }
 
     fn what(&self, verb: &str) -> String {
@@ -274,7 +464,7 @@ impl Place {
                 api.replace(&self.name, &PostParams::default(), &map).await
             }
             None => {
-                cluster.ensure_namespace(&self.namespace).await?;
+                cluster.home().ensure_namespace(&self.namespace).await?;
                 api.create(&PostParams::default(), &map).await
             }
         };
@@ -671,6 +861,38 @@ impl Driver {
         )
     }
 
+    /// Carries out the request `<id> <verb> [args]` of a Pipeline's
+    /// annotation once: a request already handled (its id recorded) is
+    /// left alone. Refused or not, it is recorded with what came of it.
+    pub async fn handle(&self, cluster: &Cluster, request: &str) -> Result<()> {
+        let (id, text) = request
+            .trim()
+            .split_once(' ')
+            .unwrap_or((request.trim(), ""));
+        if self
+            .place
+            .load(cluster)
+            .await?
+            .is_some_and(|(s, _)| s.handled.as_ref().is_some_and(|h| h.id == id))
+        {
+            return Ok(());
+        }
+        let command = Command::parse(text);
+        self.place
+            .update(cluster, |stored| {
+                let result = command
+                    .clone()
+                    .and_then(|c| c.apply(stored, &self.strategy));
+                stored.handled = Some(Handled {
+                    id: id.to_string(),
+                    done: result.is_ok(),
+                    message: result.unwrap_or_else(|e| e),
+                });
+                Ok(())
+            })
+            .await
+    }
+
     /// The resource a release gate names, if any wave has one.
     fn release_resource(&self) -> Option<String> {
         self.strategy
@@ -932,4 +1154,50 @@ async fn condition(cluster: &Cluster, gate: &ConditionGate) -> std::result::Resu
             )
         })?;
     rollout::holds(&gate.expression, &object)
+}
+
+/// The rollout the controller reports for Pipeline `namespace/name`
+/// (`status.rollout`); an error when the Pipeline is missing or has no
+/// `spec.rollout`.
+pub async fn reported(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<kiln_render::api::RolloutStatus>> {
+    let api: Api<kiln_render::api::Pipeline> = Api::namespaced(cluster.client().clone(), namespace);
+    let what = format!("read Pipeline {namespace}/{name}");
+    let pipeline = api
+        .get_opt(name)
+        .await
+        .map_err(|e| Error::Api {
+            what: what.clone(),
+            failure: crate::cluster::failure(e),
+        })?
+        .ok_or_else(|| Error::InvalidPlan {
+            message: format!("Pipeline {namespace}/{name} does not exist"),
+        })?;
+    if pipeline.spec.rollout.is_none() {
+        return Err(Error::InvalidPlan {
+            message: format!("Pipeline {namespace}/{name} has no spec.rollout"),
+        });
+    }
+    Ok(pipeline.status.and_then(|s| s.rollout))
+}
+
+/// Asks the controller running Pipeline `namespace/name` for `request`
+/// (`<id> <verb> [args]`) through its [`REQUEST_ANNOTATION`].
+pub async fn request(cluster: &Cluster, namespace: &str, name: &str, request: &str) -> Result<()> {
+    let api: Api<kiln_render::api::Pipeline> = Api::namespaced(cluster.client().clone(), namespace);
+    let patch = serde_json::json!({"metadata": {"annotations": {REQUEST_ANNOTATION: request}}});
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| Error::Api {
+        what: format!("annotate Pipeline {namespace}/{name}"),
+        failure: crate::cluster::failure(e),
+    })
 }

@@ -36,6 +36,7 @@ use crate::cluster::Cluster;
 use crate::lease::Elector;
 use crate::metrics::Metrics;
 use crate::reconcile::{DEFAULT_INTERVAL, Event, Polled, Reconciler, Settings};
+use crate::rollout::{Driver, Place, REQUEST_ANNOTATION};
 use crate::rows::{self, ClusterObjects};
 use crate::watch::{Note, Watches};
 use crate::{Error, Result};
@@ -236,7 +237,7 @@ struct State {
     digest: String,
     /// The cluster as the Pipeline's ServiceAccount.
     cluster: Cluster,
-    trigger: (Option<i64>, bool),
+    trigger: (Option<i64>, bool, Option<String>),
     reconciler: Reconciler,
     watches: Watches,
     /// What lists the objects of `kubernetes` sources, and writes their
@@ -247,7 +248,26 @@ struct State {
     polled: Vec<Polled>,
     sources: BTreeMap<String, SourceState>,
     shape: Option<Shape>,
+    /// When the rollout was last stepped, with `spec.rollout`.
+    stepped: Option<Instant>,
 }
+
+impl State {
+    /// When a rollout under way should be stepped again (it moves with
+    /// health, gates and time, not only with the rows).
+    fn rollout_due(&self) -> Option<Instant> {
+        if !self.reconciler.rollout().is_some_and(|r| r.active()) {
+            return None;
+        }
+        Some(
+            self.stepped
+                .map_or_else(Instant::now, |at| at + ROLLOUT_TICK),
+        )
+    }
+}
+
+/// How often a rollout under way is stepped.
+const ROLLOUT_TICK: Duration = Duration::from_secs(2);
 
 impl Drop for State {
     fn drop(&mut self) {
@@ -426,9 +446,10 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
             p.due = Instant::now();
         }
     }
-    let due = state
-        .as_ref()
-        .is_some_and(|s| s.polled.iter().any(|p| p.due <= Instant::now()));
+    let due = state.as_ref().is_some_and(|s| {
+        s.polled.iter().any(|p| p.due <= Instant::now())
+            || s.rollout_due().is_some_and(|at| at <= Instant::now())
+    });
     if !(reconfigure || poked || changed || due) {
         // A status write of ours, or a wake for a pass already made.
         return Ok(Action::requeue(next_due(state.as_ref(), &slot)));
@@ -487,14 +508,16 @@ async fn reconcile(pipeline: Arc<Pipeline>, context: Arc<Context>) -> Result<Act
 }
 
 /// What of the Pipeline object, besides references, asks for a pass: its
-/// generation (the spec), and whether it allows a mass deletion.
-fn trigger(pipeline: &Pipeline) -> (Option<i64>, bool) {
+/// generation (the spec), whether it allows a mass deletion, and a
+/// request of its rollout.
+fn trigger(pipeline: &Pipeline) -> (Option<i64>, bool, Option<String>) {
     (
         pipeline.metadata.generation,
         pipeline
             .annotations()
             .get(ALLOW_MASS_DELETE)
             .is_some_and(|v| v == "true"),
+        pipeline.annotations().get(REQUEST_ANNOTATION).cloned(),
     )
 }
 
@@ -513,7 +536,7 @@ fn next_due(state: Option<&State>, slot: &Slot) -> Duration {
         .ok()
         .and_then(|p| p.as_ref().map(|(_, at)| *at));
     state
-        .and_then(|s| s.polled.iter().map(|p| p.due).min())
+        .and_then(|s| s.polled.iter().map(|p| p.due).chain(s.rollout_due()).min())
         .into_iter()
         .chain(retry)
         .min()
@@ -621,6 +644,14 @@ impl Context {
                 .is_some_and(|state| state.rows.is_some())
         });
         let mut degraded = pass.trouble.is_some() || !pass.source_failures.is_empty();
+        // A person's request of the rollout, once.
+        if let (Some(driver), Some(request)) = (
+            s.reconciler.rollout(),
+            pipeline.annotations().get(REQUEST_ANNOTATION),
+        ) && let Err(e) = driver.handle(&self.cluster, request).await
+        {
+            tracing::warn!("rollout request of {}: {e}", key.name);
+        }
         if pass.trouble.is_none() && all_read {
             match s.reconciler.render(&s.cluster).await {
                 Ok(events) => {
@@ -638,6 +669,16 @@ impl Context {
                     degraded = true;
                 }
             }
+        }
+        if let Some(driver) = s.reconciler.rollout() {
+            s.stepped = Some(Instant::now());
+            let waves: Vec<String> = driver
+                .strategy
+                .waves
+                .iter()
+                .map(|w| w.name.clone())
+                .collect();
+            pass.rollout = driver.last().map(|stored| stored.status(&waves));
         }
         pass.commit_only = pipeline.spec.apply == Some(false);
         let applied = if pass.commit_only {
@@ -709,13 +750,15 @@ impl Context {
             allow_plaintext_secrets: false,
             git,
         };
-        if pipeline.spec.rollout.is_some() {
-            return Err(Trouble {
-                reason: "RolloutNotSupported",
-                message: format!("Pipeline: {}", kiln_render::rollout::NOT_RUN),
-                stalled: true,
-            });
-        }
+        let strategy = match named {
+            Some(named) => kiln_render::rollout::Strategy::of(named, &config.blueprints_of(named))
+                .map_err(|e| Trouble {
+                    reason: "InvalidRollout",
+                    message: one_line(&e),
+                    stalled: true,
+                })?,
+            None => None,
+        };
         let acting = self.acting_for(pipeline)?;
         let (notes_tx, notes) = mpsc::unbounded_channel();
         let watches = Watches::new(acting.clone(), &inventory, notes_tx);
@@ -755,9 +798,19 @@ impl Context {
         Ok(State {
             digest: gathered.digest,
             cluster: acting,
-            trigger: (None, false),
-            reconciler: Reconciler::new(config, blueprints, settings, metrics.clone())
-                .with_objects(Arc::new(objects.clone())),
+            trigger: (None, false, None),
+            reconciler: {
+                let reconciler = Reconciler::new(config, blueprints, settings, metrics.clone())
+                    .with_objects(Arc::new(objects.clone()));
+                match strategy {
+                    Some(strategy) => reconciler.with_rollout(Driver::new(
+                        strategy,
+                        Place::of(&self.options.inventory_namespace, &inventory),
+                    )),
+                    None => reconciler,
+                }
+            },
+            stepped: None,
             objects,
             watches,
             tasks,

@@ -67,6 +67,8 @@ pub struct Pass {
     pub committed: Option<String>,
     /// Applying is left to others (`spec.apply: false`).
     pub commit_only: bool,
+    /// Where the rollout is, with `spec.rollout`; else the last status's.
+    pub rollout: Option<kiln_render::api::RolloutStatus>,
 }
 
 /// Figures of the desired state.
@@ -128,6 +130,7 @@ pub fn status(
             .or_else(|| previous.and_then(|p| p.last_commit.clone())),
         last_applied_revision: previous.and_then(|p| p.last_applied_revision.clone()),
         sources: sources.values().cloned().collect(),
+        rollout: pass.rollout.clone(),
         ..PipelineStatus::default()
     };
     if let Some(shape) = shape {
