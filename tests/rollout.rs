@@ -775,6 +775,11 @@ fn gates_hold_their_waves_until_the_application_answers_the_condition_holds_and_
             .contains("is false")
     });
     assert_eq!(revisions(&fleet.ns)["t001"].0, "v1");
+    assert!(
+        fleet.log().contains("rollout: wave analysed waits: condition"),
+        "the gate holding its wave is said: {}",
+        fleet.log()
+    );
     kubectl_ok(&[
         "patch",
         "configmap",

@@ -620,6 +620,19 @@ impl Driver {
                     .observe(cluster, &stored, &rendered, old.as_ref())
                     .await?;
                 let step: Step = stored.state.step(&self.strategy, &waves, now, &world);
+                // A gate that starts or stops holding a wave is news; a
+                // quorum's count moving is not.
+                let kind = |w: &Option<(String, String)>| {
+                    w.as_ref().map(|(wave, why)| {
+                        (wave.clone(), why.replace(|c: char| c.is_ascii_digit(), ""))
+                    })
+                };
+                if kind(&step.waiting) != kind(&stored.waiting)
+                    && let Some((wave, why)) = &step.waiting
+                    && !wave.is_empty()
+                {
+                    events.push(format!("wave {wave} waits: {why}"));
+                }
                 stored.waiting = step.waiting.clone();
                 stored.done = step.done;
                 stored.wave = waves
