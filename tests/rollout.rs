@@ -776,7 +776,9 @@ fn gates_hold_their_waves_until_the_application_answers_the_condition_holds_and_
     });
     assert_eq!(revisions(&fleet.ns)["t001"].0, "v1");
     assert!(
-        fleet.log().contains("rollout: wave analysed waits: condition"),
+        fleet
+            .log()
+            .contains("rollout: wave analysed waits: condition"),
         "the gate holding its wave is said: {}",
         fleet.log()
     );
@@ -1117,4 +1119,83 @@ fn with_apply_false_another_tool_applies_each_commit_and_kiln_follows_its_health
         log.lines().count() >= 4,
         "canary and three steps of four: {log}"
     );
+}
+
+#[test]
+fn a_wave_short_of_full_health_opens_the_next_once_its_quorum_is_healthy() {
+    let fleet = Fleet::new(
+        "quorum",
+        8,
+        concat!(
+            "    waves:\n",
+            "    - {name: canary, instances: [t000, t001, t002], quorum: 2}\n",
+            "    - {name: rest}\n",
+            "    progressDeadline: 5m\n",
+        ),
+    );
+    let controller = Controller::start(&fleet.ns, BTreeMap::new());
+    let _sync = fleet.sync();
+    let v1 = fleet.wait_phase("Done", Duration::from_secs(120))["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually("8 deployments", Duration::from_secs(60), || {
+        revisions(&fleet.ns).len() == 8
+    });
+    // t002 stays unavailable on the new revision; two of three suffice.
+    controller.never(&["t002"]);
+    fleet.revision("v2");
+    eventually("the rest on v2", Duration::from_secs(120), || {
+        revisions(&fleet.ns).iter().all(|(_, (rev, _))| rev == "v2")
+    });
+    let status = fleet.status();
+    assert_eq!(status["phase"], "Progressing", "{status:#}");
+    assert_eq!(
+        wave(&status, "canary")["counts"]["updating"],
+        1,
+        "{status:#}"
+    );
+    // Without the quorum, the rest would wait for t002: one with the
+    // whole wave as quorum holds it.
+    controller.never(&[]);
+    let done = fleet.wait_done_after(&v1, Duration::from_secs(120));
+    assert_eq!(done["revision"], status["revision"]);
+    let stuck = Fleet::new(
+        "quorumall",
+        4,
+        concat!(
+            "    waves:\n",
+            "    - {name: canary, instances: [t000, t001]}\n",
+            "    - {name: rest}\n",
+            "    progressDeadline: 5m\n",
+        ),
+    );
+    let controller = Controller::start(&stuck.ns, BTreeMap::new());
+    let _sync = stuck.sync();
+    stuck.wait_phase("Done", Duration::from_secs(120));
+    eventually("4 deployments", Duration::from_secs(60), || {
+        revisions(&stuck.ns).len() == 4
+    });
+    controller.never(&["t001"]);
+    stuck.revision("v2");
+    eventually(
+        "the canary wave waits for its quorum",
+        Duration::from_secs(60),
+        || {
+            let status = stuck.status();
+            status["waiting"]["wave"] == "canary"
+                && status["waiting"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("1 of 2 instances healthy")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    for key in ["t002", "t003"] {
+        assert_eq!(
+            revisions(&stuck.ns)[key].0,
+            "v1",
+            "{key} went before the quorum"
+        );
+    }
 }

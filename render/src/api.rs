@@ -440,9 +440,9 @@ pub struct WaveSpec {
     /// before the next wave starts: a count (`3`) or a share (`95%`).
     /// Default `100%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.matches('^([0-9]+|([0-9]|[1-9][0-9]|100)%)$')").message("quorum must be a count (3) or a percentage (95%)"))]
-    #[schemars(length(min = 1, max = 10))]
-    pub quorum: Option<String>,
+    #[x_kube(validation = Rule::new("type(self) == int ? self >= 0 : self.matches('^([0-9]+|([0-9]|[1-9][0-9]|100)%)$')").message("quorum must be a count (3) or a percentage (95%)"))]
+    #[schemars(extend("maxLength" = 10))]
+    pub quorum: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
     /// What must hold before the wave starts; all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]

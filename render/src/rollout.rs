@@ -396,7 +396,12 @@ fn compile_wave(
     };
     let quorum = match &w.quorum {
         None => Quorum::Percent(100),
-        Some(text) => quorum(text)?,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(text)) => {
+            quorum(text)?
+        }
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+            quorum(&n.to_string())?
+        }
     };
     let mut gates = Vec::with_capacity(w.gates.len());
     for (i, g) in w.gates.iter().enumerate() {
@@ -1094,7 +1099,11 @@ mod tests {
             ),
             (
                 vec![WaveSpec {
-                    quorum: Some("120%".into()),
+                    quorum: Some(
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                            "120%".into(),
+                        ),
+                    ),
                     ..wave("rest")
                 }],
                 "wave rest: quorum \"120%\" must be a count (3) or a percentage (95%)",

@@ -228,6 +228,10 @@ async fn crds_install_and_their_rules_reject_bad_objects() {
             "quorum must be a count (3) or a percentage (95%)",
         ),
         (
+            rollout("negative", json!([{"name": "rest", "quorum": -1}])),
+            "quorum must be a count (3) or a percentage (95%)",
+        ),
+        (
             rollout("name", json!([{"name": "Rest"}])),
             "a wave's name must be a DNS label",
         ),
@@ -263,7 +267,7 @@ async fn crds_install_and_their_rules_reject_bad_objects() {
     let good = rollout(
         "staged",
         json!([
-            {"name": "canary", "instances": ["acme"]},
+            {"name": "canary", "instances": ["acme", "globex"], "quorum": 1},
             {"name": "early", "select": "row.tier == 'internal'", "maxConcurrent": 5},
             {"name": "ten-percent", "percent": 10, "quorum": "100%", "gates": [{"approval": {}}]},
             {"name": "rest", "maxConcurrent": 50, "quorum": "95%", "gates": [
