@@ -30,8 +30,9 @@ pub const REQUESTED_ANNOTATION: &str = "kiln.dev/update-requested";
 /// The application's answer on the same object: it may be updated to the
 /// revision it names.
 pub const ACKNOWLEDGED_ANNOTATION: &str = "kiln.dev/update-acknowledged";
-/// The ConfigMap key holding the state.
-const STATE_KEY: &str = "rollout.json";
+/// The ConfigMap's `binaryData` key holding the state, gzipped JSON: the
+/// instance names of a fleet compress well, and a ConfigMap holds 1 MiB.
+const STATE_KEY: &str = "rollout.json.gz";
 /// How many compare-and-swap attempts a step makes before it gives up for
 /// this pass.
 const ATTEMPTS: usize = 3;
@@ -419,22 +420,18 @@ impl Place {
             return Ok(None);
         };
         let version = map.metadata.resource_version.clone().unwrap_or_default();
-        let text = map
-            .data
-            .as_ref()
-            .and_then(|d| d.get(STATE_KEY))
-            .ok_or_else(|| Error::InvalidPlan {
-                message: format!(
-                    "rollout state ConfigMap {}/{} has no {STATE_KEY}",
-                    self.namespace, self.name
-                ),
-            })?;
-        let stored = serde_json::from_str(text).map_err(|e| Error::InvalidPlan {
+        let wrong = |message: String| Error::InvalidPlan {
             message: format!(
-                "rollout state ConfigMap {}/{}: {STATE_KEY}: {e}",
+                "rollout state ConfigMap {}/{}: {message}",
                 self.namespace, self.name
             ),
-        })?;
+        };
+        let bytes = map
+            .binary_data
+            .as_ref()
+            .and_then(|d| d.get(STATE_KEY))
+            .ok_or_else(|| wrong(format!("no binaryData {STATE_KEY}")))?;
+        let stored = decode(&bytes.0).map_err(|e| wrong(format!("{STATE_KEY}: {e}")))?;
         Ok(Some((stored, version)))
     }
 
@@ -446,7 +443,7 @@ impl Place {
         stored: &Stored,
         version: Option<&str>,
     ) -> Result<Option<String>> {
-        let text = serde_json::to_string(stored).map_err(|e| Error::InvalidPlan {
+        let bytes = encode(stored).map_err(|e| Error::InvalidPlan {
             message: format!("rollout state: {e}"),
         })?;
         let mut map = ConfigMap::default();
@@ -456,7 +453,10 @@ impl Place {
             "app.kubernetes.io/managed-by".to_string(),
             "kiln".to_string(),
         )]));
-        map.data = Some(BTreeMap::from([(STATE_KEY.to_string(), text)]));
+        map.binary_data = Some(BTreeMap::from([(
+            STATE_KEY.to_string(),
+            k8s_openapi::ByteString(bytes),
+        )]));
         let api = self.api(cluster);
         let result = match version {
             Some(v) => {
@@ -512,6 +512,20 @@ impl Place {
             ),
         })
     }
+}
+
+/// The state as the ConfigMap keeps it: gzipped JSON.
+fn encode(stored: &Stored) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    serde_json::to_writer(&mut gz, stored)?;
+    gz.flush()?;
+    gz.finish()
+}
+
+fn decode(bytes: &[u8]) -> std::result::Result<Stored, String> {
+    let gz = flate2::read::GzDecoder::new(bytes);
+    serde_json::from_reader(gz).map_err(|e| e.to_string())
 }
 
 /// Runs one Pipeline's rollout, pass after pass.
@@ -1213,4 +1227,30 @@ pub async fn request(cluster: &Cluster, namespace: &str, name: &str, request: &s
         what: format!("annotate Pipeline {namespace}/{name}"),
         failure: crate::cluster::failure(e),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fleet of 100,000 instances mid-rollout fits a ConfigMap.
+    #[test]
+    fn the_state_of_a_large_fleet_fits_a_config_map() {
+        let mut stored = Stored::settled(Revision {
+            id: "0123456789ab".into(),
+            blueprints: Vec::new(),
+        });
+        stored.done = false;
+        for i in 0..100_000 {
+            let id = format!("tenants/tenant-{i:06}");
+            stored.members.insert(id.clone());
+            if i % 2 == 0 {
+                stored.state.instances.insert(id, Progress::Healthy);
+            }
+        }
+        let bytes = encode(&stored).unwrap();
+        assert!(bytes.len() < 512 * 1024, "{} bytes", bytes.len());
+        assert_eq!(decode(&bytes).unwrap(), stored);
+        assert!(decode(b"not gzip").is_err());
+    }
 }
