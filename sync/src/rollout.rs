@@ -628,10 +628,19 @@ impl Driver {
                 )?),
                 _ => None,
             };
+            // The resource each instance's release gate names, by its wave.
+            let mut releases: BTreeMap<String, String> = BTreeMap::new();
             if !stored.done {
                 let waves = self.waves(&stored, blueprints, rows)?;
+                for (wave, members) in self.strategy.waves.iter().zip(&waves) {
+                    if let Some(resource) = wave.gates.iter().find_map(release_of) {
+                        for m in members {
+                            releases.insert(m.clone(), resource.clone());
+                        }
+                    }
+                }
                 let world = self
-                    .observe(cluster, &stored, &rendered, old.as_ref())
+                    .observe(cluster, &stored, &rendered, old.as_ref(), &releases)
                     .await?;
                 let step: Step = stored.state.step(&self.strategy, &waves, now, &world);
                 // A gate that starts or stops holding a wave is news; a
@@ -675,7 +684,7 @@ impl Driver {
                     None => continue,
                 }
             }
-            let assembled = assemble(&stored, &rendered, old.as_ref(), &self.strategy)?;
+            let assembled = assemble(&stored, &rendered, old.as_ref(), &releases)?;
             let desired = desired::from_rendered(&assembled)?;
             let (subject, trailers) = self.message(&stored);
             self.last = Some(stored);
@@ -804,6 +813,7 @@ impl Driver {
         stored: &Stored,
         rendered: &Rendered,
         old: Option<&Rendered>,
+        releases: &BTreeMap<String, String>,
     ) -> Result<Observed> {
         let mut observed = Observed::default();
         let by_id = |r: &'_ Rendered| -> BTreeMap<String, usize> {
@@ -828,12 +838,11 @@ impl Driver {
         }
         if let Some(old) = old {
             let old_index = by_id(old);
-            let resource = self.release_resource();
             for (id, progress) in &stored.state.instances {
                 if !matches!(progress, Progress::Requested { .. }) {
                     continue;
                 }
-                let (Some(&i), Some(resource)) = (old_index.get(id), resource.as_deref()) else {
+                let (Some(&i), Some(resource)) = (old_index.get(id), releases.get(id)) else {
                     observed.released.insert(id.clone());
                     continue;
                 };
@@ -919,15 +928,6 @@ impl Driver {
             })
             .await
     }
-
-    /// The resource a release gate names, if any wave has one.
-    fn release_resource(&self) -> Option<String> {
-        self.strategy
-            .waves
-            .iter()
-            .flat_map(|w| &w.gates)
-            .find_map(release_of)
-    }
 }
 
 fn release_of(gate: &Gate) -> Option<String> {
@@ -996,7 +996,7 @@ fn assemble(
     stored: &Stored,
     rendered: &Rendered,
     old: Option<&Rendered>,
-    strategy: &Strategy,
+    releases: &BTreeMap<String, String>,
 ) -> Result<Rendered> {
     let old_by_id: BTreeMap<String, &Instance> = old
         .map(|r| {
@@ -1006,11 +1006,6 @@ fn assemble(
                 .collect()
         })
         .unwrap_or_default();
-    let release = strategy
-        .waves
-        .iter()
-        .flat_map(|w| &w.gates)
-        .find_map(release_of);
     let mut instances = Vec::with_capacity(rendered.instances.len());
     for instance in &rendered.instances {
         let id = format!("{}/{}", instance.blueprint, instance.key);
@@ -1020,8 +1015,12 @@ fn assemble(
         };
         let mut chosen = (*old).clone();
         let requested = matches!(stored.state.progress(&id), Progress::Requested { .. });
-        if let Some(resource) = release.as_deref().filter(|_| requested) {
-            for object in chosen.objects.iter_mut().filter(|o| o.resource == resource) {
+        if let Some(resource) = releases.get(&id).filter(|_| requested) {
+            for object in chosen
+                .objects
+                .iter_mut()
+                .filter(|o| o.resource == *resource)
+            {
                 let mut value = object.value()?;
                 annotate(&mut value, REQUESTED_ANNOTATION, &stored.current.id);
                 object.yaml = kiln_render::yaml::value_to_string(&value)?;
