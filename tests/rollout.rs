@@ -1199,3 +1199,88 @@ fn a_wave_short_of_full_health_opens_the_next_once_its_quorum_is_healthy() {
         );
     }
 }
+
+#[test]
+fn a_revision_arriving_mid_rollout_moves_no_instance_back() {
+    let fleet = Fleet::new(
+        "midway",
+        6,
+        concat!(
+            "    waves:\n",
+            "    - {name: canary, instances: [t000, t001], gates: [{approval: {}}]}\n",
+            "    - {name: rest, gates: [{approval: {}}]}\n",
+        ),
+    );
+    let _controller = Controller::start(&fleet.ns, BTreeMap::new());
+    let _sync = fleet.sync();
+    let v1 = fleet.wait_phase("Done", Duration::from_secs(120))["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually("6 deployments", Duration::from_secs(60), || {
+        revisions(&fleet.ns).len() == 6
+    });
+    let waits = |wave_name: &str, old: &str| {
+        eventually(
+            &format!("{wave_name} to wait for approval"),
+            Duration::from_secs(60),
+            || {
+                let status = fleet.status();
+                status["revision"] != old
+                    && status["waiting"]["wave"] == wave_name
+                    && status["waiting"]["reason"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("approval")
+            },
+        );
+        fleet.status()["revision"].as_str().unwrap().to_string()
+    };
+    let approve = || {
+        let approved = fleet.rollout("approve", &[]);
+        assert!(approved.status.success(), "{}", stderr(&approved));
+    };
+    fleet.revision("v2");
+    let v2 = waits("canary", &v1);
+    approve();
+    eventually("the canary on v2", Duration::from_secs(60), || {
+        let status = fleet.status();
+        status["waiting"]["wave"] == "rest" && wave(&status, "canary")["counts"]["healthy"] == 2
+    });
+    // v3 before the rest was approved for v2: while v3 waits for its own
+    // approval, the canary stays on v2 (nothing goes back to v1).
+    fleet.revision("v3");
+    waits("canary", &v2);
+    let status = fleet.status();
+    assert_eq!(status["previousRevision"], v1.as_str(), "{status:#}");
+    std::thread::sleep(Duration::from_secs(3));
+    for (name, (rev, generation)) in revisions(&fleet.ns) {
+        let expected = if name == "t000" || name == "t001" {
+            ("v2", 2)
+        } else {
+            ("v1", 1)
+        };
+        assert_eq!((rev.as_str(), generation), expected, "{name}");
+    }
+    approve();
+    eventually(
+        "the rest waits for approval of v3",
+        Duration::from_secs(60),
+        || {
+            let status = fleet.status();
+            status["waiting"]["wave"] == "rest" && wave(&status, "canary")["counts"]["healthy"] == 2
+        },
+    );
+    approve();
+    fleet.wait_phase("Done", Duration::from_secs(120));
+    for (name, (rev, generation)) in revisions(&fleet.ns) {
+        assert_eq!(rev, "v3", "{name}");
+        // One write per revision the instance went through.
+        let expected = if name == "t000" || name == "t001" {
+            3
+        } else {
+            2
+        };
+        assert_eq!(generation, expected, "{name} went back or twice");
+    }
+}

@@ -101,6 +101,14 @@ pub struct Stored {
     /// there when it started, of blueprints that changed.
     #[serde(default)]
     pub members: BTreeSet<String>,
+    /// Revisions other than `previous` that some members are on: a
+    /// revision that arrived mid-rollout leaves the instances the
+    /// interrupted one reached where they were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bases: Vec<Revision>,
+    /// The revision (in `bases`) of each member not on `previous`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub base_of: BTreeMap<String, String>,
     /// Where each member is.
     pub state: State,
     /// The wave that waits and why, as of the last step.
@@ -279,7 +287,17 @@ impl Stored {
         }
     }
 
-    /// Whether `instance` renders at the previous revision now.
+    /// The revision `instance` is on until the rollout reaches it.
+    pub fn base(&self, instance: &str) -> &str {
+        self.base_of
+            .get(instance)
+            .map(String::as_str)
+            .or(self.previous.as_ref().map(|p| p.id.as_str()))
+            .unwrap_or_default()
+    }
+
+    /// Whether `instance` renders at its base revision now (not reached,
+    /// asked to release, or rolled back).
     pub fn renders_previous(&self, instance: &str) -> bool {
         !self.done
             && self.previous.is_some()
@@ -535,8 +553,8 @@ pub struct Driver {
     pub strategy: Strategy,
     /// Where the state lives.
     pub place: Place,
-    /// The previous revision, compiled, by id.
-    compiled: Option<(String, std::sync::Arc<Vec<Compiled>>)>,
+    /// Earlier revisions, compiled, by id.
+    compiled: BTreeMap<String, std::sync::Arc<Vec<Compiled>>>,
     /// The state as of the last pass.
     last: Option<Stored>,
 }
@@ -564,7 +582,7 @@ impl Driver {
         Driver {
             strategy,
             place,
-            compiled: None,
+            compiled: BTreeMap::new(),
             last: None,
         }
     }
@@ -618,14 +636,30 @@ impl Driver {
                 }
             };
             let before = stored.clone();
-            let previous = self.previous(&stored)?;
-            let old = match &previous {
-                Some(old) if !stored.done => Some(render::render(
-                    old,
-                    config,
-                    &member_rows(&stored, old, rows),
-                    true,
-                )?),
+            let old = match &stored.previous {
+                Some(previous) if !stored.done => {
+                    let mut old = Rendered {
+                        blueprints: Vec::new(),
+                        instances: Vec::new(),
+                        scopes: None,
+                    };
+                    for revision in std::iter::once(previous).chain(&stored.bases) {
+                        let compiled = self.compiled_of(revision)?;
+                        let part = render::render(
+                            &compiled,
+                            config,
+                            &member_rows(&stored, &compiled, rows, &revision.id),
+                            true,
+                        )?;
+                        old.instances.extend(part.instances);
+                        for b in part.blueprints {
+                            if !old.blueprints.contains(&b) {
+                                old.blueprints.push(b);
+                            }
+                        }
+                    }
+                    Some(old)
+                }
                 _ => None,
             };
             // The resource each instance's release gate names, by its wave.
@@ -705,9 +739,11 @@ impl Driver {
         })
     }
 
-    /// A new rollout of `current`, replacing what `stored` rolled out: the
-    /// previous revision is the last one every instance reached (a
-    /// revision that arrives mid-rollout rolls from there again).
+    /// A new rollout of `current`, replacing what `stored` rolled out.
+    /// After a finished rollout every instance is on its revision, which
+    /// becomes the previous one. Mid-rollout, each instance stays on the
+    /// revision it is on (the interrupted one for those it reached, else
+    /// theirs) until the new rollout reaches it: nothing goes back.
     fn start(
         &self,
         stored: Stored,
@@ -715,58 +751,94 @@ impl Driver {
         blueprints: &[Compiled],
         rows: &BTreeMap<String, Vec<Row>>,
     ) -> Stored {
-        let previous = if stored.done || stored.previous.is_none() {
-            stored.current
-        } else {
-            stored.previous.unwrap_or_default()
+        let mid = !stored.done && stored.previous.is_some();
+        let previous = match &stored.previous {
+            Some(previous) if mid => previous.clone(),
+            _ => stored.current.clone(),
         };
-        let mut members = BTreeSet::new();
-        for blueprint in blueprints {
-            let changed = previous
-                .digest_of(&blueprint.name)
-                .is_some_and(|d| d != blueprint.digest);
-            if !changed {
-                continue;
-            }
-            for row in rows.get(&blueprint.spec.source).into_iter().flatten() {
-                if row.active {
-                    members.insert(format!("{}/{}", blueprint.name, row.key));
+        let mut base_of: BTreeMap<String, String> = BTreeMap::new();
+        if mid {
+            for m in &stored.members {
+                let reached = matches!(
+                    stored.state.progress(m),
+                    Progress::Updating { .. } | Progress::Healthy | Progress::Failed { .. }
+                );
+                let base = if reached {
+                    stored.current.id.as_str()
+                } else {
+                    stored.base(m)
+                };
+                if base != previous.id {
+                    base_of.insert(m.clone(), base.to_string());
                 }
             }
         }
+        let known: Vec<&Revision> = std::iter::once(&stored.current)
+            .chain(&stored.bases)
+            .collect();
+        let revision = |id: &str| {
+            if id == previous.id {
+                Some(&previous)
+            } else {
+                known.iter().copied().find(|r| r.id == id)
+            }
+        };
+        let mut members = BTreeSet::new();
+        for blueprint in blueprints {
+            for row in rows.get(&blueprint.spec.source).into_iter().flatten() {
+                if !row.active {
+                    continue;
+                }
+                let id = format!("{}/{}", blueprint.name, row.key);
+                let base = base_of
+                    .get(&id)
+                    .map_or(previous.id.as_str(), String::as_str);
+                let changed = revision(base)
+                    .and_then(|r| r.digest_of(&blueprint.name))
+                    .is_some_and(|d| d != blueprint.digest);
+                if changed {
+                    members.insert(id);
+                } else {
+                    base_of.remove(&id);
+                }
+            }
+        }
+        base_of.retain(|id, _| members.contains(id));
+        let used: BTreeSet<&String> = base_of.values().collect();
+        let bases = used
+            .into_iter()
+            .filter_map(|id| revision(id).cloned())
+            .collect();
         let done = members.is_empty();
         Stored {
             state: State::new(&current.id),
             current,
             previous: Some(previous),
             members,
+            bases,
+            base_of,
             done,
             ..Stored::default()
         }
     }
 
-    /// The previous revision's blueprints, compiled once per revision.
-    fn previous(&mut self, stored: &Stored) -> Result<Option<std::sync::Arc<Vec<Compiled>>>> {
-        let Some(previous) = &stored.previous else {
-            return Ok(None);
-        };
-        if let Some((id, compiled)) = &self.compiled
-            && *id == previous.id
-        {
-            return Ok(Some(compiled.clone()));
+    /// An earlier revision's blueprints, compiled once per revision.
+    fn compiled_of(&mut self, revision: &Revision) -> Result<std::sync::Arc<Vec<Compiled>>> {
+        if let Some(compiled) = self.compiled.get(&revision.id) {
+            return Ok(compiled.clone());
         }
         let origin = format!(
             "rollout state ConfigMap {}/{}, revision {}",
-            self.place.namespace, self.place.name, previous.id
+            self.place.namespace, self.place.name, revision.id
         );
-        let compiled = previous
+        let compiled = revision
             .blueprints
             .iter()
             .map(|s| s.compile(&origin))
             .collect::<kiln_render::Result<Vec<_>>>()?;
         let compiled = std::sync::Arc::new(compiled);
-        self.compiled = Some((previous.id.clone(), compiled.clone()));
-        Ok(Some(compiled))
+        self.compiled.insert(revision.id.clone(), compiled.clone());
+        Ok(compiled)
     }
 
     /// Each wave's members as the rows are now, in update order.
@@ -964,23 +1036,23 @@ fn condition_key(c: &ConditionGate) -> String {
 }
 
 /// The rows of `old`'s blueprints' sources, keeping only the rollout's
-/// members' rows (each blueprint renders only its members; a source two
-/// blueprints read is filtered by the union, and the other's extra
-/// instances are dropped in [`assemble`]).
+/// members on `revision` (a source two blueprints read is filtered by the
+/// union; [`assemble`] takes only what each instance needs).
 fn member_rows(
     stored: &Stored,
     old: &[Compiled],
     rows: &BTreeMap<String, Vec<Row>>,
+    revision: &str,
 ) -> BTreeMap<String, Vec<Row>> {
     let mut kept: BTreeMap<String, Vec<Row>> = BTreeMap::new();
     for blueprint in old {
-        let Some(source_rows) = rows.get(&blueprint.spec.source) else {
-            continue;
-        };
         let entry = kept.entry(blueprint.spec.source.clone()).or_default();
-        for row in source_rows {
+        for row in rows.get(&blueprint.spec.source).into_iter().flatten() {
             let id = format!("{}/{}", blueprint.name, row.key);
-            if stored.members.contains(&id) && !entry.iter().any(|r| r.key == row.key) {
+            if stored.members.contains(&id)
+                && stored.base(&id) == revision
+                && !entry.iter().any(|r| r.key == row.key)
+            {
                 entry.push(row.clone());
             }
         }
