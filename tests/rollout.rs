@@ -24,6 +24,8 @@ struct Fleet {
     dir: tempfile::TempDir,
     ns: String,
     count: usize,
+    /// Where the running `kiln sync` serves its metrics.
+    metrics: Mutex<String>,
 }
 
 impl Fleet {
@@ -31,7 +33,12 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let ns = kiln_testenv::unique_name(hint);
         kubectl_ok(&["create", "namespace", &ns]);
-        let fleet = Fleet { dir, ns, count };
+        let fleet = Fleet {
+            dir,
+            ns,
+            count,
+            metrics: Mutex::new(String::new()),
+        };
         let rows: String = (0..count)
             .map(|i| {
                 let tier = if i % 10 == 3 { "internal" } else { "pro" };
@@ -103,16 +110,37 @@ impl Fleet {
 
     fn sync_with(&self, extra: &[&str]) -> Running {
         let log = std::fs::File::create(self.path("sync.log")).unwrap();
-        common::kiln_command()
-            .arg("sync")
-            .args(self.args())
-            .args(extra)
+        let mut command = common::kiln_command();
+        command.arg("sync").args(self.args()).args(extra);
+        match extra.iter().position(|a| *a == "--metrics-addr") {
+            Some(i) => *self.metrics.lock().unwrap() = extra[i + 1].to_string(),
+            None => {
+                let addr = common::free_addr();
+                command.args(["--metrics-addr", &addr]);
+                *self.metrics.lock().unwrap() = addr;
+            }
+        }
+        command
             .env("KILN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map(Running::new)
             .unwrap()
+    }
+
+    /// Waits for `n` more passes of the running `kiln sync` (each renders
+    /// once): what a check that nothing moved waits for, instead of a
+    /// sleep that proves nothing when the loop was slow.
+    fn passes(&self, n: u32) {
+        let addr = self.metrics.lock().unwrap().clone();
+        let count = || common::metric(&addr, "kiln_render_duration_seconds_count").unwrap_or(0.0);
+        let start = count();
+        eventually(
+            &format!("{n} more passes of kiln sync"),
+            Duration::from_secs(60),
+            || count() >= start + f64::from(n),
+        );
     }
 
     fn log(&self) -> String {
@@ -442,7 +470,7 @@ fn a_template_change_rolls_out_wave_by_wave_within_its_bounds_and_gates() {
     );
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("approval is for the revision"));
-    std::thread::sleep(Duration::from_secs(3));
+    fleet.passes(2);
     assert!(
         deployments(&fleet.ns)
             .iter()
@@ -607,7 +635,7 @@ fn a_failed_instance_rolls_back_the_updating_ones_and_pauses_until_resumed_or_ab
     }
     assert_eq!(common::metric(&addr, "kiln_rollout_wave"), Some(2.0));
     // Paused, it stays where it is.
-    std::thread::sleep(Duration::from_secs(3));
+    fleet.passes(2);
     check_paused();
     assert_eq!(fleet.status()["phase"], "Paused");
 
@@ -713,7 +741,7 @@ fn gates_hold_their_waves_until_the_application_answers_the_condition_holds_and_
         },
     );
     assert_eq!(fleet.status()["revision"], revision.as_str());
-    std::thread::sleep(Duration::from_secs(3));
+    fleet.passes(2);
     assert_eq!(
         revisions(&fleet.ns)["t000"].0,
         "v1",
@@ -728,7 +756,7 @@ fn gates_hold_their_waves_until_the_application_answers_the_condition_holds_and_
         &fleet.ns,
         "kiln.dev/update-acknowledged=someother",
     ]);
-    std::thread::sleep(Duration::from_secs(3));
+    fleet.passes(2);
     assert_eq!(revisions(&fleet.ns)["t000"].0, "v1");
     kubectl_ok(&[
         "annotate",
@@ -1190,7 +1218,7 @@ fn a_wave_short_of_full_health_opens_the_next_once_its_quorum_is_healthy() {
                     .contains("1 of 2 instances healthy")
         },
     );
-    std::thread::sleep(Duration::from_secs(3));
+    stuck.passes(2);
     for key in ["t002", "t003"] {
         assert_eq!(
             revisions(&stuck.ns)[key].0,
@@ -1253,7 +1281,7 @@ fn a_revision_arriving_mid_rollout_moves_no_instance_back() {
     waits("canary", &v2);
     let status = fleet.status();
     assert_eq!(status["previousRevision"], v1.as_str(), "{status:#}");
-    std::thread::sleep(Duration::from_secs(3));
+    fleet.passes(2);
     for (name, (rev, generation)) in revisions(&fleet.ns) {
         let expected = if name == "t000" || name == "t001" {
             ("v2", 2)
