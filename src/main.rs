@@ -33,7 +33,27 @@ pub enum Outcome {
     Differences,
 }
 
+/// A reader that stops early (`kiln render | head`) closes the pipe: stop
+/// quietly with the exit code of a command ended by SIGPIPE (141), as
+/// other tools do, instead of a panic's "failed printing to stdout".
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let default_log = cli.command.default_log();
     tracing_subscriber::fmt()
@@ -53,6 +73,7 @@ fn main() -> ExitCode {
     match cli.command.run() {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
         Ok(Outcome::Differences) => ExitCode::from(1),
+        Err(error) if error.is::<commands::StdoutClosed>() => ExitCode::from(141),
         Err(error) => {
             eprintln!("error: {}", commands::one_line(&error));
             ExitCode::from(2)

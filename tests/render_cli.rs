@@ -1305,3 +1305,30 @@ fn render_git_refuses_a_pipeline_with_a_rollout_rather_than_commit_every_instanc
     // Rendering to stdout or a directory is what it was: no rollout there.
     assert!(kiln(&["render", "-f", d]).status.success());
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_render_quietly() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::tenants(
+        dir.path(),
+        "pipe",
+        3000,
+        "  - id: cm\n    template: |\n      apiVersion: v1\n      kind: ConfigMap\n      metadata: {name: settings}\n      data: {tenant: \"{{ key }}\"}\n",
+    );
+    let mut child = common::kiln_command()
+        .args(["render", "-f", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -c 100`: read a little, then close the pipe.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 100];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let message = stderr(&out);
+    assert!(!message.contains("panicked"), "{message}");
+    assert_eq!(out.status.code(), Some(141), "{message}");
+}

@@ -21,13 +21,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let mut command = crate::cli();
     let mut out = std::io::stdout().lock();
     clap_complete::generate(args.shell, &mut command, "kiln", &mut out);
-    out.flush()?;
+    super::to_stdout(out.flush())?;
     Ok(Outcome::Clean)
 }
 
 pub fn man(_: &ManArgs) -> anyhow::Result<Outcome> {
     let mut out = std::io::stdout().lock();
-    clap_mangen::Man::new(crate::cli()).render(&mut out)?;
-    out.flush()?;
+    super::to_stdout(clap_mangen::Man::new(crate::cli()).render(&mut out))?;
+    super::to_stdout(out.flush())?;
     Ok(Outcome::Clean)
 }

@@ -10,6 +10,6 @@ pub struct Args {}
 
 pub fn run(_args: &Args) -> anyhow::Result<Outcome> {
     let text = kiln_render::api::crds_yaml()?;
-    std::io::stdout().write_all(text.as_bytes())?;
+    super::to_stdout(std::io::stdout().write_all(text.as_bytes()))?;
     Ok(Outcome::Clean)
 }

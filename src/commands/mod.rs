@@ -208,3 +208,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()?)
 }
+
+/// The reader of stdout went away (`kiln render | head`): not an error to
+/// report; the command ends as one ended by SIGPIPE does.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// A write to stdout's result: a closed pipe becomes [`StdoutClosed`].
+pub fn to_stdout<T>(result: std::io::Result<T>) -> anyhow::Result<T> {
+    result.map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => anyhow::Error::new(StdoutClosed),
+        _ => anyhow::Error::new(e),
+    })
+}

@@ -291,8 +291,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     .any(|name| names_instance(name, &i.blueprint, &i.key))
         });
         for object in shown.flat_map(|i| &i.objects) {
-            stdout.write_all(b"---\n")?;
-            stdout.write_all(object.yaml.as_bytes())?;
+            super::to_stdout(stdout.write_all(b"---\n"))?;
+            super::to_stdout(stdout.write_all(object.yaml.as_bytes()))?;
         }
         return Ok(Outcome::Clean);
     };
