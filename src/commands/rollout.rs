@@ -522,17 +522,23 @@ fn print_status(status: &Value) {
                 parts.push(format!("{n} {phase}"));
             }
         }
+        let count = wave["instances"].as_u64().unwrap_or_default();
         println!(
-            "wave {} {}: {} instances ({}), {} healthy needed",
+            "wave {} {}: {count} {} ({}), {} healthy needed{}",
             i + 1,
             wave["name"].as_str().unwrap_or_default(),
-            wave["instances"],
+            if count == 1 { "instance" } else { "instances" },
             if parts.is_empty() {
                 "none".to_string()
             } else {
                 parts.join(", ")
             },
-            wave["healthyNeeded"]
+            wave["healthyNeeded"],
+            if wave["approved"] == true {
+                ", approved"
+            } else {
+                ""
+            }
         );
     }
     let back: Vec<&str> = status["rolledBack"]

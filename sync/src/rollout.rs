@@ -611,6 +611,7 @@ impl Driver {
         now: i64,
     ) -> Result<Pass> {
         let current = Revision::of(blueprints);
+        tracing::debug!(revision = %current.id, "rollout pass");
         let rendered = render::render(blueprints, config, rows, true)?;
         let mut events = Vec::new();
         for _ in 0..ATTEMPTS {
@@ -677,8 +678,8 @@ impl Driver {
                     .observe(cluster, &stored, &rendered, old.as_ref(), &releases)
                     .await?;
                 let step: Step = stored.state.step(&self.strategy, &waves, now, &world);
-                // A gate that starts or stops holding a wave is news; a
-                // quorum's count moving is not.
+                // A gate that starts holding a wave is news; a quorum
+                // being reached is not.
                 let kind = |w: &Option<(String, String)>| {
                     w.as_ref().map(|(wave, why)| {
                         (wave.clone(), why.replace(|c: char| c.is_ascii_digit(), ""))
@@ -687,6 +688,7 @@ impl Driver {
                 if kind(&step.waiting) != kind(&stored.waiting)
                     && let Some((wave, why)) = &step.waiting
                     && !wave.is_empty()
+                    && !why.contains("(quorum ")
                 {
                     events.push(format!("wave {wave} waits: {why}"));
                 }
