@@ -532,6 +532,15 @@ impl Place {
     }
 }
 
+/// Runs a render where it cannot hold up the loop's other tasks (on a
+/// runtime with several workers, this one steps aside for the while).
+fn cpu<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 /// The state as the ConfigMap keeps it: gzipped JSON.
 fn encode(stored: &Stored) -> std::io::Result<Vec<u8>> {
     use std::io::Write as _;
@@ -612,7 +621,7 @@ impl Driver {
     ) -> Result<Pass> {
         let current = Revision::of(blueprints);
         tracing::debug!(revision = %current.id, "rollout pass");
-        let rendered = render::render(blueprints, config, rows, true)?;
+        let rendered = cpu(|| render::render(blueprints, config, rows, true))?;
         let mut events = Vec::new();
         for _ in 0..ATTEMPTS {
             events.clear();
@@ -646,12 +655,14 @@ impl Driver {
                     };
                     for revision in std::iter::once(previous).chain(&stored.bases) {
                         let compiled = self.compiled_of(revision)?;
-                        let part = render::render(
-                            &compiled,
-                            config,
-                            &member_rows(&stored, &compiled, rows, &revision.id),
-                            true,
-                        )?;
+                        let part = cpu(|| {
+                            render::render(
+                                &compiled,
+                                config,
+                                &member_rows(&stored, &compiled, rows, &revision.id),
+                                true,
+                            )
+                        })?;
                         old.instances.extend(part.instances);
                         for b in part.blueprints {
                             if !old.blueprints.contains(&b) {
