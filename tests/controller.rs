@@ -1108,6 +1108,79 @@ fn a_pipeline_with_git_commits_pushes_over_the_network_and_then_applies() {
 }
 
 #[test]
+fn through_git_the_controller_commits_a_rollout_step_by_step() {
+    let daemon = GitDaemon::start();
+    let url = daemon.repository("fleet.git");
+    let bare = daemon.path("fleet.git");
+    let scene = Scene::new("ctlgitroll");
+    let rows = tempfile::tempdir().unwrap();
+    let file = rows.path().join("rows.yaml");
+    std::fs::write(
+        &file,
+        "- {id: a}\n- {id: b}\n- {id: c}\n- {id: d}\n- {id: e}\n",
+    )
+    .unwrap();
+    rollout_configuration(&scene, &file, "v1");
+    apply(&scene.pipeline(
+        "main",
+        &format!(
+            "{{git: {{url: \"{url}\", branch: main}}, rollout: {{waves: [{{name: canary, instances: [a]}}, {{name: rest, maxConcurrent: 2}}]}}}}"
+        ),
+    ));
+    let addr = free_addr();
+    let mut controller = scene.controller(&addr, &[]);
+    let rollout = || scene.status("main")["rollout"].clone();
+    eventually(
+        "the first revision committed and applied",
+        Duration::from_secs(60),
+        || rollout()["phase"] == "Done" && scene.condition("main", "Ready").0 == "True",
+    );
+    let before = common::git(&bare, &["rev-parse", "main"]);
+    let v1 = rollout()["revision"].as_str().unwrap().to_string();
+    rollout_configuration(&scene, &file, "v2");
+    eventually("v2 rolled out", Duration::from_secs(120), || {
+        let r = rollout();
+        r["revision"] != v1.as_str() && r["phase"] == "Done"
+    });
+    let v2 = rollout()["revision"].as_str().unwrap().to_string();
+    // The remote's history: the canary alone, then the rest two at a time,
+    // each commit carrying the rollout.
+    let log = common::git(
+        &bare,
+        &["rev-list", "--reverse", &format!("{before}..main")],
+    );
+    let commits: Vec<&str> = log.lines().collect();
+    assert_eq!(commits.len(), 3, "canary, two, two: {log}");
+    let on_v2 = |commit: &str| -> Vec<String> {
+        ["a", "b", "c", "d", "e"]
+            .iter()
+            .filter(|k| {
+                common::git(&bare, &["show", &format!("{commit}:app/{k}/plan.yaml")])
+                    .contains("rev: v2")
+            })
+            .map(|k| k.to_string())
+            .collect()
+    };
+    assert_eq!(on_v2(commits[0]), ["a"]);
+    assert_eq!(on_v2(commits[1]).len(), 3);
+    assert_eq!(on_v2(commits[2]).len(), 5);
+    for commit in &commits {
+        let message = common::git(&bare, &["log", "-1", "--format=%B", commit]);
+        assert!(
+            message.contains(&format!("Kiln-Rollout: {v2}")),
+            "{message}"
+        );
+    }
+    for key in ["a", "b", "c", "d", "e"] {
+        assert_eq!(
+            scene.config_map_data(&format!("plan-{key}")).unwrap()["rev"],
+            "v2"
+        );
+    }
+    controller.terminate();
+}
+
+#[test]
 fn a_pipeline_that_leaves_applying_to_others_only_commits() {
     let daemon = GitDaemon::start();
     let url = daemon.repository("fleet.git");
