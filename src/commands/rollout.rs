@@ -125,10 +125,15 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
 }
 
-fn run_plan(args: &PlanArgs) -> anyhow::Result<Outcome> {
-    let config = args.config.load()?;
-    let Some(pipeline) = target::pipeline(&config, args.config.pipeline.as_deref())?.cloned()
-    else {
+/// The Pipeline (`--pipeline`, or the only one) and its checked strategy.
+fn strategy_of(
+    config: &kiln_render::config::Config,
+    wanted: Option<&str>,
+) -> anyhow::Result<(
+    kiln_render::config::Named<kiln_render::api::PipelineSpec>,
+    Strategy,
+)> {
+    let Some(pipeline) = target::pipeline(config, wanted)?.cloned() else {
         anyhow::bail!("the configuration has no Pipeline: a rollout is a Pipeline's spec.rollout");
     };
     let Some(strategy) = Strategy::of(&pipeline, &config.blueprints_of(&pipeline))? else {
@@ -137,6 +142,12 @@ fn run_plan(args: &PlanArgs) -> anyhow::Result<Outcome> {
             pipeline.name
         );
     };
+    Ok((pipeline, strategy))
+}
+
+fn run_plan(args: &PlanArgs) -> anyhow::Result<Outcome> {
+    let config = args.config.load()?;
+    let (pipeline, strategy) = strategy_of(&config, args.config.pipeline.as_deref())?;
     let loaded = super::render::read(config, &args.config)?;
     let instances = loaded.instances();
     let waves = strategy.assign(&instances).map_err(|e| {
@@ -268,16 +279,7 @@ fn change(
     change: impl Fn(&mut Stored, &Strategy) -> Result<Option<String>, String>,
 ) -> anyhow::Result<Outcome> {
     let config = args.config.load()?;
-    let Some(pipeline) = target::pipeline(&config, args.config.pipeline.as_deref())?.cloned()
-    else {
-        anyhow::bail!("the configuration has no Pipeline: a rollout is a Pipeline's spec.rollout");
-    };
-    let Some(strategy) = Strategy::of(&pipeline, &config.blueprints_of(&pipeline))? else {
-        anyhow::bail!(
-            "Pipeline {} has no spec.rollout: every instance is updated in one pass",
-            pipeline.name
-        );
-    };
+    let (pipeline, strategy) = strategy_of(&config, args.config.pipeline.as_deref())?;
     let options = args.cluster.options(&pipeline.name)?;
     let place = Place::of(&options.inventory_namespace, &options.inventory);
     let at = |e: &dyn std::fmt::Display| {
@@ -319,16 +321,7 @@ fn change(
 fn status_from_git(args: &StatusArgs) -> anyhow::Result<Outcome> {
     use kiln_render::git::history;
     let config = args.state.config.load()?;
-    let Some(pipeline) = target::pipeline(&config, args.state.config.pipeline.as_deref())?.cloned()
-    else {
-        anyhow::bail!("the configuration has no Pipeline: a rollout is a Pipeline's spec.rollout");
-    };
-    let Some(strategy) = Strategy::of(&pipeline, &config.blueprints_of(&pipeline))? else {
-        anyhow::bail!(
-            "Pipeline {} has no spec.rollout: every instance is updated in one pass",
-            pipeline.name
-        );
-    };
+    let (pipeline, strategy) = strategy_of(&config, args.state.config.pipeline.as_deref())?;
     let target = target::resolve(&args.git, Some(&pipeline))?;
     let records = target.history(1000)?;
     let trailer = |r: &history::Record, key: &str| {

@@ -395,14 +395,8 @@ impl Reconciler {
             .await?;
         let elapsed = started.elapsed();
         self.metrics.rendered(elapsed);
-        if let Some(stored) = driver.last() {
-            let waves: Vec<String> = driver
-                .strategy
-                .waves
-                .iter()
-                .map(|w| w.name.clone())
-                .collect();
-            self.metrics.rollout(stored.figures(&waves));
+        if let Some(figures) = driver.figures() {
+            self.metrics.rollout(figures);
         }
         let mut events = vec![rendered_event(&pass.rendered, elapsed)];
         events.extend(pass.events.into_iter().map(Event::Rollout));

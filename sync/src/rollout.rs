@@ -603,6 +603,20 @@ impl Driver {
         self.last.as_ref()
     }
 
+    /// The Pipeline status's view of the rollout, as of the last pass.
+    pub fn status(&self) -> Option<kiln_render::api::RolloutStatus> {
+        Some(self.last.as_ref()?.status(&self.wave_names()))
+    }
+
+    /// The rollout's metrics, as of the last pass.
+    pub fn figures(&self) -> Option<crate::metrics::Rollout> {
+        Some(self.last.as_ref()?.figures(&self.wave_names()))
+    }
+
+    fn wave_names(&self) -> Vec<String> {
+        self.strategy.waves.iter().map(|w| w.name.clone()).collect()
+    }
+
     /// Whether the rollout is under way: the loop should pass again soon
     /// even when nothing changes.
     pub fn active(&self) -> bool {

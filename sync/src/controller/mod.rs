@@ -672,13 +672,7 @@ impl Context {
         }
         if let Some(driver) = s.reconciler.rollout() {
             s.stepped = Some(Instant::now());
-            let waves: Vec<String> = driver
-                .strategy
-                .waves
-                .iter()
-                .map(|w| w.name.clone())
-                .collect();
-            pass.rollout = driver.last().map(|stored| stored.status(&waves));
+            pass.rollout = driver.status();
         }
         pass.commit_only = pipeline.spec.apply == Some(false);
         let applied = if pass.commit_only {
