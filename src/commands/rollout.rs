@@ -92,36 +92,29 @@ struct PlanArgs {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    match &args.verb {
-        Verb::Plan(plan) => run_plan(plan),
-        Verb::Status(a) if a.state.controller.is_some() => through_pipeline(&a.state, None),
-        Verb::Pause(a) | Verb::Resume(a) | Verb::Abort(a) if a.controller.is_some() => {
-            let command = match &args.verb {
-                Verb::Pause(_) => Command::Pause,
-                Verb::Resume(_) => Command::Resume,
-                _ => Command::Abort,
-            };
-            through_pipeline(a, Some(command))
+    let (state, asked) = match &args.verb {
+        Verb::Plan(plan) => return run_plan(plan),
+        Verb::Status(a) if a.git.repo.is_some() && a.state.controller.is_none() => {
+            return status_from_git(a);
         }
-        Verb::Approve(a) if a.state.controller.is_some() => through_pipeline(
+        Verb::Status(a) => (&a.state, None),
+        Verb::Pause(a) => (a, Some(Command::Pause)),
+        Verb::Resume(a) => (a, Some(Command::Resume)),
+        Verb::Abort(a) => (a, Some(Command::Abort)),
+        Verb::Approve(a) => (
             &a.state,
             Some(Command::Approve {
                 wave: a.wave.clone(),
                 revision: a.revision.clone(),
             }),
         ),
-        Verb::Status(a) if a.git.repo.is_some() => status_from_git(a),
-        Verb::Status(a) => change(&a.state, |_, _| Ok(None)),
-        Verb::Pause(a) => command(a, Command::Pause),
-        Verb::Resume(a) => command(a, Command::Resume),
-        Verb::Abort(a) => command(a, Command::Abort),
-        Verb::Approve(a) => command(
-            &a.state,
-            Command::Approve {
-                wave: a.wave.clone(),
-                revision: a.revision.clone(),
-            },
-        ),
+    };
+    match asked {
+        _ if state.controller.is_some() => through_pipeline(state, asked),
+        None => change(state, |_, _| Ok(None)),
+        Some(asked) => change(state, |stored, strategy| {
+            asked.apply(stored, strategy).map(Some)
+        }),
     }
 }
 
@@ -262,13 +255,6 @@ fn through_pipeline(args: &StateArgs, command: Option<Command>) -> anyhow::Resul
         }
     }
     Ok(Outcome::Clean)
-}
-
-/// Carries out `command` on the rollout's state.
-fn command(args: &StateArgs, command: Command) -> anyhow::Result<Outcome> {
-    change(args, |stored, strategy| {
-        command.apply(stored, strategy).map(Some)
-    })
 }
 
 /// Loads the Pipeline's strategy and the rollout's state, applies
