@@ -482,6 +482,30 @@ fn a_template_change_rolls_out_wave_by_wave_within_its_bounds_and_gates() {
     assert!(approved.status.success(), "{}", stderr(&approved));
     let done = fleet.wait_phase("Done", Duration::from_secs(300));
     assert_eq!(done["revision"], v2.as_str());
+    // Done, with the same rows: a pass (started by an edit of one of
+    // Kiln's objects) applies without rendering or stepping again.
+    let addr = fleet.metrics.lock().unwrap().clone();
+    let count = |name: &str| common::metric(&addr, name).unwrap_or(0.0);
+    let (renders, applies) = (
+        count("kiln_render_duration_seconds_count"),
+        count("kiln_apply_duration_seconds_count"),
+    );
+    kubectl_ok(&[
+        "label",
+        "deployment",
+        "t000",
+        "-n",
+        &fleet.ns,
+        "touched=yes",
+    ]);
+    eventually("a pass after the edit", Duration::from_secs(30), || {
+        count("kiln_apply_duration_seconds_count") > applies
+    });
+    assert_eq!(
+        count("kiln_render_duration_seconds_count"),
+        renders,
+        "a finished rollout rendered again with nothing changed"
+    );
 
     // Every instance went to v2 exactly once: one spec change each.
     let now = deployments(&fleet.ns);

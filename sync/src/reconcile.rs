@@ -386,6 +386,14 @@ impl Reconciler {
         let Some(driver) = self.rollout.as_mut() else {
             return Ok(Vec::new());
         };
+        // A finished rollout and the same rows and configuration: nothing
+        // can move, so nothing is rendered or stepped (as without one).
+        let plain = Inputs::digest(&self.blueprints, &self.config, &self.rows);
+        let settled = driver.last().is_some() && !driver.active();
+        if settled && self.desired.is_some() && self.inputs.as_ref() == Some(&plain) {
+            self.settle_tip(false).await?;
+            return Ok(Vec::new());
+        }
         let started = Instant::now();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -405,6 +413,7 @@ impl Reconciler {
             options.prune = !self.settings.no_prune;
             crate::guard::check_cluster(cluster, &options, &pass.desired).await?;
             self.desired = Some(Arc::new(pass.desired));
+            self.inputs = Some(plain);
             return Ok(events);
         };
         // Through Git, each step that moves instances is a commit of the
@@ -413,7 +422,7 @@ impl Reconciler {
         if !self.settings.allow_plaintext_secrets {
             publish::check_secrets(&pass.assembled)?;
         }
-        let mut inputs = Inputs::digest(&self.blueprints, &self.config, &self.rows);
+        let mut inputs = plain.clone();
         if let Some(state) = pass.trailers.last() {
             // A half-rolled tree is not the render of these inputs.
             use sha2::Digest as _;
@@ -447,6 +456,7 @@ impl Reconciler {
         events.extend(outcome.events);
         // Committing fetched the remote already.
         self.settle_tip(true).await?;
+        self.inputs = Some(plain);
         Ok(events)
     }
 
