@@ -60,6 +60,28 @@ fn apply(yaml: &str) {
     );
 }
 
+/// The API server's answer while a new admission policy binding has not
+/// seen its parameters yet (`parameterNotFoundAction: Deny`): the policy is
+/// not in effect yet, which says nothing about the object.
+const PARAMS_NOT_SEEN: &str = "no params found for policy binding";
+
+/// [`apply`] of objects a new admission policy covers: tried again while
+/// the policy has not seen its parameters yet.
+fn apply_admitted(yaml: &str) {
+    let mut last = None;
+    eventually(
+        "the admission policy's parameters",
+        Duration::from_secs(30),
+        || {
+            let out = kubectl_stdin(&["apply", "--server-side", "-f", "-"], yaml);
+            let waiting = !out.status.success() && stderr(&out).contains(PARAMS_NOT_SEEN);
+            last = Some(out);
+            !waiting
+        },
+    );
+    ok(last.unwrap(), &format!("kubectl apply\n{yaml}"));
+}
+
 /// Whether the API server admits `yaml` (a dry run: nothing is stored),
 /// and what it said.
 fn admits(yaml: &str) -> (bool, String) {
@@ -73,8 +95,9 @@ fn refusal(yaml: &str) -> String {
     let mut said = String::new();
     eventually("a refusal", Duration::from_secs(30), || {
         let (admitted, message) = admits(yaml);
+        let waiting = message.contains(PARAMS_NOT_SEEN);
         said = message;
-        !admitted
+        !admitted && !waiting
     });
     said
 }
@@ -330,7 +353,7 @@ fn the_installed_chart_runs_the_controller_with_its_rights_only() {
                 .collect::<String>()
         )
     };
-    apply(&format!(
+    apply_admitted(&format!(
         "apiVersion: kiln.dev/v1alpha1\nkind: Source\nmetadata: {{name: rows, namespace: {tenant}}}\n\
          spec: {{url: \"file:{}\", key: id, interval: 1s}}\n---\n{}",
         rows.display(),

@@ -165,6 +165,7 @@ impl Cluster {
             cluster.kubectl_quiet(&["get", "--raw", "/readyz"])
         })?;
         cluster.throttle_limited_identity(&dir)?;
+        cluster.keep_config_map_params(&dir)?;
 
         let log = dir.join("kube-controller-manager.log");
         spawn(
@@ -253,6 +254,43 @@ impl Cluster {
         let log = dir.join("limited-flowcontrol.log");
         process::run(
             "kubectl apply (FlowSchema of the limited identity)",
+            self.kubectl()
+                .args(["apply", "--server-side", "-f"])
+                .arg(&manifest),
+            &log,
+        )
+    }
+
+    /// Keeps one admission policy binding with ConfigMap parameters bound
+    /// for the server's lifetime (matching nothing). kube-apiserver stops
+    /// its informer of a built-in parameter kind once no binding uses it,
+    /// and a policy bound later reuses the stopped informer: every request
+    /// it matches is then denied with "no params found" until a restart
+    /// (kubernetes/kubernetes#130887). Without this, the chart's policy
+    /// works once per server and fails in the next run that shares it.
+    fn keep_config_map_params(&self, dir: &Path) -> Result<()> {
+        let manifest = dir.join("keep-params.yaml");
+        write(
+            &manifest,
+            "apiVersion: admissionregistration.k8s.io/v1\n\
+             kind: ValidatingAdmissionPolicy\n\
+             metadata: {name: kiln-testenv-keep-params}\n\
+             spec:\n  failurePolicy: Ignore\n  paramKind: {apiVersion: v1, kind: ConfigMap}\n  \
+             matchConstraints:\n    resourceRules:\n    \
+             - {apiGroups: [\"\"], apiVersions: [v1], operations: [CREATE], resources: [configmaps]}\n  \
+             validations:\n  - expression: \"true\"\n\
+             ---\n\
+             apiVersion: admissionregistration.k8s.io/v1\n\
+             kind: ValidatingAdmissionPolicyBinding\n\
+             metadata: {name: kiln-testenv-keep-params}\n\
+             spec:\n  policyName: kiln-testenv-keep-params\n  validationActions: [Deny]\n  \
+             paramRef: {name: kiln-testenv-keep-params, namespace: default, parameterNotFoundAction: Allow}\n  \
+             matchResources:\n    namespaceSelector:\n      \
+             matchExpressions: [{key: kiln-testenv/matches-nothing, operator: Exists}]\n",
+        )?;
+        let log = dir.join("keep-params.log");
+        process::run(
+            "kubectl apply (the binding that keeps ConfigMap parameters served)",
             self.kubectl()
                 .args(["apply", "--server-side", "-f"])
                 .arg(&manifest),
