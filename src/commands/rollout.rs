@@ -1,6 +1,7 @@
 //! `kiln rollout`: a Pipeline's progressive rollout (`spec.rollout`).
 
 use kiln_render::rollout::{Gate, Progress, Strategy, Take, Wave};
+use kiln_sync::metrics::ROLLOUT_INSTANCE_PHASES;
 use kiln_sync::rollout::{Command, Place, Stored};
 use serde_json::{Value, json};
 
@@ -406,14 +407,10 @@ fn status(
         .iter()
         .zip(&waves)
         .map(|(wave, members)| {
-            let mut counts = std::collections::BTreeMap::from([
-                ("pending", 0),
-                ("requested", 0),
-                ("updating", 0),
-                ("healthy", 0),
-                ("failed", 0),
-                ("rolledBack", 0),
-            ]);
+            let mut counts: std::collections::BTreeMap<&str, u64> = ROLLOUT_INSTANCE_PHASES
+                .iter()
+                .map(|phase| (*phase, 0))
+                .collect();
             for m in members {
                 let id = format!("{}/{}", m.blueprint, m.row.key);
                 let phase = match stored.state.progress(&id) {
@@ -489,14 +486,7 @@ fn print_status(status: &Value) {
     for (i, wave) in status["waves"].as_array().into_iter().flatten().enumerate() {
         let counts = &wave["counts"];
         let mut parts = Vec::new();
-        for phase in [
-            "pending",
-            "requested",
-            "updating",
-            "healthy",
-            "failed",
-            "rolledBack",
-        ] {
+        for phase in ROLLOUT_INSTANCE_PHASES {
             if let Some(n) = counts[phase].as_u64().filter(|n| *n > 0) {
                 parts.push(format!("{n} {phase}"));
             }
