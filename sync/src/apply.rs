@@ -136,7 +136,7 @@ pub async fn read_live(
                 format!("{INVENTORY_LABEL}={inventory}"),
                 format!("{ORPHANED_LABEL}=true"),
             ] {
-                for object in list_where(cluster, &kind, &namespaces, &selector).await? {
+                list_where(cluster, &kind, &namespaces, &selector, |object| {
                     let identity = identity_of(&object, &kind);
                     if let Some(d) = wanted.get(&identity) {
                         let object = if compact && crate::plan::settled(d, &object) {
@@ -151,7 +151,8 @@ pub async fn read_live(
                         };
                         found.insert(identity, object);
                     }
-                }
+                })
+                .await?;
             }
             // A few objects not labelled as Kiln's may still exist (made by
             // someone else): look them up so that the plan says so.
@@ -188,40 +189,47 @@ async fn list_where(
     kind: &crate::cluster::Kind,
     namespaces: &HashSet<&str>,
     selector: &str,
-) -> Result<Vec<Value>> {
+    mut each: impl FnMut(Value),
+) -> Result<()> {
     if namespaces.len() > 1 {
-        match cluster.list(kind, None, selector).await {
+        match cluster
+            .list_each(kind, None, Some(selector), None, &mut each)
+            .await
+        {
             Err(Error::Api { failure, .. }) if failure.is_forbidden() => {}
             other => return other,
         }
     }
-    let mut all = Vec::new();
     for namespace in namespaces {
-        match cluster.list(kind, Some(namespace), selector).await {
-            Ok(objects) => all.extend(objects),
+        match cluster
+            .list_each(kind, Some(namespace), Some(selector), None, &mut each)
+            .await
+        {
+            Ok(()) => {}
             Err(Error::Api { failure, .. }) if failure.is_forbidden() => {
                 tracing::debug!(namespace, kind = %kind.resource.kind, "not allowed to list");
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(all)
+    Ok(())
 }
 
 fn normalise_namespace(desired: &mut Desired, namespaced: bool) {
-    let Some(metadata) = desired
-        .object
-        .get_mut("metadata")
-        .and_then(Value::as_object_mut)
-    else {
-        return;
-    };
     if namespaced && desired.identity.namespace.is_empty() {
-        desired.identity.namespace = "default".into();
-        metadata.insert("namespace".into(), "default".into());
+        desired.own().identity.namespace = "default".into();
+        desired.edit(|object| {
+            if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+                metadata.insert("namespace".into(), "default".into());
+            }
+        });
     } else if !namespaced && !desired.identity.namespace.is_empty() {
-        desired.identity.namespace.clear();
-        metadata.remove("namespace");
+        desired.own().identity.namespace.clear();
+        desired.edit(|object| {
+            if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+                metadata.remove("namespace");
+            }
+        });
     }
 }
 
@@ -253,11 +261,14 @@ pub async fn execute(
         live,
         mut inventory,
     } = prepared;
-    let inventoried: HashSet<Identity> = inventory
-        .entries
-        .iter()
-        .map(|e| e.identity.clone())
-        .collect();
+    // Whether each step's object was in the inventory before this apply.
+    let inventoried: Vec<bool> = {
+        let before: HashSet<&Identity> = inventory.entries.iter().map(|e| &e.identity).collect();
+        plan.steps
+            .iter()
+            .map(|s| before.contains(&s.desired.identity))
+            .collect()
+    };
     // The uids Kiln recorded after writing: an object keeps its own until
     // Kiln writes it again.
     let known: HashMap<&Identity, &str> = inventory
@@ -278,9 +289,11 @@ pub async fn execute(
     let retries_before = cluster.retries();
     // Record first what this apply may create, so that a crash leaves no
     // object Kiln made but does not know of.
-    let mut before: Vec<Entry> = desired_entries.clone();
-    before.extend(inventory.entries.iter().cloned());
-    inventory.write(cluster, before).await?;
+    let known = std::mem::take(&mut inventory.entries);
+    let before: Vec<&Entry> = desired_entries.iter().chain(&known).collect();
+    let recorded = inventory.record(cluster, before).await;
+    inventory.entries = known;
+    recorded?;
 
     let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let count = plan.steps.len();
@@ -331,9 +344,15 @@ pub async fn execute(
                 continue;
             }
             let live = live.get(&step.desired.identity);
-            let missing_drift = options.detect_only
-                && step.action == Action::Create
-                && inventoried.contains(&step.desired.identity);
+            // Nothing to write, wait for or adopt: done here, without a
+            // task (a resync of a large tree holds no task per object).
+            if step.action == Action::Unchanged && !step.wait && !step.adopt {
+                let uid = live.and_then(LiveObject::uid).map(str::to_string);
+                done.push((i, not_run(Status::Unchanged, String::new()), uid));
+                continue;
+            }
+            let missing_drift =
+                options.detect_only && step.action == Action::Create && inventoried[i];
             let semaphore = semaphore.clone();
             running.push(async move {
                 let (outcome, uid) = run_step(

@@ -23,6 +23,25 @@ use crate::{Error, Result};
 /// restart), overloaded (429) or failing (5xx).
 const RETRY_FOR: Duration = Duration::from_secs(120);
 
+/// A page of a list, its items unparsed.
+#[derive(serde::Deserialize)]
+struct Page {
+    #[serde(default)]
+    metadata: PageMetadata,
+    #[serde(default)]
+    items: Option<Vec<Box<serde_json::value::RawValue>>>,
+}
+
+#[derive(Default, serde::Deserialize)]
+struct PageMetadata {
+    #[serde(rename = "continue")]
+    next: Option<String>,
+}
+
+/// Objects per page of a list: a page is parsed whole, so this bounds what
+/// a list holds in memory at once.
+const LIST_PAGE: u32 = 500;
+
 /// An API request that failed for good, with the server's answer kept:
 /// the caller asks what it was.
 #[derive(Debug)]
@@ -401,9 +420,17 @@ impl Cluster {
         &self,
         build: impl Fn() -> Result<http::Request<Vec<u8>>, kube::core::request::Error>,
     ) -> Result<Value, kube::Error> {
+        self.send_as(build).await
+    }
+
+    /// Sends what `build` makes, retried; the answer read as `T`.
+    async fn send_as<T: serde::de::DeserializeOwned>(
+        &self,
+        build: impl Fn() -> Result<http::Request<Vec<u8>>, kube::core::request::Error>,
+    ) -> Result<T, kube::Error> {
         retry(&self.retries, || async {
             let request = build().map_err(kube::Error::BuildRequest)?;
-            self.client.request::<Value>(request).await
+            self.client.request::<T>(request).await
         })
         .await
     }
@@ -428,33 +455,50 @@ impl Cluster {
         labels: Option<&str>,
         fields: Option<&str>,
     ) -> Result<Vec<Value>> {
-        let requests = Self::requests(kind, namespace.unwrap_or_default());
         let mut objects = Vec::new();
+        self.list_each(kind, namespace, labels, fields, |o| objects.push(o))
+            .await?;
+        Ok(objects)
+    }
+
+    /// Hands each object of `kind` matching the selectors to `each` as its
+    /// page arrives, so that a caller keeping little of each holds one page
+    /// at a time, not the whole list.
+    pub async fn list_each(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        labels: Option<&str>,
+        fields: Option<&str>,
+        mut each: impl FnMut(Value),
+    ) -> Result<()> {
+        let requests = Self::requests(kind, namespace.unwrap_or_default());
         let mut token: Option<String> = None;
         loop {
             let params = ListParams {
                 label_selector: labels.map(str::to_string),
                 field_selector: fields.map(str::to_string),
-                limit: Some(1000),
+                limit: Some(LIST_PAGE),
                 continue_token: token.clone(),
                 ..ListParams::default()
             };
-            let mut page = self
-                .send(|| requests.list(&params))
-                .await
-                .map_err(|e| Error::Api {
-                    what: format!("list {}", kind.resource.plural),
-                    failure: classify(e),
-                })?;
-            token = page["metadata"]["continue"]
-                .as_str()
-                .filter(|t| !t.is_empty())
-                .map(str::to_string);
-            if let Some(Value::Array(items)) = page.get_mut("items").map(Value::take) {
-                objects.extend(items.into_iter().map(|o| value(o, kind)));
+            // Each item stays text until its turn: a page of parsed
+            // objects takes several times the memory of the page.
+            let page: Page =
+                self.send_as(|| requests.list(&params))
+                    .await
+                    .map_err(|e| Error::Api {
+                        what: format!("list {}", kind.resource.plural),
+                        failure: classify(e),
+                    })?;
+            token = page.metadata.next.filter(|t| !t.is_empty());
+            for item in page.items.into_iter().flatten() {
+                if let Ok(object) = serde_json::from_str::<Value>(item.get()) {
+                    each(value(object, kind));
+                }
             }
             if token.is_none() {
-                return Ok(objects);
+                return Ok(());
             }
         }
     }

@@ -38,15 +38,24 @@ impl fmt::Display for Owner {
     }
 }
 
-/// One object to apply.
+/// One object to apply. A clone shares the object (the desired state a
+/// sync loop keeps and the copy an apply works on are one in memory).
 #[derive(Debug, Clone)]
-pub struct Desired {
+pub struct Desired(std::sync::Arc<Object>);
+
+/// What [`Desired`] holds.
+#[derive(Debug, Clone)]
+pub struct Object {
     /// Group, kind, namespace and name.
     pub identity: Identity,
     /// The object's `apiVersion`.
     pub api_version: String,
-    /// The object as rendered.
-    pub object: Value,
+    /// The object as rendered, as compact JSON: a parsed object takes
+    /// several times the memory, and most objects of a resync are only
+    /// compared by digest. [`Desired::object`] parses it.
+    json: Box<str>,
+    /// For a CustomResourceDefinition, the group and kind it defines.
+    pub defines: Option<Box<(String, String)>>,
     /// Where it comes from.
     pub owner: Owner,
     /// Its dependencies and policies.
@@ -55,6 +64,14 @@ pub struct Desired {
     pub digest: String,
     /// The file it was read from, for messages.
     pub origin: String,
+}
+
+impl std::ops::Deref for Desired {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        &self.0
+    }
 }
 
 impl Desired {
@@ -121,8 +138,18 @@ impl Desired {
                 .to_string(),
         };
         let policies = Policies::from_annotations(annotations).map_err(invalid)?;
-        let digest = digest(&object);
-        Ok(Self {
+        let defines = kiln_render::manifest::is_crd(map)
+            .then(|| {
+                let spec = &map.get("spec")?;
+                Some(Box::new((
+                    spec["group"].as_str()?.to_string(),
+                    spec["names"]["kind"].as_str()?.to_string(),
+                )))
+            })
+            .flatten();
+        let json = serde_json::to_string(&object).unwrap_or_default();
+        let digest = digest_of(json.as_bytes());
+        Ok(Self(std::sync::Arc::new(Object {
             identity: Identity {
                 group: group_of(&api_version).to_string(),
                 kind,
@@ -130,18 +157,38 @@ impl Desired {
                 name,
             },
             api_version,
-            object,
+            json: json.into_boxed_str(),
+            defines,
             owner,
             policies,
             digest,
             origin: origin.to_string(),
-        })
+        })))
+    }
+
+    /// The object as rendered.
+    pub fn object(&self) -> Value {
+        serde_json::from_str(&self.json).unwrap_or_default()
+    }
+
+    /// Changes the object (what the digest was taken of stays).
+    pub fn edit(&mut self, change: impl FnOnce(&mut Value)) {
+        let mut object = self.object();
+        change(&mut object);
+        self.own().json = serde_json::to_string(&object)
+            .unwrap_or_default()
+            .into_boxed_str();
+    }
+
+    /// This object's own copy, to change.
+    pub fn own(&mut self) -> &mut Object {
+        std::sync::Arc::make_mut(&mut self.0)
     }
 
     /// The body to send: the object with the digest annotation and the
     /// label of the inventory that applies it.
     pub fn body(&self, inventory: &str) -> Value {
-        let mut body = self.object.clone();
+        let mut body = self.object();
         if let Some(metadata) = body.get_mut("metadata").and_then(Value::as_object_mut) {
             for (field, key, value) in [
                 ("annotations", DIGEST_ANNOTATION, &self.digest),
@@ -167,8 +214,11 @@ impl Desired {
 /// SHA-256 of an object's JSON, shortened: what decides whether an applied
 /// object is still what was rendered.
 pub fn digest(object: &Value) -> String {
-    let bytes = serde_json::to_vec(object).unwrap_or_default();
-    let hash = sha2::Sha256::digest(&bytes);
+    digest_of(&serde_json::to_vec(object).unwrap_or_default())
+}
+
+fn digest_of(json: &[u8]) -> String {
+    let hash = sha2::Sha256::digest(json);
     hash.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 

@@ -103,13 +103,13 @@ impl Entry {
 }
 
 /// The shards' texts by ConfigMap name, for `entries` spread over at least
-/// `at_least` shards.
-pub fn encode(name: &str, entries: &[Entry], at_least: usize) -> BTreeMap<String, String> {
-    let lines: Vec<(u64, String)> = entries
-        .iter()
-        .map(|e| (fnv(&e.identity), e.line()))
-        .collect();
-    let bytes: usize = lines.iter().map(|(_, l)| l.len() + 1).sum();
+/// `at_least` shards. One shard's lines are held at a time.
+pub fn encode<E: std::borrow::Borrow<Entry>>(
+    name: &str,
+    entries: &[E],
+    at_least: usize,
+) -> BTreeMap<String, String> {
+    let bytes: usize = entries.iter().map(|e| e.borrow().line().len() + 1).sum();
     let needed = bytes.div_ceil(SHARD_BYTES).max(1).next_power_of_two();
     // Keep the count while it fits, so that a small change rewrites one
     // shard; shrink only when far too many.
@@ -118,14 +118,18 @@ pub fn encode(name: &str, entries: &[Entry], at_least: usize) -> BTreeMap<String
     } else {
         needed
     };
-    let mut shards: Vec<Vec<&str>> = vec![Vec::new(); count];
-    for (hash, line) in &lines {
-        shards[(*hash % count as u64) as usize].push(line);
+    let mut shards: Vec<Vec<u32>> = vec![Vec::new(); count];
+    for (i, entry) in entries.iter().enumerate() {
+        shards[(fnv(&entry.borrow().identity) % count as u64) as usize].push(i as u32);
     }
     shards
         .into_iter()
         .enumerate()
-        .map(|(i, mut lines)| {
+        .map(|(i, members)| {
+            let mut lines: Vec<String> = members
+                .into_iter()
+                .map(|m| entries[m as usize].borrow().line())
+                .collect();
             lines.sort_unstable();
             let mut text = lines.join("\n");
             if !text.is_empty() {
@@ -211,10 +215,29 @@ impl Inventory {
     /// and deleting shards no longer used. Returns how many were written.
     /// Of two entries for one object, the first given is kept.
     pub async fn write(&mut self, cluster: &Cluster, mut entries: Vec<Entry>) -> Result<usize> {
-        let cluster = cluster.home();
         entries.sort_by(|a, b| a.identity.cmp(&b.identity));
         entries.dedup_by(|later, first| later.identity == first.identity);
-        let shards = encode(&self.name, &entries, self.stored.len());
+        let writes = self.store(cluster, &entries).await?;
+        self.entries = entries;
+        Ok(writes)
+    }
+
+    /// Writes `entries` as [`Inventory::write`] does, but leaves
+    /// [`Inventory::entries`] as they were: for a record made before the
+    /// writes, without copying every entry.
+    pub async fn record(&mut self, cluster: &Cluster, mut entries: Vec<&Entry>) -> Result<usize> {
+        entries.sort_by(|a, b| a.identity.cmp(&b.identity));
+        entries.dedup_by(|later, first| later.identity == first.identity);
+        self.store(cluster, &entries).await
+    }
+
+    async fn store<E: std::borrow::Borrow<Entry>>(
+        &mut self,
+        cluster: &Cluster,
+        entries: &[E],
+    ) -> Result<usize> {
+        let cluster = cluster.home();
+        let shards = encode(&self.name, entries, self.stored.len());
         let mut writes = 0;
         if shards.iter().any(|(n, t)| self.stored.get(n) != Some(t)) {
             cluster.ensure_namespace(&self.namespace).await?;
@@ -245,7 +268,6 @@ impl Inventory {
             }
         }
         self.stored = shards;
-        self.entries = entries;
         Ok(writes)
     }
 }

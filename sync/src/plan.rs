@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use kiln_render::api::CreationPolicy;
-use kiln_render::manifest::{Identity, is_crd};
+use kiln_render::manifest::Identity;
 use serde_json::Value;
 
 use crate::compare::holds;
@@ -175,7 +175,7 @@ impl Plan {
                     .is_some_and(|l| !l["metadata"]["labels"][ORPHANED_LABEL].is_null());
                 let action = action(&desired, current);
                 let wait = desired.policies.wait_for_ready
-                    || (has_dependents[i] && is_crd_value(&desired.object));
+                    || (has_dependents[i] && desired.defines.is_some());
                 Step {
                     desired,
                     action: if adopt && action == Action::Unchanged {
@@ -270,10 +270,6 @@ impl Plan {
     }
 }
 
-fn is_crd_value(object: &Value) -> bool {
-    object.as_object().is_some_and(is_crd)
-}
-
 /// Each object's dependencies, as indices: `dependsOn` within its instance,
 /// the Namespace it lives in, the CRD that defines its kind.
 fn dependencies(desired: &[Desired]) -> Vec<Vec<usize>> {
@@ -288,13 +284,8 @@ fn dependencies(desired: &[Desired]) -> Vec<Vec<usize>> {
         if d.identity.group.is_empty() && d.identity.kind == "Namespace" {
             namespaces.insert(&d.identity.name, i);
         }
-        if is_crd_value(&d.object)
-            && let (Some(group), Some(kind)) = (
-                d.object["spec"]["group"].as_str(),
-                d.object["spec"]["names"]["kind"].as_str(),
-            )
-        {
-            crds.insert((group, kind), i);
+        if let Some(defines) = &d.defines {
+            crds.insert((&defines.0, &defines.1), i);
         }
     }
     desired
@@ -382,7 +373,7 @@ fn action_on(desired: &Desired, live: &Value) -> Action {
     if applied != Some(desired.digest.as_str()) {
         return Action::Update;
     }
-    if holds(&desired.object, live, &desired.policies.ignore_fields) {
+    if holds(&desired.object(), live, &desired.policies.ignore_fields) {
         Action::Unchanged
     } else {
         Action::Drift

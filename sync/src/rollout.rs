@@ -1206,7 +1206,7 @@ async fn instance_health(cluster: &Cluster, instance: &Instance) -> Result<Healt
         // (ArgoCD, Flux): every field it renders holds.
         let written = live["metadata"]["annotations"][DIGEST_ANNOTATION].as_str()
             == Some(wanted.digest.as_str())
-            || crate::compare::holds(&wanted.object, &live, &wanted.policies.ignore_fields);
+            || crate::compare::holds(&wanted.object(), &live, &wanted.policies.ignore_fields);
         if !written {
             progressing = true;
             continue;
