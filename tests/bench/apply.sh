@@ -28,56 +28,7 @@ trap 'rm -rf "$work"; tests/env down >/dev/null 2>&1 || true' EXIT
 run=$(date +%s | tail -c 5)
 
 config() { # prefix: a configuration whose instances live in <prefix>-<key>
-  mkdir -p "$work/$1"
-  seq 1 "$N" | awk '{ printf "- {id: t%d, greeting: hello}\n", $1 }' > "$work/$1/rows.yaml"
-  cat > "$work/$1/kiln.yaml" <<YAML
-apiVersion: kiln.dev/v1alpha1
-kind: Source
-metadata: {name: rows}
-spec: {url: "file:rows.yaml", key: id}
----
-apiVersion: kiln.dev/v1alpha1
-kind: Blueprint
-metadata: {name: bench}
-spec:
-  source: rows
-  namespace: "$1-{{ key }}"
-  resources:
-  - id: namespace
-    template: |
-      apiVersion: v1
-      kind: Namespace
-      metadata: {name: "$1-{{ key }}"}
-YAML
-  for i in 1 2 3; do cat >> "$work/$1/kiln.yaml" <<YAML
-  - id: config-$i
-    dependsOn: [namespace]
-    template: |
-      apiVersion: v1
-      kind: ConfigMap
-      metadata: {name: config-$i}
-      data: {greeting: "{{ row.greeting }}", index: "$i"}
-  - id: service-$i
-    dependsOn: [namespace]
-    template: |
-      apiVersion: v1
-      kind: Service
-      metadata: {name: web-$i}
-      spec: {ports: [{port: 80, targetPort: 8080}], selector: {app: web-$i}}
-  - id: app-$i
-    dependsOn: [config-$i]
-    template: |
-      apiVersion: apps/v1
-      kind: Deployment
-      metadata: {name: web-$i}
-      spec:
-        replicas: 0
-        selector: {matchLabels: {app: web-$i}}
-        template:
-          metadata: {labels: {app: web-$i}}
-          spec: {containers: [{name: web, image: "nginx:1.27"}]}
-YAML
-  done
+  tests/bench/fleet.sh "$work/$1" "$N" "$1"
 }
 
 writes() { # writes (dry-runs included) the API server has answered so far
