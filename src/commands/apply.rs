@@ -115,7 +115,7 @@ fn print_report(report: &apply::Report, format: Format) -> anyhow::Result<()> {
                 .map(|o| {
                     serde_json::json!({
                         "status": format!("{:?}", o.status).to_lowercase(),
-                        "object": o.object,
+                        "object": o.object(),
                         "detail": o.detail,
                     })
                 })

@@ -22,7 +22,7 @@ use crate::health::{Health, health};
 use crate::inventory::{Entry, Inventory};
 use crate::plan::{Action, Live, LiveObject, ORPHANED_LABEL, Plan, Prune, Step};
 use crate::prune::{ORPHANED_AT, ORPHANED_REASON, prune};
-pub use crate::report::{Outcome, Report, Status};
+pub use crate::report::{Outcome, Report, Status, Subject};
 use crate::{Error, Result};
 
 /// How an apply runs.
@@ -62,10 +62,8 @@ impl Default for Options {
 /// Everything an apply reads before it decides.
 #[derive(Debug)]
 pub struct Prepared {
-    /// The plan.
+    /// The plan, with the live objects it was made from.
     pub plan: Plan,
-    /// The live objects the plan was made from.
-    pub live: Live,
     /// The inventory as read.
     pub inventory: Inventory,
 }
@@ -80,12 +78,8 @@ pub async fn prepare(
         Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
     crate::guard::check_apply(options, &inventory.entries, &desired)?;
     let live = read_live(cluster, &mut desired, &options.inventory, true).await?;
-    let plan = Plan::new(desired, &live, &inventory.entries, options.prune)?;
-    Ok(Prepared {
-        plan,
-        live,
-        inventory,
-    })
+    let plan = Plan::new(desired, live, &inventory.entries, options.prune)?;
+    Ok(Prepared { plan, inventory })
 }
 
 /// Reads the live state of `desired`, setting the namespace of namespaced
@@ -126,20 +120,18 @@ pub async fn read_live(
     let reads = by_kind.iter().filter_map(|(key, indices)| {
         let kind = kinds.get(key).cloned().flatten()?;
         Some(async move {
-            let wanted: HashMap<&Identity, &Desired> = indices
-                .iter()
-                .map(|&i| (&desired[i].identity, &desired[i]))
-                .collect();
+            let wanted: HashMap<&Identity, usize> =
+                indices.iter().map(|&i| (&desired[i].identity, i)).collect();
             let namespaces: HashSet<&str> = wanted.keys().map(|i| i.namespace.as_str()).collect();
-            let mut found = Live::new();
+            let mut found: Vec<(usize, LiveObject)> = Vec::new();
             for selector in [
                 format!("{INVENTORY_LABEL}={inventory}"),
                 format!("{ORPHANED_LABEL}=true"),
             ] {
                 list_where(cluster, &kind, &namespaces, &selector, |object| {
                     let identity = identity_of(&object, &kind);
-                    if let Some(d) = wanted.get(&identity) {
-                        let object = if compact && crate::plan::settled(d, &object) {
+                    if let Some(&i) = wanted.get(&identity) {
+                        let object = if compact && crate::plan::settled(&desired[i], &object) {
                             LiveObject::Settled {
                                 uid: object["metadata"]["uid"]
                                     .as_str()
@@ -149,32 +141,36 @@ pub async fn read_live(
                         } else {
                             LiveObject::Read(object)
                         };
-                        found.insert(identity, object);
+                        found.push((i, object));
                     }
                 })
                 .await?;
             }
             // A few objects not labelled as Kiln's may still exist (made by
             // someone else): look them up so that the plan says so.
-            let missing: Vec<&&Identity> =
-                wanted.keys().filter(|i| !found.contains_key(**i)).collect();
+            let listed: HashSet<usize> = found.iter().map(|(i, _)| *i).collect();
+            let missing: Vec<(&&Identity, &usize)> =
+                wanted.iter().filter(|(_, i)| !listed.contains(i)).collect();
             if missing.len() <= 50 {
-                for identity in missing {
+                for (identity, &i) in missing {
                     if let Ok(Some(object)) = cluster
                         .get(&kind, &identity.namespace, &identity.name)
                         .await
                     {
-                        found.insert((*identity).clone(), LiveObject::Read(object));
+                        found.push((i, LiveObject::Read(object)));
                     }
                 }
             }
             Ok::<_, Error>(found)
         })
     });
-    let mut live = Live::new();
+    let mut live: Live = Vec::new();
+    live.resize_with(desired.len(), || None);
     let mut reads: FuturesUnordered<_> = reads.collect();
     while let Some(found) = reads.next().await {
-        live.extend(found?);
+        for (i, object) in found? {
+            live[i] = Some(object);
+        }
     }
     Ok(live)
 }
@@ -258,7 +254,6 @@ pub async fn execute(
 ) -> Result<Report> {
     let Prepared {
         plan,
-        live,
         mut inventory,
     } = prepared;
     // Whether each step's object was in the inventory before this apply.
@@ -323,8 +318,7 @@ pub async fn execute(
             let step = &plan.steps[i];
             let not_run = |status: Status, detail: String| Outcome {
                 status,
-                object: step.desired.label(),
-                owner: step.desired.owner.clone(),
+                subject: Subject::Desired(step.desired.clone()),
                 detail,
             };
             if *stop.borrow() {
@@ -343,7 +337,7 @@ pub async fn execute(
                 done.push((i, not_run(Status::Skipped, why), None));
                 continue;
             }
-            let live = live.get(&step.desired.identity);
+            let live = step.live.as_ref();
             // Nothing to write, wait for or adopt: done here, without a
             // task (a resync of a large tree holds no task per object).
             if step.action == Action::Unchanged && !step.wait && !step.adopt {
@@ -558,8 +552,7 @@ async fn run_step(
     let outcome = |status: Status, detail: String| {
         let outcome = Outcome {
             status,
-            object: desired.label(),
-            owner: desired.owner.clone(),
+            subject: Subject::Desired(desired.clone()),
             detail,
         };
         (outcome, None)
@@ -670,8 +663,7 @@ async fn run_step(
     let outcome = |status: Status, detail: String| {
         let outcome = Outcome {
             status,
-            object: desired.label(),
-            owner: desired.owner.clone(),
+            subject: Subject::Desired(desired.clone()),
             detail,
         };
         (outcome, uid.clone())

@@ -63,7 +63,8 @@ pub async fn detect(
         .enumerate()
         .map(|(i, d)| {
             let live = live
-                .get(&d.identity)
+                .get(i)
+                .and_then(Option::as_ref)
                 .and_then(crate::plan::LiveObject::object);
             let semaphore = &semaphore;
             async move {

@@ -13,7 +13,7 @@
 //! take 64 shards of about 180 KiB, far from the 1 MiB limit of an object.
 //! Only shards whose text changes are written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use kiln_render::manifest::Identity;
 use serde_json::json;
@@ -140,15 +140,35 @@ pub fn encode<E: std::borrow::Borrow<Entry>>(
         .collect()
 }
 
+/// Keeps the first entry given for each object, sorted by identity. (A
+/// stable sort would do it in one step, with a copy of the entries' size.)
+fn first_of_each<E: std::borrow::Borrow<Entry>>(entries: &mut Vec<E>) {
+    let keep: Vec<bool> = {
+        let mut seen = HashSet::with_capacity(entries.len());
+        entries
+            .iter()
+            .map(|e| seen.insert(&e.borrow().identity))
+            .collect()
+    };
+    let mut keep = keep.into_iter();
+    entries.retain(|_| keep.next().unwrap_or(false));
+    entries.sort_unstable_by(|a, b| a.borrow().identity.cmp(&b.borrow().identity));
+}
+
 /// Parses the shards' texts back.
-pub fn decode<'t>(texts: impl IntoIterator<Item = &'t String>) -> Result<Vec<Entry>, String> {
-    let mut entries = Vec::new();
+pub fn decode<'t>(
+    texts: impl IntoIterator<Item = &'t String, IntoIter: Clone>,
+) -> Result<Vec<Entry>, String> {
+    let texts = texts.into_iter();
+    let count = texts.clone().map(|t| t.lines().count()).sum();
+    let mut entries = Vec::with_capacity(count);
     for text in texts {
         for line in text.lines().filter(|l| !l.is_empty()) {
             entries.push(Entry::parse(line).ok_or_else(|| format!("unreadable line {line:?}"))?);
         }
     }
-    entries.sort();
+    // Unstable: a stable sort takes a copy of the entries' size.
+    entries.sort_unstable();
     entries.dedup();
     Ok(entries)
 }
@@ -215,8 +235,7 @@ impl Inventory {
     /// and deleting shards no longer used. Returns how many were written.
     /// Of two entries for one object, the first given is kept.
     pub async fn write(&mut self, cluster: &Cluster, mut entries: Vec<Entry>) -> Result<usize> {
-        entries.sort_by(|a, b| a.identity.cmp(&b.identity));
-        entries.dedup_by(|later, first| later.identity == first.identity);
+        first_of_each(&mut entries);
         let writes = self.store(cluster, &entries).await?;
         self.entries = entries;
         Ok(writes)
@@ -226,8 +245,7 @@ impl Inventory {
     /// [`Inventory::entries`] as they were: for a record made before the
     /// writes, without copying every entry.
     pub async fn record(&mut self, cluster: &Cluster, mut entries: Vec<&Entry>) -> Result<usize> {
-        entries.sort_by(|a, b| a.identity.cmp(&b.identity));
-        entries.dedup_by(|later, first| later.identity == first.identity);
+        first_of_each(&mut entries);
         self.store(cluster, &entries).await
     }
 

@@ -67,6 +67,8 @@ pub struct Step {
     pub wait: bool,
     /// It carries an orphan marker from an earlier Retain: remove it.
     pub adopt: bool,
+    /// The object as it is in the cluster, if it exists.
+    pub live: Option<LiveObject>,
 }
 
 /// An object of the inventory that left the tree.
@@ -121,8 +123,9 @@ impl LiveObject {
     }
 }
 
-/// Live state the plan is made from: the desired objects that exist.
-pub type Live = HashMap<Identity, LiveObject>;
+/// Live state the plan is made from: for each desired object, in the same
+/// order, what exists of it.
+pub type Live = Vec<Option<LiveObject>>;
 
 /// Whether `live` needs nothing: unchanged, nobody waits on it, no orphan
 /// marker. Such objects need not be kept in memory; their uid stands for
@@ -137,10 +140,11 @@ impl Plan {
     /// Decides every step. `prune` false leaves objects that left the tree.
     pub fn new(
         desired: Vec<Desired>,
-        live: &Live,
+        mut live: Live,
         inventory: &[Entry],
         prune: bool,
     ) -> Result<Self> {
+        live.resize_with(desired.len(), || None);
         let dependencies = dependencies(&desired);
         let waves = waves(&desired, &dependencies)?;
         let mut has_dependents = vec![false; desired.len()];
@@ -167,13 +171,14 @@ impl Plan {
         let mut steps: Vec<Step> = desired
             .into_iter()
             .zip(dependencies)
+            .zip(live)
             .enumerate()
-            .map(|(i, (desired, dependencies))| {
-                let current = live.get(&desired.identity);
+            .map(|(i, ((desired, dependencies), current))| {
                 let adopt = current
+                    .as_ref()
                     .and_then(LiveObject::object)
                     .is_some_and(|l| !l["metadata"]["labels"][ORPHANED_LABEL].is_null());
-                let action = action(&desired, current);
+                let action = action(&desired, current.as_ref());
                 let wait = desired.policies.wait_for_ready
                     || (has_dependents[i] && desired.defines.is_some());
                 Step {
@@ -187,6 +192,7 @@ impl Plan {
                     dependencies,
                     wait,
                     adopt,
+                    live: current,
                 }
             })
             .collect();
@@ -435,7 +441,7 @@ mod tests {
 
     #[test]
     fn waves_follow_depends_on_and_namespaces() {
-        let plan = Plan::new(tree(), &Live::new(), &[], true).unwrap();
+        let plan = Plan::new(tree(), Live::new(), &[], true).unwrap();
         let order: Vec<(usize, &str, &Action)> = plan
             .steps
             .iter()
@@ -458,26 +464,25 @@ mod tests {
         let desired = tree();
         let mut live: Live = desired
             .iter()
-            .map(|d| (d.identity.clone(), LiveObject::Read(live_of(d))))
+            .map(|d| Some(LiveObject::Read(live_of(d))))
             .collect();
-        let plan = Plan::new(desired.clone(), &live, &[], true).unwrap();
+        let plan = Plan::new(desired.clone(), live.clone(), &[], true).unwrap();
         assert!(
             plan.steps.iter().all(|s| s.action == Action::Unchanged),
             "{:?}",
             plan.lines()
         );
 
-        let config = &desired[1].identity;
-        if let Some(LiveObject::Read(object)) = live.get_mut(config) {
+        if let Some(LiveObject::Read(object)) = &mut live[1] {
             object["data"]["k"] = "edited".into();
         }
-        let plan = Plan::new(desired.clone(), &live, &[], true).unwrap();
+        let plan = Plan::new(desired.clone(), live.clone(), &[], true).unwrap();
         assert_eq!(plan.counts()["drift"], 1);
 
-        if let Some(LiveObject::Read(object)) = live.get_mut(config) {
+        if let Some(LiveObject::Read(object)) = &mut live[1] {
             object["metadata"]["annotations"][DIGEST_ANNOTATION] = "old".into();
         }
-        let plan = Plan::new(desired, &live, &[], true).unwrap();
+        let plan = Plan::new(desired, live, &[], true).unwrap();
         assert_eq!(plan.counts()["update"], 1);
     }
 
@@ -502,7 +507,7 @@ mod tests {
             entry("old", 1, false),
             entry("kept", 2, true),
         ];
-        let plan = Plan::new(desired.clone(), &Live::new(), &inventory, true).unwrap();
+        let plan = Plan::new(desired.clone(), Live::new(), &inventory, true).unwrap();
         let names: Vec<(&str, bool)> = plan
             .prune
             .iter()
@@ -510,7 +515,7 @@ mod tests {
             .collect();
         assert_eq!(names, [("kept", true), ("old", false)]);
         assert!(
-            Plan::new(desired, &Live::new(), &inventory, false)
+            Plan::new(desired, Live::new(), &inventory, false)
                 .unwrap()
                 .prune
                 .is_empty()
@@ -529,9 +534,9 @@ mod tests {
         );
         let live: Live = desired
             .iter()
-            .map(|d| (d.identity.clone(), LiveObject::Read(live_of(d))))
+            .map(|d| Some(LiveObject::Read(live_of(d))))
             .collect();
-        let plan = Plan::new(desired, &live, &[], true).unwrap();
+        let plan = Plan::new(desired, live, &[], true).unwrap();
         assert!(matches!(plan.steps[1].action, Action::Skip(_)));
 
         let cyclic = vec![
@@ -550,7 +555,7 @@ mod tests {
                 json!({"annotations": {"kiln.dev/depends-on": "a"}}),
             ),
         ];
-        let err = Plan::new(cyclic, &Live::new(), &[], true)
+        let err = Plan::new(cyclic, Live::new(), &[], true)
             .unwrap_err()
             .to_string();
         assert!(

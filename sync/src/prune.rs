@@ -21,7 +21,7 @@ use crate::cluster::Cluster;
 use crate::desired::INVENTORY_LABEL;
 use crate::inventory::Entry;
 use crate::plan::{ORPHANED_LABEL, Prune};
-use crate::report::{Outcome, Report, Status};
+use crate::report::{Outcome, Report, Status, Subject};
 
 /// When an object was orphaned.
 pub const ORPHANED_AT: &str = "kiln.dev/orphaned-at";
@@ -66,7 +66,6 @@ pub(crate) async fn prune(
         let mut left_alone = Vec::new();
         while let Some((p, result)) = running.next().await {
             progress.advance(1);
-            let object = format!("{} ({})", p.entry.identity, p.entry.owner);
             match result {
                 Ok(Some((status, detail))) => {
                     if status == Status::Skipped {
@@ -74,8 +73,7 @@ pub(crate) async fn prune(
                     }
                     report.outcomes.push(Outcome {
                         status,
-                        object,
-                        owner: p.entry.owner.clone(),
+                        subject: subject(p),
                         detail,
                     });
                 }
@@ -84,8 +82,7 @@ pub(crate) async fn prune(
                     kept.push(p.entry.clone());
                     report.outcomes.push(Outcome {
                         status: Status::Failed,
-                        object,
-                        owner: p.entry.owner.clone(),
+                        subject: subject(p),
                         detail,
                     });
                 }
@@ -268,4 +265,12 @@ pub fn orphan_reason(entry: &Entry) -> String {
         "no longer rendered by blueprint {}, instance {}, resource {}",
         entry.owner.blueprint, entry.owner.instance, entry.owner.resource
     )
+}
+
+/// What an outcome of pruning `p` is about.
+fn subject(p: &Prune) -> Subject {
+    Subject::Other(Box::new((
+        format!("{} ({})", p.entry.identity, p.entry.owner),
+        p.entry.owner.clone(),
+    )))
 }

@@ -64,17 +64,45 @@ impl Status {
 pub struct Outcome {
     /// What happened.
     pub status: Status,
-    /// `Kind namespace/name (blueprint/instance/resource)`.
-    pub object: String,
-    /// Where the object comes from.
-    pub owner: crate::desired::Owner,
+    /// The object it happened to.
+    pub subject: Subject,
     /// Why, for failures and skips.
     pub detail: String,
 }
 
+/// The object of an outcome: a desired object (shared with the plan, so
+/// that an apply of many unchanged objects copies none of them), or one
+/// that left the tree.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// An object of the tree.
+    Desired(crate::desired::Desired),
+    /// An object known otherwise (the inventory): `Kind namespace/name
+    /// (blueprint/instance/resource)` and where it comes from.
+    Other(Box<(String, crate::desired::Owner)>),
+}
+
+impl Outcome {
+    /// `Kind namespace/name (blueprint/instance/resource)`.
+    pub fn object(&self) -> String {
+        match &self.subject {
+            Subject::Desired(desired) => desired.label(),
+            Subject::Other(other) => other.0.clone(),
+        }
+    }
+
+    /// Where the object comes from.
+    pub fn owner(&self) -> &crate::desired::Owner {
+        match &self.subject {
+            Subject::Desired(desired) => &desired.owner,
+            Subject::Other(other) => &other.1,
+        }
+    }
+}
+
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.status.verb(), self.object)?;
+        write!(f, "{} {}", self.status.verb(), self.object())?;
         if !self.detail.is_empty() {
             write!(f, ": {}", self.detail)?;
         }

@@ -378,8 +378,8 @@ pub fn healths(
         .filter(|o| o.status == crate::report::Status::Failed)
     {
         if let Some(health) = counts.get_mut(&(
-            outcome.owner.blueprint.as_str(),
-            outcome.owner.instance.as_str(),
+            outcome.owner().blueprint.as_str(),
+            outcome.owner().instance.as_str(),
         )) {
             health.failed += 1;
             health

@@ -8,7 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 use kiln_render::api::{PipelineStatus, SourceState};
 
 use crate::desired::Desired;
-use crate::report::{Report, Status};
+use crate::report::{Outcome, Report, Status};
 
 /// A failure that ends a pass early or spoils it.
 #[derive(Debug, Clone)]
@@ -147,7 +147,7 @@ pub fn status(
             .outcomes
             .iter()
             .filter(|o| o.status == Status::Failed)
-            .map(|o| format!("{}/{}", o.owner.blueprint, o.owner.instance))
+            .map(|o| format!("{}/{}", o.owner().blueprint, o.owner().instance))
             .collect();
         status.failing_instances = Some(failing.len() as u64);
         status.failing = failing
@@ -357,7 +357,7 @@ pub fn events(pass: &Pass) -> Vec<(bool, &'static str, String)> {
             .outcomes
             .iter()
             .filter(|o| matches!(o.status, Status::Pruned | Status::Orphaned))
-            .map(|o| o.object.clone())
+            .map(Outcome::object)
             .collect();
         if !left.is_empty() {
             events.push((
@@ -396,7 +396,7 @@ pub fn events(pass: &Pass) -> Vec<(bool, &'static str, String)> {
 mod tests {
     use super::*;
     use crate::desired::Owner;
-    use crate::report::Outcome;
+    use crate::report::Subject;
 
     /// 10,000 instances, each with a failed object: the status names ten,
     /// counts them all, and stays a few KB.
@@ -404,12 +404,14 @@ mod tests {
     fn the_status_does_not_grow_with_the_fleet() {
         let outcome = |i: usize, status: Status| Outcome {
             status,
-            object: format!("ConfigMap t-{i}/plan (app/t-{i}/plan)"),
-            owner: Owner {
-                blueprint: "app".into(),
-                instance: format!("t-{i}"),
-                resource: "plan".into(),
-            },
+            subject: Subject::Other(Box::new((
+                format!("ConfigMap t-{i}/plan (app/t-{i}/plan)"),
+                Owner {
+                    blueprint: "app".into(),
+                    instance: format!("t-{i}"),
+                    resource: "plan".into(),
+                },
+            ))),
             detail: "the server said no".into(),
         };
         let mut report = Report::default();
