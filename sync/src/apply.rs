@@ -13,7 +13,7 @@ use futures_util::stream::FuturesUnordered;
 use kiln_render::api::{ConflictPolicy, DeletionPolicy, PatchStrategy};
 use kiln_render::manifest::Identity;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::cluster::{Cluster, Kind, Write};
 use crate::compare::same;
@@ -312,8 +312,13 @@ pub async fn execute(
         (0..count).filter(|&i| waiting[i] == 0).collect();
     let progress = kiln_render::progress::phase("applying", count as u64);
     let mut running = FuturesUnordered::new();
+    // A step that writes starts once it holds a permit, so that the tasks
+    // alive are the writes in flight and the waits for readiness, not one
+    // per object of a cold apply.
+    let mut spare: Option<OwnedSemaphorePermit> = None;
     loop {
         let mut done: Vec<(usize, Outcome, Option<String>)> = Vec::new();
+        let mut held = false;
         while let Some(i) = startable.pop_front() {
             let step = &plan.steps[i];
             let not_run = |status: Status, detail: String| Outcome {
@@ -347,24 +352,45 @@ pub async fn execute(
             }
             let missing_drift =
                 options.detect_only && step.action == Action::Create && inventoried[i];
-            let semaphore = semaphore.clone();
+            let writes = matches!(step.action, Action::Create | Action::Update | Action::Drift)
+                && !missing_drift;
+            let permit = if writes {
+                match spare
+                    .take()
+                    .or_else(|| semaphore.clone().try_acquire_owned().ok())
+                {
+                    Some(permit) => Some(permit),
+                    None => {
+                        startable.push_front(i);
+                        held = true;
+                        break;
+                    }
+                }
+            } else {
+                None
+            };
             running.push(async move {
-                let (outcome, uid) = run_step(
-                    cluster,
-                    step,
-                    live,
-                    options,
-                    missing_drift,
-                    (&semaphore, stop),
-                )
-                .await;
+                let (outcome, uid) =
+                    run_step(cluster, step, live, options, missing_drift, (permit, stop)).await;
                 (i, outcome, uid)
             });
         }
         if done.is_empty() {
-            match running.next().await {
-                Some(finished) => done.push(finished),
-                None => break,
+            if held {
+                // Whichever comes first: a step done, or a write done
+                // (its step may go on waiting for readiness).
+                tokio::select! {
+                    finished = running.next() => done.extend(finished),
+                    permit = semaphore.clone().acquire_owned() => {
+                        spare = permit.ok();
+                        continue;
+                    }
+                }
+            } else {
+                match running.next().await {
+                    Some(finished) => done.push(finished),
+                    None => break,
+                }
             }
         }
         for (i, outcome, uid) in done {
@@ -387,6 +413,7 @@ pub async fn execute(
         }
     }
     drop(running);
+    drop(spare);
     let hold = Unfinished::new(&plan, &statuses);
     let mut report = Report {
         outcomes: outcomes.into_iter().flatten().collect(),
@@ -543,7 +570,7 @@ async fn run_step(
     live: Option<&LiveObject>,
     options: &Options,
     missing_drift: bool,
-    (semaphore, stop): (&Semaphore, &watch::Receiver<bool>),
+    (permit, stop): (Option<OwnedSemaphorePermit>, &watch::Receiver<bool>),
 ) -> (Outcome, Option<String>) {
     let desired = &step.desired;
     let settled_uid = live.and_then(LiveObject::uid).map(str::to_string);
@@ -597,7 +624,7 @@ async fn run_step(
         }
         Action::Create | Action::Update => {
             let body = body();
-            let _permit = semaphore.acquire().await;
+            let _permit = permit;
             // Writes in flight finish; none starts once Kiln is stopping.
             if *stop.borrow() {
                 return outcome(Status::Stopped, String::new());
@@ -630,7 +657,7 @@ async fn run_step(
                 other => other,
             };
             let body = body();
-            let _permit = semaphore.acquire().await;
+            let _permit = permit;
             // Writes in flight finish; none starts once Kiln is stopping.
             if *stop.borrow() {
                 return outcome(Status::Stopped, String::new());
