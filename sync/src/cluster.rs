@@ -484,18 +484,22 @@ impl Cluster {
             };
             // Each item stays text until its turn: a page of parsed
             // objects takes several times the memory of the page.
-            let page: Page =
-                self.send_as(|| requests.list(&params))
-                    .await
-                    .map_err(|e| Error::Api {
-                        what: format!("list {}", kind.resource.plural),
-                        failure: classify(e),
-                    })?;
+            let failed = |e| Error::Api {
+                what: format!("list {}", kind.resource.plural),
+                failure: classify(e),
+            };
+            let page: Page = self
+                .send_as(|| requests.list(&params))
+                .await
+                .map_err(failed)?;
             token = page.metadata.next.filter(|t| !t.is_empty());
             for item in page.items.into_iter().flatten() {
-                if let Ok(object) = serde_json::from_str::<Value>(item.get()) {
-                    each(value(object, kind));
-                }
+                // An item that does not parse fails the list, as a page
+                // that does not parse does: skipping it would make its
+                // object look missing.
+                let object = serde_json::from_str::<Value>(item.get())
+                    .map_err(|e| failed(kube::Error::SerdeError(e)))?;
+                each(value(object, kind));
             }
             if token.is_none() {
                 return Ok(());
