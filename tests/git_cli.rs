@@ -317,8 +317,10 @@ fn concurrent_renders_on_one_branch_lose_no_commit() {
 fn race_four_renders() -> bool {
     let work = tempfile::tempdir().unwrap();
     let repo = bare_repo(work.path(), "repo.git");
+    // Renders long enough to overlap even when a loaded machine starts
+    // the four processes one after another.
     let projects: Vec<Project> = (0..4)
-        .map(|_| Project::new(&as_refs(&tenants(40)), false))
+        .map(|_| Project::new(&as_refs(&tenants(400)), false))
         .collect();
     let children: Vec<common::Running> = projects
         .iter()
