@@ -294,7 +294,7 @@ pub struct ResourceSpec {
 }
 
 /// When an object is written.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CreationPolicy {
     /// Create when missing, update when changed.
     #[default]
@@ -304,7 +304,7 @@ pub enum CreationPolicy {
 }
 
 /// What happens to an object that is no longer rendered.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum DeletionPolicy {
     /// Delete it from the cluster.
     #[default]
@@ -314,7 +314,7 @@ pub enum DeletionPolicy {
 }
 
 /// What happens when another field manager owns a field Kiln sets.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ConflictPolicy {
     /// Report the conflict and fail the resource.
     #[default]
@@ -324,7 +324,7 @@ pub enum ConflictPolicy {
 }
 
 /// How an object is written.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum PatchStrategy {
     /// Server-Side Apply with field manager `kiln`.

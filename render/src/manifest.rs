@@ -5,6 +5,8 @@
 use std::collections::HashSet;
 use std::fmt;
 
+use compact_str::CompactString;
+
 use serde_json::{Map, Value};
 
 /// `app.kubernetes.io/managed-by`, set to `kiln` on every object.
@@ -70,19 +72,19 @@ const CLUSTER_SCOPED: &[(&str, &str)] = &[
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
     /// API group, empty for the core group.
-    pub group: String,
+    pub group: CompactString,
     /// Kind.
-    pub kind: String,
+    pub kind: CompactString,
     /// Namespace, empty for cluster-scoped objects.
-    pub namespace: String,
+    pub namespace: CompactString,
     /// Name.
-    pub name: String,
+    pub name: CompactString,
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = if self.group.is_empty() {
-            self.kind.clone()
+            self.kind.to_string()
         } else {
             format!("{}.{}", self.kind, self.group)
         };
@@ -249,10 +251,10 @@ pub fn stamp(object: &mut Map<String, Value>, stamp: &Stamp<'_>, scopes: &Scopes
         annotations.insert((*key).into(), value.clone().into());
     }
     Identity {
-        group,
-        kind,
-        namespace,
-        name,
+        group: group.into(),
+        kind: kind.into(),
+        namespace: namespace.into(),
+        name: name.into(),
     }
 }
 

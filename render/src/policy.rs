@@ -44,7 +44,7 @@ pub const IGNORE_FIELDS: &str = "kiln.dev/ignore-fields";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What apply needs to know about one object besides the object itself.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Policies {
     /// Resource ids of the same instance that are applied first.
     pub depends_on: Vec<String>,
@@ -133,11 +133,15 @@ impl Policies {
             format!("annotation {key}: {value:?} is not {expected}")
         };
         let list = |text: &str| -> Vec<String> {
-            text.split(',')
+            let mut list: Vec<String> = text
+                .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(str::to_string)
-                .collect()
+                .collect();
+            // Held per object: a collected Vec starts at room for four.
+            list.shrink_to_fit();
+            list
         };
         if let Some(text) = get(DEPENDS_ON) {
             policies.depends_on = list(text);

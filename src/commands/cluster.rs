@@ -97,7 +97,7 @@ impl TreeArgs {
                 );
             }
             let tree = kiln_render::tree::read_dir(dir)?;
-            return desired::from_tree(&tree).with_context(|| format!("in {}", dir.display()));
+            return desired::from_tree(tree).with_context(|| format!("in {}", dir.display()));
         }
         if self.git.repo.is_none() {
             bail!("say what to apply: --dir DIR or --git REPO");
@@ -109,6 +109,6 @@ impl TreeArgs {
                 Some(_) => anyhow::anyhow!("--rev {e}"),
                 None => e.into(),
             })?;
-        Ok(desired::from_tree(&tree)?)
+        Ok(desired::from_tree(tree)?)
     }
 }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use kiln_render::api::{ConflictPolicy, DeletionPolicy, PatchStrategy};
@@ -19,7 +20,7 @@ use crate::cluster::{Cluster, Kind, Write};
 use crate::compare::same;
 use crate::desired::{Desired, INVENTORY_LABEL};
 use crate::health::{Health, health};
-use crate::inventory::{Entry, Inventory};
+use crate::inventory::{Entry, Inventory, Record};
 use crate::plan::{Action, Live, LiveObject, ORPHANED_LABEL, Plan, Prune, Step};
 use crate::prune::{ORPHANED_AT, ORPHANED_REASON, prune};
 pub use crate::report::{Outcome, Report, Status, Subject};
@@ -98,7 +99,7 @@ pub async fn read_live(
     let mut by_kind: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, d) in desired.iter().enumerate() {
         by_kind
-            .entry((d.api_version.clone(), d.identity.kind.clone()))
+            .entry((d.api_version.to_string(), d.identity.kind.to_string()))
             .or_default()
             .push(i);
     }
@@ -231,16 +232,16 @@ fn normalise_namespace(desired: &mut Desired, namespaced: bool) {
 
 fn identity_of(object: &Value, kind: &Kind) -> Identity {
     Identity {
-        group: kind.resource.group.clone(),
-        kind: kind.resource.kind.clone(),
+        group: kind.resource.group.as_str().into(),
+        kind: kind.resource.kind.as_str().into(),
         namespace: object["metadata"]["namespace"]
             .as_str()
             .unwrap_or_default()
-            .to_string(),
+            .into(),
         name: object["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
-            .to_string(),
+            .into(),
     }
 }
 
@@ -266,27 +267,29 @@ pub async fn execute(
     };
     // The uids Kiln recorded after writing: an object keeps its own until
     // Kiln writes it again.
-    let known: HashMap<&Identity, &str> = inventory
-        .entries
-        .iter()
-        .map(|e| (&e.identity, e.uid.as_str()))
-        .collect();
-    let mut desired_entries: Vec<Entry> = plan
-        .steps
-        .iter()
-        .map(|s| {
-            let uid = known.get(&s.desired.identity).copied().unwrap_or_default();
-            entry(&s.desired, s.wave, uid.to_string())
-        })
-        .collect();
-    drop(known);
+    let mut uids: Vec<CompactString> = {
+        let known: HashMap<&Identity, &str> = inventory
+            .entries
+            .iter()
+            .map(|e| (&e.identity, e.uid.as_str()))
+            .collect();
+        plan.steps
+            .iter()
+            .map(|s| {
+                let uid = known.get(&s.desired.identity).copied();
+                uid.unwrap_or_default().into()
+            })
+            .collect()
+    };
 
     let retries_before = cluster.retries();
     // Record first what this apply may create, so that a crash leaves no
     // object Kiln made but does not know of.
     let known = std::mem::take(&mut inventory.entries);
-    let before: Vec<&Entry> = desired_entries.iter().chain(&known).collect();
-    let recorded = inventory.record(cluster, before).await;
+    let before: Vec<Line> = Line::applied(&plan, &uids)
+        .chain(known.iter().map(Line::Kept))
+        .collect();
+    let recorded = inventory.write(cluster, before).await;
     inventory.entries = known;
     recorded?;
 
@@ -399,9 +402,9 @@ pub async fn execute(
             // A write gives the uid; an unchanged object gives it only to an
             // inventory that had none (written before uids were recorded).
             if let Some(uid) = uid
-                && (outcome.status != Status::Unchanged || desired_entries[i].uid.is_empty())
+                && (outcome.status != Status::Unchanged || uids[i].is_empty())
             {
-                desired_entries[i].uid = uid;
+                uids[i] = uid.into();
             }
             outcomes[i] = Some(outcome);
             for &j in &dependents[i] {
@@ -416,22 +419,23 @@ pub async fn execute(
     drop(spare);
     let hold = Unfinished::new(&plan, &statuses);
     let mut report = Report {
-        outcomes: outcomes.into_iter().flatten().collect(),
+        outcomes: {
+            let mut list = Vec::with_capacity(count);
+            list.extend(outcomes.into_iter().flatten());
+            list
+        },
         ..Report::default()
     };
 
-    let mut after: Vec<Entry> = desired_entries;
+    let known = std::mem::take(&mut inventory.entries);
+    // What the inventory keeps besides this apply's objects.
+    let mut staying: Vec<&Entry> = Vec::new();
+    let mut kept: Vec<Entry> = Vec::new();
     if !options.prune {
         // Not pruning (--no-prune, or a source failed): what left the tree
         // stays in the inventory, so that a later apply can prune it.
         let wanted: HashSet<&Identity> = plan.steps.iter().map(|s| &s.desired.identity).collect();
-        let left: Vec<Entry> = inventory
-            .entries
-            .iter()
-            .filter(|e| !wanted.contains(&e.identity))
-            .cloned()
-            .collect();
-        after.extend(left);
+        staying.extend(known.iter().filter(|e| !wanted.contains(&e.identity)));
     } else if plan.prune.is_empty() {
         // nothing left the tree
     } else if *stop.borrow() {
@@ -439,7 +443,7 @@ pub async fn execute(
             "{} objects that left the tree are kept until a pass that is not stopped",
             plan.prune.len()
         ));
-        after.extend(plan.prune.iter().map(|p| p.entry.clone()));
+        staying.extend(plan.prune.iter().map(|p| &p.entry));
     } else {
         // A failed instance may be half a rename: its old objects stay
         // until the new ones exist. Other instances prune as usual, so one
@@ -456,23 +460,27 @@ pub async fn execute(
                 held.len(),
                 kiln_render::abbreviate(&instances.into_iter().collect::<Vec<_>>(), 3)
             ));
-            after.extend(held.iter().map(|p| p.entry.clone()));
+            staying.extend(held.iter().map(|p| &p.entry));
         }
         // A retained object is no longer Kiln's: deleting its Namespace
         // would delete what Retain promised to keep.
-        let mut ours: crate::prune::Ours = inventory
-            .entries
+        let mut ours: crate::prune::Ours = known
             .iter()
-            .chain(&after)
-            .map(|e| (e.identity.clone(), e.uid.clone()))
+            .map(Line::Kept)
+            .chain(Line::applied(&plan, &uids))
+            .chain(staying.iter().copied().map(Line::Kept))
+            .map(|l| (l.identity().clone(), l.uid().into()))
             .collect();
         for p in plan.prune.iter().filter(|p| p.retain) {
             ours.remove(&p.entry.identity);
         }
         let free: Vec<Prune> = free.into_iter().cloned().collect();
-        let kept = prune(cluster, &free, ours, &semaphore, &mut report).await;
-        after.extend(kept);
+        kept = prune(cluster, &free, ours, &semaphore, &mut report).await;
     }
+    let after: Vec<Line> = Line::applied(&plan, &uids)
+        .chain(staying.into_iter().map(Line::Kept))
+        .chain(kept.iter().map(Line::Kept))
+        .collect();
     inventory.write(cluster, after).await?;
     report.retries = cluster.retries() - retries_before;
     Ok(report)
@@ -548,19 +556,58 @@ impl<'a> Unfinished<'a> {
     }
 }
 
-fn entry(desired: &Desired, wave: usize, uid: String) -> Entry {
-    let version = desired
-        .api_version
-        .rsplit_once('/')
-        .map_or(desired.api_version.as_str(), |(_, v)| v)
-        .to_string();
-    Entry {
-        identity: desired.identity.clone(),
-        version,
-        owner: desired.owner.clone(),
-        wave,
-        retain: desired.policies.deletion == DeletionPolicy::Retain,
-        uid,
+/// A line of the inventory an apply writes.
+enum Line<'a> {
+    /// An object of the plan, with its uid as last seen.
+    Applied(&'a Step, &'a str),
+    /// An entry kept as it was.
+    Kept(&'a Entry),
+}
+
+impl<'a> Line<'a> {
+    /// The plan's objects, with `uids` aligned to its steps.
+    fn applied(plan: &'a Plan, uids: &'a [CompactString]) -> impl Iterator<Item = Self> + 'a {
+        plan.steps
+            .iter()
+            .zip(uids)
+            .map(|(step, uid)| Self::Applied(step, uid))
+    }
+}
+
+impl Record for Line<'_> {
+    fn identity(&self) -> &Identity {
+        match self {
+            Self::Applied(step, _) => &step.desired.identity,
+            Self::Kept(entry) => &entry.identity,
+        }
+    }
+
+    fn uid(&self) -> &str {
+        match self {
+            Self::Applied(_, uid) => uid,
+            Self::Kept(entry) => &entry.uid,
+        }
+    }
+
+    fn line(&self) -> String {
+        match self {
+            Self::Applied(step, uid) => {
+                let desired = &step.desired;
+                let version = desired
+                    .api_version
+                    .rsplit_once('/')
+                    .map_or(desired.api_version.as_str(), |(_, v)| v);
+                crate::inventory::line(
+                    &desired.identity,
+                    version,
+                    &desired.owner,
+                    step.wave,
+                    desired.policies.deletion == DeletionPolicy::Retain,
+                    uid,
+                )
+            }
+            Self::Kept(entry) => entry.line(),
+        }
     }
 }
 

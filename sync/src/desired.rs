@@ -1,14 +1,17 @@
 //! The objects to apply: read from a rendered tree (a directory, a Git tree)
 //! or straight from a render, each with its owner, policies and digest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
+
+use compact_str::CompactString;
 
 use kiln_render::manifest::{
     BLUEPRINT_LABEL, INSTANCE_LABEL, Identity, RESOURCE_ID_ANNOTATION, group_of,
 };
 use kiln_render::policy::Policies;
-use kiln_render::render::Rendered;
+use kiln_render::render::{Instance, Rendered};
 use kiln_render::tree::{KUSTOMIZATION, Tree};
 use serde_json::Value;
 use sha2::Digest as _;
@@ -25,11 +28,11 @@ pub const INVENTORY_LABEL: &str = "kiln.dev/inventory";
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner {
     /// The blueprint.
-    pub blueprint: String,
+    pub blueprint: CompactString,
     /// The instance (row key as a DNS label).
-    pub instance: String,
+    pub instance: CompactString,
     /// The resource id.
-    pub resource: String,
+    pub resource: CompactString,
 }
 
 impl fmt::Display for Owner {
@@ -41,7 +44,7 @@ impl fmt::Display for Owner {
 /// One object to apply. A clone shares the object (the desired state a
 /// sync loop keeps and the copy an apply works on are one in memory).
 #[derive(Debug, Clone)]
-pub struct Desired(std::sync::Arc<Object>);
+pub struct Desired(Arc<Object>);
 
 /// What [`Desired`] holds.
 #[derive(Debug, Clone)]
@@ -49,7 +52,7 @@ pub struct Object {
     /// Group, kind, namespace and name.
     pub identity: Identity,
     /// The object's `apiVersion`.
-    pub api_version: String,
+    pub api_version: CompactString,
     /// The object as rendered, as compact JSON: a parsed object takes
     /// several times the memory, and most objects of a resync are only
     /// compared by digest. [`Desired::object`] parses it.
@@ -58,12 +61,13 @@ pub struct Object {
     pub defines: Option<Box<(String, String)>>,
     /// Where it comes from.
     pub owner: Owner,
-    /// Its dependencies and policies.
-    pub policies: Policies,
-    /// SHA-256 (first 32 hex digits) of the object as rendered.
-    pub digest: String,
+    /// Its dependencies and policies, shared with the objects that declare
+    /// the same (see [`Shared`]).
+    pub policies: Arc<Policies>,
+    /// The digest of the object as rendered.
+    pub digest: Digest,
     /// The file it was read from, for messages.
-    pub origin: String,
+    pub origin: CompactString,
 }
 
 impl std::ops::Deref for Desired {
@@ -78,8 +82,13 @@ impl Desired {
     /// Reads one object; `path` (`blueprint/instance/resource.yaml`) supplies
     /// the owner when the object lacks Kiln's labels.
     pub fn new(object: Value, origin: &str) -> Result<Self> {
+        Self::read(object, origin, &mut Shared::default())
+    }
+
+    /// [`Desired::new`], sharing what `shared` holds already.
+    pub fn read(object: Value, origin: &str, shared: &mut Shared) -> Result<Self> {
         let invalid = |message: String| Error::InvalidObject {
-            origin: origin.to_string(),
+            origin: origin.into(),
             message,
         };
         let Value::Object(map) = &object else {
@@ -88,21 +97,20 @@ impl Desired {
             ));
         };
         let text = |field: &str| map.get(field).and_then(Value::as_str).unwrap_or_default();
-        let api_version = text("apiVersion").to_string();
-        let kind = text("kind").to_string();
+        let api_version = text("apiVersion");
+        let kind = text("kind");
         let metadata = map.get("metadata").and_then(Value::as_object);
         let meta = |field: &str| {
             metadata
                 .and_then(|m| m.get(field))
                 .and_then(Value::as_str)
                 .unwrap_or_default()
-                .to_string()
         };
         let name = meta("name");
         for (field, value) in [
-            ("apiVersion", &api_version),
-            ("kind", &kind),
-            ("metadata.name", &name),
+            ("apiVersion", api_version),
+            ("kind", kind),
+            ("metadata.name", name),
         ] {
             if value.is_empty() {
                 return Err(invalid(format!("the object has no {field}")));
@@ -125,19 +133,19 @@ impl Desired {
             blueprint: label(BLUEPRINT_LABEL)
                 .or(from_path.get(2).copied())
                 .unwrap_or_default()
-                .to_string(),
+                .into(),
             instance: label(INSTANCE_LABEL)
                 .or(from_path.get(1).copied())
                 .unwrap_or_default()
-                .to_string(),
+                .into(),
             resource: annotations
                 .and_then(|a| a.get(RESOURCE_ID_ANNOTATION))
                 .and_then(Value::as_str)
                 .or(from_path.first().copied())
                 .unwrap_or_default()
-                .to_string(),
+                .into(),
         };
-        let policies = Policies::from_annotations(annotations).map_err(invalid)?;
+        let policies = shared.policies(Policies::from_annotations(annotations).map_err(invalid)?);
         let defines = kiln_render::manifest::is_crd(map)
             .then(|| {
                 let spec = &map.get("spec")?;
@@ -148,21 +156,21 @@ impl Desired {
             })
             .flatten();
         let json = serde_json::to_string(&object).unwrap_or_default();
-        let digest = digest_of(json.as_bytes());
-        Ok(Self(std::sync::Arc::new(Object {
+        let digest = Digest::of(json.as_bytes());
+        Ok(Self(Arc::new(Object {
             identity: Identity {
-                group: group_of(&api_version).to_string(),
-                kind,
-                namespace: meta("namespace"),
-                name,
+                group: group_of(api_version).into(),
+                kind: kind.into(),
+                namespace: meta("namespace").into(),
+                name: name.into(),
             },
-            api_version,
+            api_version: api_version.into(),
             json: json.into_boxed_str(),
             defines,
             owner,
             policies,
             digest,
-            origin: origin.to_string(),
+            origin: origin.into(),
         })))
     }
 
@@ -182,7 +190,7 @@ impl Desired {
 
     /// This object's own copy, to change.
     pub fn own(&mut self) -> &mut Object {
-        std::sync::Arc::make_mut(&mut self.0)
+        Arc::make_mut(&mut self.0)
     }
 
     /// The body to send: the object with the digest annotation and the
@@ -191,7 +199,7 @@ impl Desired {
         let mut body = self.object();
         if let Some(metadata) = body.get_mut("metadata").and_then(Value::as_object_mut) {
             for (field, key, value) in [
-                ("annotations", DIGEST_ANNOTATION, &self.digest),
+                ("annotations", DIGEST_ANNOTATION, &self.digest.to_string()),
                 ("labels", INVENTORY_LABEL, &inventory.to_string()),
             ] {
                 let map = metadata
@@ -211,40 +219,78 @@ impl Desired {
     }
 }
 
-/// SHA-256 of an object's JSON, shortened: what decides whether an applied
-/// object is still what was rendered.
-pub fn digest(object: &Value) -> String {
-    digest_of(&serde_json::to_vec(object).unwrap_or_default())
+/// SHA-256 of an object's JSON, shortened to 16 bytes: what decides
+/// whether an applied object is still what was rendered. Written (in the
+/// annotation) as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; 16]);
+
+impl Digest {
+    /// The digest of `json`.
+    pub fn of(json: &[u8]) -> Self {
+        let hash = sha2::Sha256::digest(json);
+        let mut digest = [0; 16];
+        digest.copy_from_slice(&hash[..16]);
+        Self(digest)
+    }
+
+    /// Whether `text` is this digest written out.
+    pub fn is(&self, text: &str) -> bool {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let text = text.as_bytes();
+        text.len() == 32
+            && self.0.iter().zip(text.chunks(2)).all(|(byte, pair)| {
+                pair == [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]]
+            })
+    }
 }
 
-fn digest_of(json: &[u8]) -> String {
-    let hash = sha2::Sha256::digest(json);
-    hash.iter().take(16).map(|b| format!("{b:02x}")).collect()
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// What the objects of one tree or render share instead of each holding
+/// a copy: the policies every instance of a blueprint's resource declares
+/// alike, so that 100,000 objects hold a handful.
+#[derive(Debug, Default)]
+pub struct Shared {
+    policies: HashSet<Arc<Policies>>,
+}
+
+impl Shared {
+    fn policies(&mut self, policies: Policies) -> Arc<Policies> {
+        if let Some(known) = self.policies.get(&policies) {
+            return known.clone();
+        }
+        let policies = Arc::new(policies);
+        self.policies.insert(policies.clone());
+        policies
+    }
 }
 
 /// The objects of a rendered tree: every YAML file but the kustomizations
-/// and what `render --emit` wrote.
-pub fn from_tree(tree: &Tree) -> Result<Vec<Desired>> {
-    let files: Vec<(&String, &Vec<u8>)> = tree
-        .files
-        .iter()
-        .filter(|(path, _)| {
-            (path.ends_with(".yaml") || path.ends_with(".yml"))
-                && !path.ends_with(KUSTOMIZATION)
-                && !path.starts_with(kiln_render::emit::DIR)
-        })
-        .collect();
-    let mut objects = Vec::with_capacity(files.len());
+/// and what `render --emit` wrote. Each file is let go of once read.
+pub fn from_tree(tree: Tree) -> Result<Vec<Desired>> {
+    let mut objects = Vec::with_capacity(tree.files.len());
+    let mut shared = Shared::default();
+    let files = tree.files.into_iter().filter(|(path, _)| {
+        (path.ends_with(".yaml") || path.ends_with(".yml"))
+            && !path.ends_with(KUSTOMIZATION)
+            && !path.starts_with(kiln_render::emit::DIR)
+    });
     for (path, bytes) in files {
-        let text = std::str::from_utf8(bytes).map_err(|_| Error::InvalidObject {
+        let text = std::str::from_utf8(&bytes).map_err(|_| Error::InvalidObject {
             origin: path.clone(),
             message: "not UTF-8".into(),
         })?;
-        let documents: Vec<Value> = kiln_render::yaml::from_str_multi(text, path)?;
+        let documents: Vec<Value> = kiln_render::yaml::from_str_multi(text, &path)?;
         for document in documents.into_iter().filter(|d| !d.is_null()) {
-            objects.push(Desired::new(document, path)?);
+            objects.push(Desired::read(document, &path, &mut shared)?);
         }
     }
+    objects.shrink_to_fit();
     check_unique(&objects)?;
     Ok(objects)
 }
@@ -252,17 +298,40 @@ pub fn from_tree(tree: &Tree) -> Result<Vec<Desired>> {
 /// The objects of a render, without writing them anywhere first.
 pub fn from_rendered(rendered: &Rendered) -> Result<Vec<Desired>> {
     let mut objects = Vec::new();
+    let mut shared = Shared::default();
     for instance in &rendered.instances {
-        for object in &instance.objects {
-            let origin = format!(
-                "{}/{}/{}.yaml",
-                instance.blueprint, instance.name, object.resource
-            );
-            objects.push(Desired::new(object.value()?, &origin)?);
-        }
+        add_instance(instance, &mut objects, &mut shared)?;
     }
     check_unique(&objects)?;
     Ok(objects)
+}
+
+/// [`from_rendered`], letting go of each instance's output once it is
+/// read: the render and the objects are not held in full at once.
+pub fn take_rendered(rendered: Rendered) -> Result<Vec<Desired>> {
+    let mut objects = Vec::new();
+    let mut shared = Shared::default();
+    for instance in rendered.instances {
+        add_instance(&instance, &mut objects, &mut shared)?;
+    }
+    objects.shrink_to_fit();
+    check_unique(&objects)?;
+    Ok(objects)
+}
+
+fn add_instance(
+    instance: &Instance,
+    objects: &mut Vec<Desired>,
+    shared: &mut Shared,
+) -> Result<()> {
+    for object in &instance.objects {
+        let origin = format!(
+            "{}/{}/{}.yaml",
+            instance.blueprint, instance.name, object.resource
+        );
+        objects.push(Desired::read(object.value()?, &origin, shared)?);
+    }
+    Ok(())
 }
 
 /// Refuses the same object twice, naming both places.
@@ -271,7 +340,7 @@ pub fn check_unique(objects: &[Desired]) -> Result<()> {
     for object in objects {
         if let Some(first) = seen.insert(&object.identity, &object.origin) {
             return Err(Error::InvalidObject {
-                origin: object.origin.clone(),
+                origin: object.origin.to_string(),
                 message: format!("{} is also rendered by {first}", object.identity),
             });
         }
@@ -300,8 +369,22 @@ mod tests {
         assert!(desired.policies.wait_for_ready);
         assert_eq!(
             desired.body("prod")["metadata"]["annotations"][DIGEST_ANNOTATION],
-            desired.digest
+            desired.digest.to_string()
         );
+    }
+
+    #[test]
+    fn a_digest_is_its_hex_and_nothing_else() {
+        let digest = Digest::of(b"{}");
+        let hex = digest.to_string();
+        assert_eq!(hex.len(), 32);
+        assert!(digest.is(&hex));
+        assert!(!digest.is(&hex.to_uppercase()));
+        assert!(!digest.is(&hex[..31]));
+        assert!(!Digest::of(b"[]").is(&hex));
+        let mut last_differs = hex.clone();
+        last_differs.replace_range(31.., if hex.ends_with('0') { "1" } else { "0" });
+        assert!(!digest.is(&last_differs));
     }
 
     #[test]
@@ -329,7 +412,7 @@ mod tests {
             "web/a/kustomization.yaml".into(),
             b"resources: []\n".to_vec(),
         );
-        let err = from_tree(&tree).unwrap_err().to_string();
+        let err = from_tree(tree).unwrap_err().to_string();
         assert!(
             err.starts_with("web/b/c.yaml: ConfigMap ns/x is also rendered by web/a/c.yaml"),
             "{err}"

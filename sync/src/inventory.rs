@@ -15,8 +15,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use compact_str::CompactString;
 use kiln_render::manifest::Identity;
 use serde_json::json;
+use sha2::Digest as _;
 
 use crate::cluster::Cluster;
 use crate::desired::Owner;
@@ -36,7 +38,7 @@ pub struct Entry {
     /// Group, kind, namespace and name.
     pub identity: Identity,
     /// The version it was applied with.
-    pub version: String,
+    pub version: CompactString,
     /// Where it comes from.
     pub owner: Owner,
     /// Its wave when it was applied: prune goes in reverse.
@@ -44,29 +46,80 @@ pub struct Entry {
     /// `deletionPolicy: Retain`.
     pub retain: bool,
     /// The uid of the object Kiln wrote; empty when not known yet.
-    pub uid: String,
+    pub uid: CompactString,
+}
+
+/// What an inventory line is written from: an [`Entry`], or an object an
+/// apply writes, recorded without making an entry of it first (an apply of
+/// 100,000 objects would hold 100,000 more).
+pub trait Record {
+    /// The object's identity.
+    fn identity(&self) -> &Identity;
+    /// The object's uid as last seen; empty when not known.
+    fn uid(&self) -> &str;
+    /// Its line.
+    fn line(&self) -> String;
+}
+
+/// An inventory line: an entry's fields, tab-separated.
+pub fn line(
+    identity: &Identity,
+    version: &str,
+    owner: &Owner,
+    wave: usize,
+    retain: bool,
+    uid: &str,
+) -> String {
+    let (i, o) = (identity, owner);
+    format!(
+        "{}\t{version}\t{}\t{}\t{}\t{}\t{}\t{}\t{wave}\t{}\t{uid}",
+        i.group,
+        i.kind,
+        i.namespace,
+        i.name,
+        o.blueprint,
+        o.instance,
+        o.resource,
+        if retain { "Retain" } else { "Delete" },
+    )
+}
+
+impl Record for Entry {
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    fn line(&self) -> String {
+        line(
+            &self.identity,
+            &self.version,
+            &self.owner,
+            self.wave,
+            self.retain,
+            &self.uid,
+        )
+    }
+}
+
+impl<R: Record + ?Sized> Record for &R {
+    fn identity(&self) -> &Identity {
+        (**self).identity()
+    }
+
+    fn uid(&self) -> &str {
+        (**self).uid()
+    }
+
+    fn line(&self) -> String {
+        (**self).line()
+    }
 }
 
 impl Entry {
-    fn line(&self) -> String {
-        let i = &self.identity;
-        let o = &self.owner;
-        format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
-            i.group,
-            self.version,
-            i.kind,
-            i.namespace,
-            i.name,
-            o.blueprint,
-            o.instance,
-            o.resource,
-            self.wave,
-            if self.retain { "Retain" } else { "Delete" },
-            self.uid
-        )
-    }
-
     fn parse(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.split('\t').collect();
         // Ten fields: written before uids were recorded.
@@ -88,14 +141,14 @@ impl Entry {
             },
             wave: f[8].parse().ok()?,
             retain: f[9] == "Retain",
-            uid: f.get(10).map_or_else(String::new, |u| (*u).to_string()),
+            uid: f.get(10).copied().unwrap_or_default().into(),
         })
     }
 
     /// The `apiVersion` it was applied with.
     pub fn api_version(&self) -> String {
         if self.identity.group.is_empty() {
-            self.version.clone()
+            self.version.to_string()
         } else {
             format!("{}/{}", self.identity.group, self.version)
         }
@@ -103,13 +156,19 @@ impl Entry {
 }
 
 /// The shards' texts by ConfigMap name, for `entries` spread over at least
-/// `at_least` shards. One shard's lines are held at a time.
-pub fn encode<E: std::borrow::Borrow<Entry>>(
-    name: &str,
-    entries: &[E],
-    at_least: usize,
-) -> BTreeMap<String, String> {
-    let bytes: usize = entries.iter().map(|e| e.borrow().line().len() + 1).sum();
+/// `at_least` shards.
+pub fn encode<R: Record>(name: &str, entries: &[R], at_least: usize) -> BTreeMap<String, String> {
+    shards(entries, at_least)
+        .into_iter()
+        .enumerate()
+        .map(|(i, members)| (shard_name(name, i), shard_text(entries, members)))
+        .collect()
+}
+
+/// The members of each shard, for `entries` spread over at least
+/// `at_least` shards.
+fn shards<R: Record>(entries: &[R], at_least: usize) -> Vec<Vec<u32>> {
+    let bytes: usize = entries.iter().map(|e| e.line().len() + 1).sum();
     let needed = bytes.div_ceil(SHARD_BYTES).max(1).next_power_of_two();
     // Keep the count while it fits, so that a small change rewrites one
     // shard; shrink only when far too many.
@@ -120,39 +179,42 @@ pub fn encode<E: std::borrow::Borrow<Entry>>(
     };
     let mut shards: Vec<Vec<u32>> = vec![Vec::new(); count];
     for (i, entry) in entries.iter().enumerate() {
-        shards[(fnv(&entry.borrow().identity) % count as u64) as usize].push(i as u32);
+        shards[(fnv(entry.identity()) % count as u64) as usize].push(i as u32);
     }
     shards
+}
+
+/// The text of the shard of `entries` at `members`.
+fn shard_text<R: Record>(entries: &[R], members: Vec<u32>) -> String {
+    let mut lines: Vec<String> = members
         .into_iter()
-        .enumerate()
-        .map(|(i, members)| {
-            let mut lines: Vec<String> = members
-                .into_iter()
-                .map(|m| entries[m as usize].borrow().line())
-                .collect();
-            lines.sort_unstable();
-            let mut text = lines.join("\n");
-            if !text.is_empty() {
-                text.push('\n');
-            }
-            (shard_name(name, i), text)
-        })
-        .collect()
+        .map(|m| entries[m as usize].line())
+        .collect();
+    lines.sort_unstable();
+    let mut text = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    for line in lines {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+/// What is kept of a stored shard to tell whether it changes: its digest,
+/// not its text.
+fn shard_digest(text: &str) -> [u8; 32] {
+    sha2::Sha256::digest(text.as_bytes()).into()
 }
 
 /// Keeps the first entry given for each object, sorted by identity. (A
 /// stable sort would do it in one step, with a copy of the entries' size.)
-fn first_of_each<E: std::borrow::Borrow<Entry>>(entries: &mut Vec<E>) {
+fn first_of_each<R: Record>(entries: &mut Vec<R>) {
     let keep: Vec<bool> = {
         let mut seen = HashSet::with_capacity(entries.len());
-        entries
-            .iter()
-            .map(|e| seen.insert(&e.borrow().identity))
-            .collect()
+        entries.iter().map(|e| seen.insert(e.identity())).collect()
     };
     let mut keep = keep.into_iter();
     entries.retain(|_| keep.next().unwrap_or(false));
-    entries.sort_unstable_by(|a, b| a.borrow().identity.cmp(&b.borrow().identity));
+    entries.sort_unstable_by(|a, b| a.identity().cmp(b.identity()));
 }
 
 /// Parses the shards' texts back.
@@ -205,7 +267,8 @@ pub struct Inventory {
     pub namespace: String,
     /// Its entries, sorted.
     pub entries: Vec<Entry>,
-    stored: BTreeMap<String, String>,
+    /// The digest of each shard's text, by ConfigMap name.
+    stored: BTreeMap<String, [u8; 32]>,
 }
 
 impl Inventory {
@@ -223,6 +286,10 @@ impl Inventory {
             name: name.to_string(),
             message,
         })?;
+        let stored = stored
+            .into_iter()
+            .map(|(n, text)| (n, shard_digest(&text)))
+            .collect();
         Ok(Self {
             name: name.to_string(),
             namespace: namespace.to_string(),
@@ -231,38 +298,31 @@ impl Inventory {
         })
     }
 
-    /// Makes `entries` the inventory, writing only the shards that change
+    /// Makes `records` the inventory, writing only the shards that change
     /// and deleting shards no longer used. Returns how many were written.
-    /// Of two entries for one object, the first given is kept.
-    pub async fn write(&mut self, cluster: &Cluster, mut entries: Vec<Entry>) -> Result<usize> {
-        first_of_each(&mut entries);
-        let writes = self.store(cluster, &entries).await?;
-        self.entries = entries;
-        Ok(writes)
-    }
-
-    /// Writes `entries` as [`Inventory::write`] does, but leaves
-    /// [`Inventory::entries`] as they were: for a record made before the
-    /// writes, without copying every entry.
-    pub async fn record(&mut self, cluster: &Cluster, mut entries: Vec<&Entry>) -> Result<usize> {
-        first_of_each(&mut entries);
-        self.store(cluster, &entries).await
-    }
-
-    async fn store<E: std::borrow::Borrow<Entry>>(
+    /// Of two records for one object, the first given is kept.
+    /// [`Inventory::entries`] stay as read.
+    pub async fn write<R: Record>(
         &mut self,
         cluster: &Cluster,
-        entries: &[E],
+        mut records: Vec<R>,
     ) -> Result<usize> {
+        first_of_each(&mut records);
+        let entries = &records;
         let cluster = cluster.home();
-        let shards = encode(&self.name, entries, self.stored.len());
         let mut writes = 0;
-        if shards.iter().any(|(n, t)| self.stored.get(n) != Some(t)) {
-            cluster.ensure_namespace(&self.namespace).await?;
-        }
-        for (shard, text) in &shards {
-            if self.stored.get(shard) == Some(text) {
+        let mut written = BTreeMap::new();
+        // One shard's text at a time.
+        for (i, members) in shards(entries, self.stored.len()).into_iter().enumerate() {
+            let shard = shard_name(&self.name, i);
+            let text = shard_text(entries, members);
+            let digest = shard_digest(&text);
+            if self.stored.get(&shard) == Some(&digest) {
+                written.insert(shard, digest);
                 continue;
+            }
+            if writes == 0 {
+                cluster.ensure_namespace(&self.namespace).await?;
             }
             let body = json!({
                 "apiVersion": "v1",
@@ -275,17 +335,18 @@ impl Inventory {
                 "data": {KEY: text},
             });
             cluster
-                .apply_config_map(&self.namespace, shard, &body)
+                .apply_config_map(&self.namespace, &shard, &body)
                 .await?;
             writes += 1;
+            written.insert(shard, digest);
         }
         for shard in self.stored.keys() {
-            if !shards.contains_key(shard) {
+            if !written.contains_key(shard) {
                 cluster.delete_config_map(&self.namespace, shard).await?;
                 writes += 1;
             }
         }
-        self.stored = shards;
+        self.stored = written;
         Ok(writes)
     }
 }
@@ -299,18 +360,18 @@ mod tests {
             identity: Identity {
                 group: "apps".into(),
                 kind: "Deployment".into(),
-                namespace: format!("tenant-{i}"),
-                name: format!("app-{i}"),
+                namespace: format!("tenant-{i}").into(),
+                name: format!("app-{i}").into(),
             },
             version: "v1".into(),
             owner: Owner {
                 blueprint: "web".into(),
-                instance: format!("t{i}"),
+                instance: format!("t{i}").into(),
                 resource: "app".into(),
             },
             wave: 1,
             retain: i.is_multiple_of(2),
-            uid: format!("0c8a6f0e-2b7c-4a55-9d2e-{i:012}"),
+            uid: format!("0c8a6f0e-2b7c-4a55-9d2e-{i:012}").into(),
         }
     }
 

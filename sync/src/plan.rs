@@ -206,19 +206,24 @@ impl Plan {
         for (new, &old) in order.iter().enumerate() {
             position[old] = new;
         }
-        let mut slots: Vec<Option<Step>> = steps.drain(..).map(Some).collect();
-        let mut sorted = Vec::with_capacity(slots.len());
-        for &old in &order {
-            if let Some(mut step) = slots[old].take() {
-                for d in &mut step.dependencies {
-                    *d = position[*d];
-                }
-                sorted.push(step);
+        drop(order);
+        for step in &mut steps {
+            for d in &mut step.dependencies {
+                *d = position[*d];
             }
         }
-        let count = sorted.iter().map(|s| s.wave + 1).max().unwrap_or(0);
+        // Each step to its place, following the permutation's cycles: no
+        // second vector of steps.
+        for i in 0..steps.len() {
+            while position[i] != i {
+                let j = position[i];
+                steps.swap(i, j);
+                position.swap(i, j);
+            }
+        }
+        let count = steps.iter().map(|s| s.wave + 1).max().unwrap_or(0);
         Ok(Plan {
-            steps: sorted,
+            steps,
             prune: pruned,
             waves: count,
         })
@@ -376,7 +381,7 @@ fn action_on(desired: &Desired, live: &Value) -> Action {
         return Action::Skip("creationPolicy Once and it exists".into());
     }
     let applied = live["metadata"]["annotations"][DIGEST_ANNOTATION].as_str();
-    if applied != Some(desired.digest.as_str()) {
+    if !applied.is_some_and(|a| desired.digest.is(a)) {
         return Action::Update;
     }
     if holds(&desired.object(), live, &desired.policies.ignore_fields) {
@@ -491,7 +496,7 @@ mod tests {
         let desired = tree();
         let entry = |name: &str, wave: usize, retain: bool| Entry {
             identity: Identity {
-                group: String::new(),
+                group: Default::default(),
                 kind: "ConfigMap".into(),
                 namespace: "t-a".into(),
                 name: name.into(),
@@ -500,7 +505,7 @@ mod tests {
             owner: Owner::default(),
             wave,
             retain,
-            uid: String::new(),
+            uid: Default::default(),
         };
         let inventory = vec![
             entry("config", 1, false),

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 
+use compact_str::CompactString;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use kiln_render::manifest::{BLUEPRINT_LABEL, INSTANCE_LABEL, Identity, MANAGED_BY};
@@ -33,7 +34,7 @@ pub const DELETE_WITH_CONTENTS: &str = "kiln.dev/delete-with-contents";
 
 /// Kiln's objects by identity, with the uid Kiln recorded ("" when not
 /// known): what a Namespace may hold and still be pruned.
-pub(crate) type Ours = HashMap<Identity, String>;
+pub(crate) type Ours = HashMap<Identity, CompactString>;
 
 /// Prunes, deepest wave first, each wave concurrently. `ours` is every
 /// object of the inventory and the tree but those retained now; the objects
@@ -223,10 +224,10 @@ async fn strangers(
             let meta = &object["metadata"];
             let name = meta["name"].as_str().unwrap_or_default();
             let identity = Identity {
-                group: kind.resource.group.clone(),
-                kind: kind.resource.kind.clone(),
-                namespace: namespace.to_string(),
-                name: name.to_string(),
+                group: kind.resource.group.as_str().into(),
+                kind: kind.resource.kind.as_str().into(),
+                namespace: namespace.into(),
+                name: name.into(),
             };
             let owned = meta["ownerReferences"]
                 .as_array()

@@ -336,8 +336,7 @@ impl Reconciler {
                     None => {
                         self.metrics.rendered(elapsed);
                         let made = rendered_event(&rendered, elapsed);
-                        let desired = desired::from_rendered(&rendered)?;
-                        drop(rendered);
+                        let desired = desired::take_rendered(rendered)?;
                         // The guard compares with the inventory, not with
                         // the last render: it holds across restarts, and a
                         // refused render keeps the last desired state.
@@ -627,7 +626,7 @@ fn read_tip(
     }
     let known = tip.filter(|_| have_desired);
     match target.tip_tree(known.as_ref())? {
-        Some((id, tree)) => Ok(Some((id, desired::from_tree(&tree)?))),
+        Some((id, tree)) => Ok(Some((id, desired::from_tree(tree)?))),
         None => Ok(None),
     }
 }

@@ -1204,8 +1204,9 @@ async fn instance_health(cluster: &Cluster, instance: &Instance) -> Result<Healt
         };
         // Written by Kiln (its digest), or by whoever applies the branch
         // (ArgoCD, Flux): every field it renders holds.
-        let written = live["metadata"]["annotations"][DIGEST_ANNOTATION].as_str()
-            == Some(wanted.digest.as_str())
+        let written = live["metadata"]["annotations"][DIGEST_ANNOTATION]
+            .as_str()
+            .is_some_and(|a| wanted.digest.is(a))
             || crate::compare::holds(&wanted.object(), &live, &wanted.policies.ignore_fields);
         if !written {
             progressing = true;

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use compact_str::CompactString;
 use futures_util::StreamExt as _;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::WatchStreamExt as _;
@@ -63,7 +64,7 @@ pub struct Watches {
     selector: String,
     changed: UnboundedSender<Note>,
     /// By apiVersion, kind and namespace (empty: all namespaces).
-    running: HashMap<(String, String, String), JoinHandle<()>>,
+    running: HashMap<(CompactString, CompactString, CompactString), JoinHandle<()>>,
 }
 
 impl Watches {
@@ -86,7 +87,7 @@ impl Watches {
             let mut key = (
                 d.api_version.clone(),
                 d.identity.kind.clone(),
-                String::new(),
+                CompactString::default(),
             );
             if confined {
                 key.2 = d.identity.namespace.clone();

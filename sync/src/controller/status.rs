@@ -91,9 +91,9 @@ impl Shape {
             .iter()
             .map(|d| (d.owner.blueprint.as_str(), d.owner.instance.as_str()))
             .collect();
-        let mut digests: Vec<(&String, String)> = desired
+        let mut digests: Vec<(String, String)> = desired
             .iter()
-            .map(|d| (&d.digest, d.identity.to_string()))
+            .map(|d| (d.digest.to_string(), d.identity.to_string()))
             .collect();
         digests.sort();
         let mut hasher = sha2::Sha256::new();
@@ -408,7 +408,7 @@ mod tests {
                 format!("ConfigMap t-{i}/plan (app/t-{i}/plan)"),
                 Owner {
                     blueprint: "app".into(),
-                    instance: format!("t-{i}"),
+                    instance: format!("t-{i}").into(),
                     resource: "plan".into(),
                 },
             ))),
