@@ -235,17 +235,37 @@ pub fn render_all(args: &ConfigArgs) -> anyhow::Result<Rendering> {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let mut loaded = load(&args.config)?;
-    if !args.instances.is_empty() {
-        loaded.keep_instances(&args.instances)?;
-    }
-    // The Pipeline outlives `loaded`, which rendering consumes.
-    let pipeline = target::pipeline(&loaded.config, args.config.pipeline.as_deref())?.cloned();
+    let config = args.config.load()?;
+    // The Pipeline outlives the configuration, which rendering consumes.
+    let pipeline = target::pipeline(&config, args.config.pipeline.as_deref())?.cloned();
     let pipeline = pipeline.as_ref();
     let git_target = args.git.repo.is_some()
         || (args.out.is_none() && pipeline.is_some_and(|p| p.spec.git.is_some()));
     if git_target {
-        return commit(args, loaded, pipeline);
+        // Each wave would be its own commit: one commit of every instance
+        // is what the strategy forbids.
+        if let Some(refusal) = pipeline.and_then(kiln_render::rollout::not_run) {
+            anyhow::bail!(refusal);
+        }
+        // Opening the repository and reading its instance memo take about
+        // as long as reading the rows: both at once.
+        let (loaded, opened) = std::thread::scope(|scope| {
+            let opened = scope.spawn(|| open(args, pipeline));
+            let loaded = read(config, &args.config);
+            let opened = opened
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (loaded, opened)
+        });
+        let mut loaded = loaded?;
+        if !args.instances.is_empty() {
+            loaded.keep_instances(&args.instances)?;
+        }
+        return commit(args, loaded, opened?, pipeline);
+    }
+    let mut loaded = read(config, &args.config)?;
+    if !args.instances.is_empty() {
+        loaded.keep_instances(&args.instances)?;
     }
     // A directory that holds exactly what the last render of these inputs
     // wrote needs no render: the same tree would come out.
@@ -368,17 +388,25 @@ fn emit(
     Ok(())
 }
 
+/// The repository a render commits to, opened, and its instance memo.
+struct Opened {
+    target: target::Target,
+    memo: kiln_render::memo::Memo,
+}
+
+fn open(args: &Args, pipeline: Option<&Named<PipelineSpec>>) -> anyhow::Result<Opened> {
+    let target = target::resolve(&args.git, pipeline)?;
+    let memo = publish::instance_memo(&target.repo, &target.options)?;
+    Ok(Opened { target, memo })
+}
+
 fn commit(
     args: &Args,
     mut loaded: Loaded,
+    opened: Opened,
     pipeline: Option<&Named<PipelineSpec>>,
 ) -> anyhow::Result<Outcome> {
-    // Each wave would be its own commit: one commit of every instance is
-    // what the strategy forbids.
-    if let Some(refusal) = pipeline.and_then(kiln_render::rollout::not_run) {
-        anyhow::bail!(refusal);
-    }
-    let mut target = target::resolve(&args.git, pipeline)?;
+    let Opened { mut target, memo } = opened;
     if !args.emit.is_empty() {
         let emitted = format!("emit {:?} {:?}", args.emit, args.repo_url);
         loaded.inputs = loaded.inputs.with(&emitted);
@@ -392,7 +420,6 @@ fn commit(
         }
         return report(args, &published);
     }
-    let memo = publish::instance_memo(&target.repo, &target.options)?;
     let mut rendering = loaded.render_remembering(Some(&memo))?;
     drop(memo);
     let rendering = &mut rendering;
