@@ -4,11 +4,11 @@
 //! instance that finished, with the inventory written before (what may be
 //! created) and after (what exists).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use compact_str::CompactString;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use kiln_render::api::{ConflictPolicy, DeletionPolicy, PatchStrategy};
@@ -78,7 +78,13 @@ pub async fn prepare(
     let inventory =
         Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
     crate::guard::check_apply(options, &inventory.entries, &desired)?;
-    let live = read_live(cluster, &mut desired, &options.inventory, true).await?;
+    let live = read_live(
+        cluster,
+        &mut desired,
+        &options.inventory,
+        Some(&inventory.entries),
+    )
+    .await?;
     let plan = Plan::new(desired, live, &inventory.entries, options.prune)?;
     Ok(Prepared { plan, inventory })
 }
@@ -87,14 +93,15 @@ pub async fn prepare(
 /// objects that have none to `default` and dropping it from cluster-scoped
 /// ones, as kubectl does.
 ///
-/// With `compact`, objects that need nothing are kept as their uid (see
-/// [`crate::plan::settled`]), so that a resync of a large tree holds
-/// little of it in memory.
+/// With `compact` (the inventory's entries), objects that need nothing are
+/// kept as their uid (see [`crate::plan::settled`]), or as nothing when
+/// the inventory records that uid already, so that a resync of a large
+/// tree holds little of it in memory.
 pub async fn read_live(
     cluster: &Cluster,
     desired: &mut [Desired],
     inventory: &str,
-    compact: bool,
+    compact: Option<&[Entry]>,
 ) -> Result<Live> {
     let mut by_kind: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for (i, d) in desired.iter().enumerate() {
@@ -118,6 +125,12 @@ pub async fn read_live(
         }
     }
     let desired: &[Desired] = desired;
+    let recorded: HashMap<&Identity, &str> = compact
+        .unwrap_or_default()
+        .iter()
+        .map(|e| (&e.identity, e.uid.as_str()))
+        .collect();
+    let recorded = &recorded;
     let reads = by_kind.iter().filter_map(|(key, indices)| {
         let kind = kinds.get(key).cloned().flatten()?;
         Some(async move {
@@ -132,16 +145,19 @@ pub async fn read_live(
                 list_where(cluster, &kind, &namespaces, &selector, |object| {
                     let identity = identity_of(&object, &kind);
                     if let Some(&i) = wanted.get(&identity) {
-                        let object = if compact && crate::plan::settled(&desired[i], &object) {
-                            LiveObject::Settled {
-                                uid: object["metadata"]["uid"]
-                                    .as_str()
-                                    .unwrap_or_default()
-                                    .to_string(),
-                            }
-                        } else {
-                            LiveObject::Read(object)
-                        };
+                        let object =
+                            if compact.is_some() && crate::plan::settled(&desired[i], &object) {
+                                let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+                                // The inventory's uid is not kept twice.
+                                let uid = if recorded.get(&identity) == Some(&uid) {
+                                    String::new()
+                                } else {
+                                    uid.to_string()
+                                };
+                                LiveObject::Settled { uid }
+                            } else {
+                                LiveObject::Read(object)
+                            };
                         found.push((i, object));
                     }
                 })
@@ -257,27 +273,33 @@ pub async fn execute(
         plan,
         mut inventory,
     } = prepared;
+    // The inventory as read: what this apply records beside its own
+    // objects, before and after the writes.
+    let known = std::mem::take(&mut inventory.entries);
     // Whether each step's object was in the inventory before this apply.
     let inventoried: Vec<bool> = {
-        let before: HashSet<&Identity> = inventory.entries.iter().map(|e| &e.identity).collect();
+        let before: HashSet<&Identity> = known.iter().map(|e| &e.identity).collect();
         plan.steps
             .iter()
             .map(|s| before.contains(&s.desired.identity))
             .collect()
     };
-    // The uids Kiln recorded after writing: an object keeps its own until
-    // Kiln writes it again.
-    let mut uids: Vec<CompactString> = {
-        let known: HashMap<&Identity, &str> = inventory
-            .entries
+    // The uids Kiln recorded after writing (the inventory's, not copied):
+    // an object keeps its own until Kiln writes it again.
+    let mut uids: Vec<Cow<str>> = {
+        let recorded: HashMap<&Identity, &str> = known
             .iter()
             .map(|e| (&e.identity, e.uid.as_str()))
             .collect();
         plan.steps
             .iter()
             .map(|s| {
-                let uid = known.get(&s.desired.identity).copied();
-                uid.unwrap_or_default().into()
+                Cow::Borrowed(
+                    recorded
+                        .get(&s.desired.identity)
+                        .copied()
+                        .unwrap_or_default(),
+                )
             })
             .collect()
     };
@@ -285,13 +307,10 @@ pub async fn execute(
     let retries_before = cluster.retries();
     // Record first what this apply may create, so that a crash leaves no
     // object Kiln made but does not know of.
-    let known = std::mem::take(&mut inventory.entries);
     let before: Vec<Line> = Line::applied(&plan, &uids)
         .chain(known.iter().map(Line::Kept))
         .collect();
-    let recorded = inventory.write(cluster, before).await;
-    inventory.entries = known;
-    recorded?;
+    inventory.write(cluster, before).await?;
 
     let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let count = plan.steps.len();
@@ -404,7 +423,7 @@ pub async fn execute(
             if let Some(uid) = uid
                 && (outcome.status != Status::Unchanged || uids[i].is_empty())
             {
-                uids[i] = uid.into();
+                uids[i] = Cow::Owned(uid);
             }
             outcomes[i] = Some(outcome);
             for &j in &dependents[i] {
@@ -427,7 +446,6 @@ pub async fn execute(
         ..Report::default()
     };
 
-    let known = std::mem::take(&mut inventory.entries);
     // What the inventory keeps besides this apply's objects.
     let mut staying: Vec<&Entry> = Vec::new();
     let mut kept: Vec<Entry> = Vec::new();
@@ -566,7 +584,7 @@ enum Line<'a> {
 
 impl<'a> Line<'a> {
     /// The plan's objects, with `uids` aligned to its steps.
-    fn applied(plan: &'a Plan, uids: &'a [CompactString]) -> impl Iterator<Item = Self> + 'a {
+    fn applied(plan: &'a Plan, uids: &'a [Cow<'_, str>]) -> impl Iterator<Item = Self> + 'a {
         plan.steps
             .iter()
             .zip(uids)

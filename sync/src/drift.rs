@@ -56,7 +56,7 @@ pub async fn detect(
 ) -> Result<Vec<Drifted>> {
     let inventory =
         Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
-    let live = read_live(cluster, &mut desired, &options.inventory, false).await?;
+    let live = read_live(cluster, &mut desired, &options.inventory, None).await?;
     let semaphore = tokio::sync::Semaphore::new(options.concurrency.max(1));
     let mut checks: FuturesUnordered<_> = desired
         .iter()
