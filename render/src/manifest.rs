@@ -101,6 +101,13 @@ pub fn group_of(api_version: &str) -> &str {
     api_version.rsplit_once('/').map_or("", |(group, _)| group)
 }
 
+/// The version of an `apiVersion`: `v1` of `apps/v1` and of `v1`.
+pub fn version_of(api_version: &str) -> &str {
+    api_version
+        .rsplit_once('/')
+        .map_or(api_version, |(_, version)| version)
+}
+
 /// Which (group, kind) pairs are cluster-scoped: the built-in ones, plus the
 /// CRDs of one render.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -611,13 +611,9 @@ impl Record for Line<'_> {
         match self {
             Self::Applied(step, uid) => {
                 let desired = &step.desired;
-                let version = desired
-                    .api_version
-                    .rsplit_once('/')
-                    .map_or(desired.api_version.as_str(), |(_, v)| v);
                 crate::inventory::line(
                     &desired.identity,
-                    version,
+                    kiln_render::manifest::version_of(&desired.api_version),
                     &desired.owner,
                     step.wave,
                     desired.policies.deletion == DeletionPolicy::Retain,

@@ -297,41 +297,33 @@ pub fn from_tree(tree: Tree) -> Result<Vec<Desired>> {
 
 /// The objects of a render, without writing them anywhere first.
 pub fn from_rendered(rendered: &Rendered) -> Result<Vec<Desired>> {
-    let mut objects = Vec::new();
-    let mut shared = Shared::default();
-    for instance in &rendered.instances {
-        add_instance(instance, &mut objects, &mut shared)?;
-    }
-    check_unique(&objects)?;
-    Ok(objects)
+    from_instances(&rendered.instances)
 }
 
 /// [`from_rendered`], letting go of each instance's output once it is
 /// read: the render and the objects are not held in full at once.
 pub fn take_rendered(rendered: Rendered) -> Result<Vec<Desired>> {
+    from_instances(rendered.instances)
+}
+
+fn from_instances<I: std::borrow::Borrow<Instance>>(
+    instances: impl IntoIterator<Item = I>,
+) -> Result<Vec<Desired>> {
     let mut objects = Vec::new();
     let mut shared = Shared::default();
-    for instance in rendered.instances {
-        add_instance(&instance, &mut objects, &mut shared)?;
+    for instance in instances {
+        let instance = instance.borrow();
+        for object in &instance.objects {
+            let origin = format!(
+                "{}/{}/{}.yaml",
+                instance.blueprint, instance.name, object.resource
+            );
+            objects.push(Desired::read(object.value()?, &origin, &mut shared)?);
+        }
     }
     objects.shrink_to_fit();
     check_unique(&objects)?;
     Ok(objects)
-}
-
-fn add_instance(
-    instance: &Instance,
-    objects: &mut Vec<Desired>,
-    shared: &mut Shared,
-) -> Result<()> {
-    for object in &instance.objects {
-        let origin = format!(
-            "{}/{}/{}.yaml",
-            instance.blueprint, instance.name, object.resource
-        );
-        objects.push(Desired::read(object.value()?, &origin, shared)?);
-    }
-    Ok(())
 }
 
 /// Refuses the same object twice, naming both places.

@@ -105,20 +105,6 @@ impl Record for Entry {
     }
 }
 
-impl<R: Record + ?Sized> Record for &R {
-    fn identity(&self) -> &Identity {
-        (**self).identity()
-    }
-
-    fn uid(&self) -> &str {
-        (**self).uid()
-    }
-
-    fn line(&self) -> String {
-        (**self).line()
-    }
-}
-
 impl Entry {
     fn parse(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.split('\t').collect();
