@@ -125,39 +125,47 @@ pub async fn read_live(
         }
     }
     let desired: &[Desired] = desired;
-    let recorded: HashMap<&Identity, &str> = compact
-        .unwrap_or_default()
-        .iter()
-        .map(|e| (&e.identity, e.uid.as_str()))
-        .collect();
-    let recorded = &recorded;
+    // Each kind's objects sorted by identity, to look listed objects up by
+    // binary search (no table per object while the lists are read).
+    for indices in by_kind.values_mut() {
+        indices.sort_unstable_by(|&a, &b| desired[a].identity.cmp(&desired[b].identity));
+    }
     let reads = by_kind.iter().filter_map(|(key, indices)| {
         let kind = kinds.get(key).cloned().flatten()?;
         Some(async move {
-            let wanted: HashMap<&Identity, usize> =
-                indices.iter().map(|&i| (&desired[i].identity, i)).collect();
-            let namespaces: HashSet<&str> = wanted.keys().map(|i| i.namespace.as_str()).collect();
-            let mut found: Vec<(usize, LiveObject)> = Vec::new();
+            let wanted = |identity: &Identity| {
+                indices
+                    .binary_search_by(|&i| desired[i].identity.cmp(identity))
+                    .ok()
+                    .map(|at| indices[at])
+            };
+            let namespaces: HashSet<&str> = indices
+                .iter()
+                .map(|&i| desired[i].identity.namespace.as_str())
+                .collect();
+            let mut found: Vec<(usize, LiveObject)> = Vec::with_capacity(indices.len());
             for selector in [
                 format!("{INVENTORY_LABEL}={inventory}"),
                 format!("{ORPHANED_LABEL}=true"),
             ] {
                 list_where(cluster, &kind, &namespaces, &selector, |object| {
                     let identity = identity_of(&object, &kind);
-                    if let Some(&i) = wanted.get(&identity) {
-                        let object =
-                            if compact.is_some() && crate::plan::settled(&desired[i], &object) {
-                                let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
-                                // The inventory's uid is not kept twice.
-                                let uid = if recorded.get(&identity) == Some(&uid) {
-                                    String::new()
-                                } else {
-                                    uid.to_string()
-                                };
-                                LiveObject::Settled { uid }
+                    if let Some(i) = wanted(&identity) {
+                        let object = if let Some(entries) = compact
+                            && crate::plan::settled(&desired[i], &object)
+                        {
+                            let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+                            // The inventory's uid is not kept twice.
+                            let recorded = Entry::find(entries, &identity).map(|e| e.uid.as_str());
+                            let uid = if recorded == Some(uid) {
+                                String::new()
                             } else {
-                                LiveObject::Read(object)
+                                uid.to_string()
                             };
+                            LiveObject::Settled { uid }
+                        } else {
+                            LiveObject::Read(Box::new(object))
+                        };
                         found.push((i, object));
                     }
                 })
@@ -165,16 +173,24 @@ pub async fn read_live(
             }
             // A few objects not labelled as Kiln's may still exist (made by
             // someone else): look them up so that the plan says so.
-            let listed: HashSet<usize> = found.iter().map(|(i, _)| *i).collect();
-            let missing: Vec<(&&Identity, &usize)> =
-                wanted.iter().filter(|(_, i)| !listed.contains(i)).collect();
+            let mut listed = vec![false; desired.len()];
+            for (i, _) in &found {
+                listed[*i] = true;
+            }
+            let missing: Vec<usize> = indices
+                .iter()
+                .copied()
+                .filter(|&i| !listed[i])
+                .take(51)
+                .collect();
             if missing.len() <= 50 {
-                for (identity, &i) in missing {
+                for i in missing {
+                    let identity = &desired[i].identity;
                     if let Ok(Some(object)) = cluster
                         .get(&kind, &identity.namespace, &identity.name)
                         .await
                     {
-                        found.push((i, LiveObject::Read(object)));
+                        found.push((i, LiveObject::Read(Box::new(object))));
                     }
                 }
             }
@@ -277,32 +293,15 @@ pub async fn execute(
     // objects, before and after the writes.
     let known = std::mem::take(&mut inventory.entries);
     // Whether each step's object was in the inventory before this apply.
-    let inventoried: Vec<bool> = {
-        let before: HashSet<&Identity> = known.iter().map(|e| &e.identity).collect();
-        plan.steps
-            .iter()
-            .map(|s| before.contains(&s.desired.identity))
-            .collect()
-    };
+    let recorded = |step: &Step| Entry::find(&known, &step.desired.identity);
+    let inventoried: Vec<bool> = plan.steps.iter().map(|s| recorded(s).is_some()).collect();
     // The uids Kiln recorded after writing (the inventory's, not copied):
     // an object keeps its own until Kiln writes it again.
-    let mut uids: Vec<Cow<str>> = {
-        let recorded: HashMap<&Identity, &str> = known
-            .iter()
-            .map(|e| (&e.identity, e.uid.as_str()))
-            .collect();
-        plan.steps
-            .iter()
-            .map(|s| {
-                Cow::Borrowed(
-                    recorded
-                        .get(&s.desired.identity)
-                        .copied()
-                        .unwrap_or_default(),
-                )
-            })
-            .collect()
-    };
+    let mut uids: Vec<Cow<str>> = plan
+        .steps
+        .iter()
+        .map(|s| Cow::Borrowed(recorded(s).map_or("", |e| e.uid.as_str())))
+        .collect();
 
     let retries_before = cluster.retries();
     // Record first what this apply may create, so that a crash leaves no

@@ -41,6 +41,9 @@ struct PageMetadata {
 /// Objects per page of a list: a page is parsed whole, so this bounds what
 /// a list holds in memory at once.
 const LIST_PAGE: u32 = 500;
+/// ConfigMaps listed at once by [`Cluster::config_maps`]: an inventory's
+/// shards are up to 256 KiB each.
+const CONFIG_MAP_PAGE: u32 = 8;
 
 /// An API request that failed for good, with the server's answer kept:
 /// the caller asks what it was.
@@ -470,6 +473,20 @@ impl Cluster {
         namespace: Option<&str>,
         labels: Option<&str>,
         fields: Option<&str>,
+        each: impl FnMut(Value),
+    ) -> Result<()> {
+        self.list_pages(kind, namespace, labels, fields, LIST_PAGE, each)
+            .await
+    }
+
+    /// [`Cluster::list_each`], `page` objects at a time.
+    async fn list_pages(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        labels: Option<&str>,
+        fields: Option<&str>,
+        page: u32,
         mut each: impl FnMut(Value),
     ) -> Result<()> {
         let requests = Self::requests(kind, namespace.unwrap_or_default());
@@ -478,7 +495,7 @@ impl Cluster {
             let params = ListParams {
                 label_selector: labels.map(str::to_string),
                 field_selector: fields.map(str::to_string),
-                limit: Some(LIST_PAGE),
+                limit: Some(page),
                 continue_token: token.clone(),
                 ..ListParams::default()
             };
@@ -657,29 +674,41 @@ impl Cluster {
         }
     }
 
-    /// The data of the ConfigMaps in `namespace` matching `selector`.
+    /// Hands the name and data of each ConfigMap in `namespace` matching
+    /// `selector` to `each`.
     pub async fn config_maps(
         &self,
         namespace: &str,
         selector: &str,
-    ) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
-        let kind = config_map_kind();
-        let maps = self.list(&kind, Some(namespace), selector).await?;
-        Ok(maps
-            .into_iter()
-            .filter_map(|m| {
-                let name = m["metadata"]["name"].as_str()?.to_string();
-                let data = m["data"]
-                    .as_object()
-                    .map(|d| {
-                        d.iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Some((name, data))
-            })
-            .collect())
+        mut each: impl FnMut(String, BTreeMap<String, String>),
+    ) -> Result<()> {
+        // A few at a time, the data moved out of each parsed map: an
+        // inventory's shards hold a line per object, and a page of them
+        // is held several times over while it is read.
+        self.list_pages(
+            &config_map_kind(),
+            Some(namespace),
+            Some(selector),
+            None,
+            CONFIG_MAP_PAGE,
+            |mut map| {
+                let Some(name) = map["metadata"]["name"].as_str().map(str::to_string) else {
+                    return;
+                };
+                let data = match map["data"].take() {
+                    Value::Object(data) => data
+                        .into_iter()
+                        .map(|(key, value)| match value {
+                            Value::String(text) => (key, text),
+                            _ => (key, String::new()),
+                        })
+                        .collect(),
+                    _ => BTreeMap::new(),
+                };
+                each(name, data);
+            },
+        )
+        .await
     }
 
     /// Applies a ConfigMap Kiln owns outright.

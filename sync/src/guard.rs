@@ -16,20 +16,25 @@ use crate::{Error, Result};
 
 /// The guard as an apply with `options` runs it: nothing to check when it
 /// does not prune or the person allowed it; else [`check`] against the
-/// inventory's `entries`.
+/// instances of the inventory's `entries`.
 pub fn check_apply(options: &Options, entries: &[Entry], desired: &[Desired]) -> Result<()> {
     if !options.prune || options.allow_mass_delete {
         return Ok(());
     }
+    let before = entries
+        .iter()
+        .map(|e| (format!("{}/{}", e.owner.blueprint, e.owner.instance), ()))
+        .collect();
     check(
         &options.inventory,
-        entries,
+        &before,
         desired,
         options.max_delete_percent,
     )
 }
 
-/// [`check_apply`], reading the inventory first.
+/// [`check_apply`], reading the inventory's instances first (only those:
+/// the rest of each entry is not kept).
 pub async fn check_cluster(
     cluster: &Cluster,
     options: &Options,
@@ -38,23 +43,29 @@ pub async fn check_cluster(
     if !options.prune || options.allow_mass_delete {
         return Ok(());
     }
-    let inventory =
-        Inventory::read(cluster, &options.inventory_namespace, &options.inventory).await?;
-    check_apply(options, &inventory.entries, desired)
+    let before =
+        Inventory::instances(cluster, &options.inventory_namespace, &options.inventory).await?;
+    check(
+        &options.inventory,
+        &before,
+        desired,
+        options.max_delete_percent,
+    )
 }
 
 /// Refuses to apply `desired` when it would remove too many of the
-/// instances (`blueprint/instance`) the inventory `name` holds.
-pub fn check(name: &str, inventory: &[Entry], desired: &[Desired], max_percent: u32) -> Result<()> {
-    let before: BTreeMap<String, ()> = inventory
-        .iter()
-        .map(|e| (format!("{}/{}", e.owner.blueprint, e.owner.instance), ()))
-        .collect();
+/// instances (`blueprint/instance`) `before` inventory `name` holds.
+pub fn check(
+    name: &str,
+    before: &BTreeMap<String, ()>,
+    desired: &[Desired],
+    max_percent: u32,
+) -> Result<()> {
     let after: BTreeMap<String, ()> = desired
         .iter()
         .map(|d| (format!("{}/{}", d.owner.blueprint, d.owner.instance), ()))
         .collect();
-    let summary = Summary::of_instances(&before, &after);
+    let summary = Summary::of_instances(before, &after);
     kiln_render::git::publish::check_deletions(&summary, max_percent).map_err(|refusal| {
         Error::Refused {
             inventory: name.to_string(),

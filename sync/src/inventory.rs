@@ -131,6 +131,14 @@ impl Entry {
         })
     }
 
+    /// The entry for `identity` in `entries` sorted by identity (as
+    /// [`Inventory::read`] leaves them): a binary search, so that looking
+    /// objects up in a large inventory needs no table beside it.
+    pub fn find<'e>(entries: &'e [Entry], identity: &Identity) -> Option<&'e Entry> {
+        let at = entries.partition_point(|e| e.identity < *identity);
+        entries.get(at).filter(|e| e.identity == *identity)
+    }
+
     /// The `apiVersion` it was applied with.
     pub fn api_version(&self) -> String {
         if self.identity.group.is_empty() {
@@ -203,12 +211,9 @@ fn first_of_each<R: Record>(entries: &mut Vec<R>) {
     entries.sort_unstable_by(|a, b| a.identity().cmp(b.identity()));
 }
 
-/// Parses the shards' texts back.
-pub fn decode<'t>(
-    texts: impl IntoIterator<Item = &'t String, IntoIter: Clone>,
-) -> Result<Vec<Entry>, String> {
-    let texts = texts.into_iter();
-    let count = texts.clone().map(|t| t.lines().count()).sum();
+/// Parses the shards' texts back, letting go of each once it is read.
+pub fn decode(texts: Vec<String>) -> Result<Vec<Entry>, String> {
+    let count = texts.iter().map(|t| t.lines().count()).sum();
     let mut entries = Vec::with_capacity(count);
     for text in texts {
         for line in text.lines().filter(|l| !l.is_empty()) {
@@ -260,28 +265,62 @@ pub struct Inventory {
 impl Inventory {
     /// Reads inventory `name` from `namespace`; empty when it does not exist.
     pub async fn read(cluster: &Cluster, namespace: &str, name: &str) -> Result<Self> {
-        let cluster = cluster.home();
-        let stored = cluster
-            .config_maps(namespace, &format!("{LABEL}={name}"))
+        let mut digests = BTreeMap::new();
+        let mut texts = Vec::new();
+        cluster
+            .home()
+            .config_maps(namespace, &format!("{LABEL}={name}"), |shard, mut data| {
+                let text = data.remove(KEY).unwrap_or_default();
+                digests.insert(shard, shard_digest(&text));
+                texts.push(text);
+            })
             .await?;
-        let stored: BTreeMap<String, String> = stored
-            .into_iter()
-            .map(|(n, data)| (n, data.get(KEY).cloned().unwrap_or_default()))
-            .collect();
-        let entries = decode(stored.values()).map_err(|message| Error::Inventory {
+        let entries = decode(texts).map_err(|message| Error::Inventory {
             name: name.to_string(),
             message,
         })?;
-        let stored = stored
-            .into_iter()
-            .map(|(n, text)| (n, shard_digest(&text)))
-            .collect();
         Ok(Self {
             name: name.to_string(),
             namespace: namespace.to_string(),
             entries,
-            stored,
+            stored: digests,
         })
+    }
+
+    /// The instances (`blueprint/instance`) inventory `name` in
+    /// `namespace` holds objects of: what the deletion guard compares, read
+    /// without keeping an entry per object.
+    pub async fn instances(
+        cluster: &Cluster,
+        namespace: &str,
+        name: &str,
+    ) -> Result<BTreeMap<String, ()>> {
+        let mut instances = BTreeMap::new();
+        let mut unreadable = None;
+        cluster
+            .home()
+            .config_maps(namespace, &format!("{LABEL}={name}"), |_, data| {
+                let text = data.get(KEY).map_or("", String::as_str);
+                for line in text.lines().filter(|l| !l.is_empty()) {
+                    match Entry::parse(line) {
+                        Some(e) => {
+                            let instance = format!("{}/{}", e.owner.blueprint, e.owner.instance);
+                            instances.insert(instance, ());
+                        }
+                        None => {
+                            unreadable.get_or_insert_with(|| format!("unreadable line {line:?}"));
+                        }
+                    }
+                }
+            })
+            .await?;
+        match unreadable {
+            Some(message) => Err(Error::Inventory {
+                name: name.to_string(),
+                message,
+            }),
+            None => Ok(instances),
+        }
     }
 
     /// Makes `records` the inventory, writing only the shards that change
@@ -368,8 +407,21 @@ mod tests {
         assert_eq!(shards.len(), 1);
         let mut sorted = entries.clone();
         sorted.sort();
-        assert_eq!(decode(shards.values()).unwrap(), sorted);
+        assert_eq!(decode(shards.values().cloned().collect()).unwrap(), sorted);
         assert_eq!(sorted[0].api_version(), "apps/v1");
+    }
+
+    #[test]
+    fn entries_are_found_by_identity() {
+        let mut entries: Vec<Entry> = (0..50).map(entry).collect();
+        entries.sort();
+        for e in &entries {
+            assert_eq!(Entry::find(&entries, &e.identity), Some(e));
+        }
+        let mut absent = entries[7].identity.clone();
+        absent.name.push_str("-gone");
+        assert_eq!(Entry::find(&entries, &absent), None);
+        assert_eq!(Entry::find(&[], &absent), None);
     }
 
     #[test]
@@ -379,13 +431,16 @@ mod tests {
         let largest = shards.values().map(String::len).max().unwrap();
         assert!(largest <= 256 * 1024, "largest shard {largest} bytes");
         assert_eq!(shards.len(), 64);
-        assert_eq!(decode(shards.values()).unwrap().len(), 100_000);
+        assert_eq!(
+            decode(shards.values().cloned().collect()).unwrap().len(),
+            100_000
+        );
     }
 
     #[test]
     fn a_line_written_before_uids_reads_with_none() {
         let line = "apps\tv1\tDeployment\tt-1\tapp\tweb\tt1\tapp\t1\tDelete";
-        let entries = decode([&format!("{line}\n")]).unwrap();
+        let entries = decode(vec![format!("{line}\n")]).unwrap();
         assert_eq!(entries[0].uid, "");
         assert_eq!(entries[0].identity.name, "app");
         let mut with_uid = entries[0].clone();

@@ -94,8 +94,9 @@ pub struct Plan {
 /// A desired object's live state, as the plan is made from it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LiveObject {
-    /// As read.
-    Read(Value),
+    /// As read (boxed: a parsed object is several times the size of a uid,
+    /// and most of a resync's objects are settled).
+    Read(Box<Value>),
     /// Known to need nothing (see [`settled`]): only its uid is kept, so
     /// that a resync of a large tree holds little of it in memory.
     Settled {
@@ -469,7 +470,7 @@ mod tests {
         let desired = tree();
         let mut live: Live = desired
             .iter()
-            .map(|d| Some(LiveObject::Read(live_of(d))))
+            .map(|d| Some(LiveObject::Read(Box::new(live_of(d)))))
             .collect();
         let plan = Plan::new(desired.clone(), live.clone(), &[], true).unwrap();
         assert!(
@@ -539,7 +540,7 @@ mod tests {
         );
         let live: Live = desired
             .iter()
-            .map(|d| Some(LiveObject::Read(live_of(d))))
+            .map(|d| Some(LiveObject::Read(Box::new(live_of(d)))))
             .collect();
         let plan = Plan::new(desired, live, &[], true).unwrap();
         assert!(matches!(plan.steps[1].action, Action::Skip(_)));
