@@ -304,6 +304,7 @@ fn render_pass(
     stop_at_first: bool,
     scopes: &Scopes,
     memo: Option<&Memo>,
+    take: Option<Take<'_>>,
 ) -> Result<Pass> {
     let mut stamped = Vec::new();
     let mut crds = Vec::new();
@@ -332,7 +333,14 @@ fn render_pass(
                 .max_render_bytes(),
         };
         let results = crate::parallel::map(active, |row| {
-            let rendered = render_row(b, blueprint, config, row, scopes, &budget, memo);
+            let rendered = render_row(b, blueprint, config, row, scopes, &budget, memo).map(
+                |(mut stamped, crds)| {
+                    if let Some(take) = take {
+                        take(&blueprint.name, &stamped.name, &mut stamped.objects);
+                    }
+                    (stamped, crds)
+                },
+            );
             progress.advance(1);
             rendered
         });
@@ -373,6 +381,38 @@ pub fn render_remembering(
     stop_at_first: bool,
     memo: Option<&Memo>,
 ) -> Result<Rendered> {
+    render_inner(blueprints, config, rows, stop_at_first, memo, None)
+}
+
+/// Hands each instance's objects over as it renders (see
+/// [`render_taking`]): blueprint, instance and objects.
+pub type Take<'a> = &'a (dyn Fn(&str, &str, &mut [Object]) + Sync);
+
+/// [`render`], handing each instance's objects to `take` on the thread that
+/// rendered them, as soon as they are: a caller that turns them into its
+/// own form and lets go of their YAML never holds the whole fleet's YAML,
+/// and the thread reuses what was let go of for the next instance. What
+/// `take` leaves of each object is what the render returns. An instance
+/// may be handed over twice (a second pass when CRDs of the render change
+/// scopes); the last is the one that counts.
+pub fn render_taking(
+    blueprints: &[Compiled],
+    config: &Config,
+    rows: &BTreeMap<String, Vec<Row>>,
+    stop_at_first: bool,
+    take: Take<'_>,
+) -> Result<Rendered> {
+    render_inner(blueprints, config, rows, stop_at_first, None, Some(take))
+}
+
+fn render_inner(
+    blueprints: &[Compiled],
+    config: &Config,
+    rows: &BTreeMap<String, Vec<Row>>,
+    stop_at_first: bool,
+    memo: Option<&Memo>,
+    take: Option<Take<'_>>,
+) -> Result<Rendered> {
     // One pass stamps and serialises each object as it renders, so no
     // parsed object outlives its row. CRDs rendered in the same run can make
     // their kinds cluster-scoped; only then is a second pass needed. The
@@ -382,14 +422,21 @@ pub fn render_remembering(
     let defaults = Scopes::default();
     let first = memo.and_then(|m| m.scopes.clone()).unwrap_or_default();
     let (mut stamped, crds, mut errors, mut over_budget) =
-        render_pass(blueprints, config, rows, stop_at_first, &first, memo)?;
+        render_pass(blueprints, config, rows, stop_at_first, &first, memo, take)?;
     let mut learned = defaults.clone();
     for crd in &crds {
         learned.learn(crd);
     }
     if learned != first {
-        (stamped, _, errors, over_budget) =
-            render_pass(blueprints, config, rows, stop_at_first, &learned, memo)?;
+        (stamped, _, errors, over_budget) = render_pass(
+            blueprints,
+            config,
+            rows,
+            stop_at_first,
+            &learned,
+            memo,
+            take,
+        )?;
     }
     let reused = stamped
         .iter()
@@ -399,43 +446,38 @@ pub fn render_remembering(
     if reused && (over_budget || !errors.is_empty() || identities_collide(&stamped)) {
         tracing::debug!("the render with the memo found a problem; rendering every instance");
         let empty = Memo::default();
-        return render_remembering(blueprints, config, rows, stop_at_first, Some(&empty));
+        return render_inner(blueprints, config, rows, stop_at_first, Some(&empty), take);
     }
 
     let mut instances = Vec::with_capacity(stamped.len());
+    // Where each instance was among the rows, so that every error comes
+    // in row order.
+    let mut at = Vec::with_capacity(stamped.len());
+    let mut found: Vec<(usize, Error)> = Vec::new();
     let mut names: HashMap<(usize, String), String> = HashMap::new();
-    let mut owners: HashMap<Identity, String> = HashMap::new();
-    for Stamped {
-        blueprint: b,
-        key,
-        name,
-        objects,
-        remembered,
-    } in stamped
+    for (
+        i,
+        Stamped {
+            blueprint: b,
+            key,
+            name,
+            objects,
+            remembered,
+        },
+    ) in stamped.into_iter().enumerate()
     {
         let blueprint = &blueprints[b];
         if let Some(other) = names.insert((b, name.clone()), key.clone()) {
-            errors.push(Error::InstanceCollision {
+            let collision = Error::InstanceCollision {
                 blueprint: blueprint.name.clone(),
                 first: other,
                 second: key.clone(),
                 instance: name.clone(),
-            });
+            };
+            found.push((i, collision));
             continue;
         }
-        for object in &objects {
-            let owner = format!(
-                "blueprint {}, row {key}, resource {}",
-                blueprint.name, object.resource
-            );
-            if let Some(first) = owners.insert(object.identity.clone(), owner.clone()) {
-                errors.push(Error::DuplicateObject {
-                    object: object.identity.to_string(),
-                    first,
-                    second: owner,
-                });
-            }
-        }
+        at.push(i);
         instances.push(Instance {
             blueprint: blueprint.name.clone(),
             key,
@@ -444,6 +486,14 @@ pub fn render_remembering(
             remembered,
         });
     }
+    found.extend(
+        duplicates(&instances)
+            .into_iter()
+            .map(|(instance, error)| (at[instance], error)),
+    );
+    // Stable: an instance's duplicates stay in the order of its objects.
+    found.sort_by_key(|(i, _)| *i);
+    errors.extend(found.into_iter().map(|(_, e)| e));
     if stop_at_first && !errors.is_empty() {
         return Err(errors.remove(0));
     }
@@ -456,6 +506,50 @@ pub fn render_remembering(
         instances,
         scopes: memo.map(|_| learned),
     })
+}
+
+/// The objects `instances` render twice, each named with the one before
+/// it of the same identity, by the index of the instance of the second, in
+/// the order of the instances and their objects. (Sorted references, not a
+/// table of copied identities: a render of 100,000 objects would hold
+/// 100,000 more.)
+fn duplicates(instances: &[Instance]) -> Vec<(usize, Error)> {
+    let mut all: Vec<(&Identity, u32, u32)> = instances
+        .iter()
+        .enumerate()
+        .flat_map(|(i, instance)| {
+            instance
+                .objects
+                .iter()
+                .enumerate()
+                .map(move |(o, object)| (&object.identity, i as u32, o as u32))
+        })
+        .collect();
+    all.sort_unstable();
+    let owner = |(_, i, o): (&Identity, u32, u32)| {
+        let instance = &instances[i as usize];
+        format!(
+            "blueprint {}, row {}, resource {}",
+            instance.blueprint, instance.key, instance.objects[o as usize].resource
+        )
+    };
+    let mut found: Vec<(u32, u32, Error)> = all
+        .windows(2)
+        .filter(|pair| pair[0].0 == pair[1].0)
+        .map(|pair| {
+            let error = Error::DuplicateObject {
+                object: pair[1].0.to_string(),
+                first: owner(pair[0]),
+                second: owner(pair[1]),
+            };
+            (pair[1].1, pair[1].2, error)
+        })
+        .collect();
+    found.sort_by_key(|(i, o, _)| (*i, *o));
+    found
+        .into_iter()
+        .map(|(i, _, error)| (i as usize, error))
+        .collect()
 }
 
 /// Whether two objects of a render with reused instances have the same
@@ -688,6 +782,8 @@ fn render_row(
             plaintext_secret,
         });
     }
+    // Held until the whole render is done: not a doubling's spare room.
+    objects.shrink_to_fit();
     // An instance with a CRD (its scope reaches other instances) or a
     // Secret in plain text (the guard must name it) renders every time.
     let remembered = memo_key
@@ -879,4 +975,59 @@ pub async fn read_sources(
     }
     Error::all(errors)?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(key: &str, names: &[&str]) -> Instance {
+        Instance {
+            blueprint: "web".into(),
+            key: key.into(),
+            name: key.into(),
+            objects: names
+                .iter()
+                .map(|name| Object {
+                    resource: format!("r-{name}"),
+                    identity: Identity {
+                        group: "".into(),
+                        kind: "ConfigMap".into(),
+                        namespace: "shared".into(),
+                        name: (*name).into(),
+                    },
+                    yaml: String::new(),
+                    plaintext_secret: false,
+                })
+                .collect(),
+            remembered: None,
+        }
+    }
+
+    #[test]
+    fn each_duplicate_is_named_with_the_one_before_it_in_row_order() {
+        let instances = [
+            instance("a", &["x", "y"]),
+            instance("b", &["z", "y"]),
+            instance("c", &["y", "x"]),
+        ];
+        let found: Vec<(usize, String)> = duplicates(&instances)
+            .into_iter()
+            .map(|(i, e)| (i, e.to_string()))
+            .collect();
+        let said = |object: &str, first: &str, second: &str| {
+            format!(
+                "ConfigMap shared/{object} is rendered twice: by blueprint web, {first} and by blueprint web, {second}"
+            )
+        };
+        assert_eq!(
+            found,
+            [
+                (1, said("y", "row a, resource r-y", "row b, resource r-y")),
+                (2, said("y", "row b, resource r-y", "row c, resource r-y")),
+                (2, said("x", "row a, resource r-x", "row c, resource r-x")),
+            ]
+        );
+        assert!(duplicates(&instances[..1]).is_empty());
+    }
 }

@@ -1,9 +1,9 @@
 //! The objects to apply: read from a rendered tree (a directory, a Git tree)
 //! or straight from a render, each with its owner, policies and digest.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use compact_str::CompactString;
 
@@ -11,7 +11,7 @@ use kiln_render::manifest::{
     BLUEPRINT_LABEL, INSTANCE_LABEL, Identity, RESOURCE_ID_ANNOTATION, group_of,
 };
 use kiln_render::policy::Policies;
-use kiln_render::render::{Instance, Rendered};
+use kiln_render::render::{Object as RenderedObject, Rendered};
 use kiln_render::tree::{KUSTOMIZATION, Tree};
 use serde_json::Value;
 use sha2::Digest as _;
@@ -66,8 +66,20 @@ pub struct Object {
     pub policies: Arc<Policies>,
     /// The digest of the object as rendered.
     pub digest: Digest,
+    /// The file it was read from, for messages, when that is not
+    /// `blueprint/instance/resource.yaml` of its owner (see
+    /// [`Object::origin`]).
+    origin: Option<Box<str>>,
+}
+
+impl Object {
     /// The file it was read from, for messages.
-    pub origin: CompactString,
+    pub fn origin(&self) -> std::borrow::Cow<'_, str> {
+        match &self.origin {
+            Some(origin) => origin.as_ref().into(),
+            None => format!("{}.yaml", self.owner).into(),
+        }
+    }
 }
 
 impl std::ops::Deref for Desired {
@@ -82,11 +94,11 @@ impl Desired {
     /// Reads one object; `path` (`blueprint/instance/resource.yaml`) supplies
     /// the owner when the object lacks Kiln's labels.
     pub fn new(object: Value, origin: &str) -> Result<Self> {
-        Self::read(object, origin, &mut Shared::default())
+        Self::read(object, origin, &Shared::default())
     }
 
     /// [`Desired::new`], sharing what `shared` holds already.
-    pub fn read(object: Value, origin: &str, shared: &mut Shared) -> Result<Self> {
+    pub fn read(object: Value, origin: &str, shared: &Shared) -> Result<Self> {
         let invalid = |message: String| Error::InvalidObject {
             origin: origin.into(),
             message,
@@ -167,10 +179,10 @@ impl Desired {
             api_version: api_version.into(),
             json: json.into_boxed_str(),
             defines,
-            owner,
             policies,
             digest,
-            origin: origin.into(),
+            origin: (!owner_path(&owner, origin)).then(|| origin.into()),
+            owner,
         })))
     }
 
@@ -256,16 +268,17 @@ impl fmt::Display for Digest {
 /// alike, so that 100,000 objects hold a handful.
 #[derive(Debug, Default)]
 pub struct Shared {
-    policies: HashSet<Arc<Policies>>,
+    policies: Mutex<HashSet<Arc<Policies>>>,
 }
 
 impl Shared {
-    fn policies(&mut self, policies: Policies) -> Arc<Policies> {
-        if let Some(known) = self.policies.get(&policies) {
+    fn policies(&self, policies: Policies) -> Arc<Policies> {
+        let mut known = self.policies.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = known.get(&policies) {
             return known.clone();
         }
         let policies = Arc::new(policies);
-        self.policies.insert(policies.clone());
+        known.insert(policies.clone());
         policies
     }
 }
@@ -274,7 +287,7 @@ impl Shared {
 /// and what `render --emit` wrote. Each file is let go of once read.
 pub fn from_tree(tree: Tree) -> Result<Vec<Desired>> {
     let mut objects = Vec::with_capacity(tree.files.len());
-    let mut shared = Shared::default();
+    let shared = Shared::default();
     let files = tree.files.into_iter().filter(|(path, _)| {
         (path.ends_with(".yaml") || path.ends_with(".yml"))
             && !path.ends_with(KUSTOMIZATION)
@@ -287,7 +300,7 @@ pub fn from_tree(tree: Tree) -> Result<Vec<Desired>> {
         })?;
         let documents: Vec<Value> = kiln_render::yaml::from_str_multi(text, &path)?;
         for document in documents.into_iter().filter(|d| !d.is_null()) {
-            objects.push(Desired::read(document, &path, &mut shared)?);
+            objects.push(Desired::read(document, &path, &shared)?);
         }
     }
     objects.shrink_to_fit();
@@ -297,28 +310,16 @@ pub fn from_tree(tree: Tree) -> Result<Vec<Desired>> {
 
 /// The objects of a render, without writing them anywhere first.
 pub fn from_rendered(rendered: &Rendered) -> Result<Vec<Desired>> {
-    from_instances(&rendered.instances)
-}
-
-/// [`from_rendered`], letting go of each instance's output once it is
-/// read: the render and the objects are not held in full at once.
-pub fn take_rendered(rendered: Rendered) -> Result<Vec<Desired>> {
-    from_instances(rendered.instances)
-}
-
-fn from_instances<I: std::borrow::Borrow<Instance>>(
-    instances: impl IntoIterator<Item = I>,
-) -> Result<Vec<Desired>> {
     let mut objects = Vec::new();
-    let mut shared = Shared::default();
-    for instance in instances {
-        let instance = instance.borrow();
+    let shared = Shared::default();
+    for instance in &rendered.instances {
         for object in &instance.objects {
-            let origin = format!(
-                "{}/{}/{}.yaml",
-                instance.blueprint, instance.name, object.resource
-            );
-            objects.push(Desired::read(object.value()?, &origin, &mut shared)?);
+            objects.push(read_rendered(
+                &instance.blueprint,
+                &instance.name,
+                object,
+                &shared,
+            )?);
         }
     }
     objects.shrink_to_fit();
@@ -326,14 +327,87 @@ fn from_instances<I: std::borrow::Borrow<Instance>>(
     Ok(objects)
 }
 
+/// One object of a render's instance.
+fn read_rendered(
+    blueprint: &str,
+    instance: &str,
+    object: &RenderedObject,
+    shared: &Shared,
+) -> Result<Desired> {
+    let origin = format!("{blueprint}/{instance}/{}.yaml", object.resource);
+    Desired::read(object.value()?, &origin, shared)
+}
+
+/// One instance's objects, or why they could not be read.
+type Read = Result<Vec<Desired>>;
+
+/// The objects of a render, made as each instance renders (see
+/// [`kiln_render::render::render_taking`]): on the thread that rendered
+/// the instance, which lets go of its YAML at once, so that no fleet's
+/// worth of YAML is held and what is let go of is reused by that thread.
+#[derive(Debug, Default)]
+pub struct Taken {
+    shared: Shared,
+    /// By blueprint and instance: a second pass replaces the first.
+    instances: Mutex<BTreeMap<(String, String), Read>>,
+}
+
+impl Taken {
+    /// Reads one instance's objects, leaving them without YAML.
+    pub fn take(&self, blueprint: &str, instance: &str, objects: &mut [RenderedObject]) {
+        let read = objects
+            .iter_mut()
+            .map(|object| {
+                let read = read_rendered(blueprint, instance, object, &self.shared);
+                object.yaml = String::new();
+                read
+            })
+            .collect();
+        self.instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((blueprint.to_string(), instance.to_string()), read);
+    }
+
+    /// Every object taken, in blueprint, instance and render order.
+    pub fn objects(self) -> Result<Vec<Desired>> {
+        let instances = self
+            .instances
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let count = instances
+            .values()
+            .map(|read| read.as_ref().map_or(0, Vec::len))
+            .sum();
+        let mut objects = Vec::with_capacity(count);
+        for read in instances.into_values() {
+            objects.extend(read?);
+        }
+        check_unique(&objects)?;
+        Ok(objects)
+    }
+}
+
+/// Whether `origin` is `blueprint/instance/resource.yaml` of `owner`: most
+/// objects' is, and it is not kept beside the owner then.
+fn owner_path(owner: &Owner, origin: &str) -> bool {
+    let rest = origin
+        .strip_prefix(owner.blueprint.as_str())
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|r| r.strip_prefix(owner.instance.as_str()))
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|r| r.strip_prefix(owner.resource.as_str()));
+    rest == Some(".yaml")
+}
+
 /// Refuses the same object twice, naming both places.
 pub fn check_unique(objects: &[Desired]) -> Result<()> {
-    let mut seen: HashMap<&Identity, &str> = HashMap::with_capacity(objects.len());
+    let mut seen: HashMap<&Identity, &Desired> = HashMap::with_capacity(objects.len());
     for object in objects {
-        if let Some(first) = seen.insert(&object.identity, &object.origin) {
+        if let Some(first) = seen.insert(&object.identity, object) {
             return Err(Error::InvalidObject {
-                origin: object.origin.to_string(),
-                message: format!("{} is also rendered by {first}", object.identity),
+                origin: object.origin().into_owned(),
+                message: format!("{} is also rendered by {}", object.identity, first.origin()),
             });
         }
     }
@@ -343,7 +417,64 @@ pub fn check_unique(objects: &[Desired]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_render::config::Config;
+    use kiln_render::render;
     use serde_json::json;
+
+    #[test]
+    fn objects_taken_as_the_render_goes_are_the_objects_of_the_render() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        // The first: a CRD of the render makes its kind cluster-scoped, so
+        // every instance is rendered (and taken) twice.
+        for config in [
+            "render/tests/inputs/yaml-crd-scope/kiln.yaml",
+            "fixtures/demo",
+        ] {
+            let config = Config::load(&[root.join(config)]).unwrap();
+            let blueprints = render::compile(&config, &[]).unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let rows = runtime
+                .block_on(render::read_sources(&blueprints, &config, None, None))
+                .unwrap();
+            let rendered = render::render(&blueprints, &config, &rows, true).unwrap();
+            let expected = from_rendered(&rendered).unwrap();
+
+            let taken = Taken::default();
+            let take = |blueprint: &str, instance: &str, objects: &mut [RenderedObject]| {
+                taken.take(blueprint, instance, objects);
+            };
+            let left = render::render_taking(&blueprints, &config, &rows, true, &take).unwrap();
+            assert!(
+                left.instances
+                    .iter()
+                    .flat_map(|i| &i.objects)
+                    .all(|o| o.yaml.is_empty())
+            );
+            let objects = taken.objects().unwrap();
+
+            assert!(expected.len() > 3, "{}", expected.len());
+            let summary = |objects: &[Desired]| -> Vec<String> {
+                objects
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{} {} {} {} {:?} {}",
+                            d.identity,
+                            d.origin(),
+                            d.owner,
+                            d.digest,
+                            d.policies,
+                            d.object()
+                        )
+                    })
+                    .collect()
+            };
+            assert_eq!(summary(&objects), summary(&expected));
+        }
+    }
 
     #[test]
     fn owner_and_policies_come_from_labels_and_annotations() {

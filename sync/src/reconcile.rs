@@ -306,7 +306,7 @@ impl Reconciler {
         let mut fetched = false;
         if read_any || self.inputs.is_none() {
             let rendered = self.render_rows().await?;
-            if let Some((inputs, rendered, elapsed)) = rendered {
+            if let Some((inputs, rendered, taken, elapsed)) = rendered {
                 match self.git.clone() {
                     Some(git) => {
                         let tree = blocking(move || tree::build(&rendered).map(|t| (t, rendered)))
@@ -336,7 +336,12 @@ impl Reconciler {
                     None => {
                         self.metrics.rendered(elapsed);
                         let made = rendered_event(&rendered, elapsed);
-                        let desired = desired::take_rendered(rendered)?;
+                        drop(rendered);
+                        let desired = taken
+                            .ok_or_else(|| Error::InvalidPlan {
+                                message: "the render kept no objects to apply".into(),
+                            })?
+                            .objects()?;
                         // The guard compares with the inventory, not with
                         // the last render: it holds across restarts, and a
                         // refused render keeps the last desired state.
@@ -460,19 +465,31 @@ impl Reconciler {
     }
 
     /// Renders the rows off the async threads when what shapes the tree
-    /// changed; `None` when it did not.
-    async fn render_rows(&mut self) -> Result<Option<(Inputs, render::Rendered, Duration)>> {
+    /// changed; `None` when it did not. Without Git, the objects to apply
+    /// are made as each instance renders (see [`desired::Taken`]) and the
+    /// render keeps none of their YAML.
+    async fn render_rows(&mut self) -> Result<Option<Rendering>> {
         let rows = std::mem::take(&mut self.rows);
         let (blueprints, config) = (self.blueprints.clone(), self.config.clone());
         let previous = self.inputs.clone();
+        let direct = self.git.is_none();
         let (rows, result) = blocking(move || {
             let inputs = Inputs::digest(&blueprints, &config, &rows);
             if previous.as_ref() == Some(&inputs) {
                 return (rows, Ok(None));
             }
             let started = Instant::now();
-            let rendered = render::render(&blueprints, &config, &rows, true);
-            let result = rendered.map(|r| Some((inputs, r, started.elapsed())));
+            let result = if direct {
+                let taken = desired::Taken::default();
+                let take = |blueprint: &str, instance: &str, objects: &mut [render::Object]| {
+                    taken.take(blueprint, instance, objects);
+                };
+                render::render_taking(&blueprints, &config, &rows, true, &take)
+                    .map(|r| Some((inputs, r, Some(taken), started.elapsed())))
+            } else {
+                render::render(&blueprints, &config, &rows, true)
+                    .map(|r| Some((inputs, r, None, started.elapsed())))
+            };
             (rows, result)
         })
         .await?;
@@ -506,6 +523,11 @@ impl Reconciler {
         Some(result)
     }
 }
+
+/// What a render made: the inputs it was made from, the render, the
+/// objects to apply when they were made as it rendered, and how long it
+/// took.
+type Rendering = (Inputs, render::Rendered, Option<desired::Taken>, Duration);
 
 fn rendered_event(rendered: &render::Rendered, elapsed: Duration) -> Event {
     Event::Rendered {
