@@ -680,7 +680,9 @@ fn render_row(
         source => source,
         namespace => &namespace,
     };
-    let mut objects = Vec::new();
+    // At most one object per resource, so no doubling's spare room is held
+    // until the render is done.
+    let mut objects = Vec::with_capacity(blueprint.spec.resources.len());
     let mut crds = Vec::new();
     let mut spent = 0u64;
     // What each resource depends on among those that rendered something
@@ -782,8 +784,6 @@ fn render_row(
             plaintext_secret,
         });
     }
-    // Held until the whole render is done: not a doubling's spare room.
-    objects.shrink_to_fit();
     // An instance with a CRD (its scope reaches other instances) or a
     // Secret in plain text (the guard must name it) renders every time.
     let remembered = memo_key
