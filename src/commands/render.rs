@@ -251,22 +251,15 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         // as long as reading the rows: both at once.
         let (loaded, opened) = std::thread::scope(|scope| {
             let opened = scope.spawn(|| open(args, pipeline));
-            let loaded = read(config, &args.config);
+            let loaded = read_kept(config, args);
             let opened = opened
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             (loaded, opened)
         });
-        let mut loaded = loaded?;
-        if !args.instances.is_empty() {
-            loaded.keep_instances(&args.instances)?;
-        }
-        return commit(args, loaded, opened?, pipeline);
+        return commit(args, loaded?, opened?, pipeline);
     }
-    let mut loaded = read(config, &args.config)?;
-    if !args.instances.is_empty() {
-        loaded.keep_instances(&args.instances)?;
-    }
+    let loaded = read_kept(config, args)?;
     // A directory that holds exactly what the last render of these inputs
     // wrote needs no render: the same tree would come out.
     let memo_key = out_memo_key(&loaded.inputs);
@@ -386,6 +379,15 @@ fn emit(
         .then(|| kiln_render::emit::flux(&target, &rendering.rendered.blueprints));
     kiln_render::emit::add(&mut rendering.tree, argocd, flux)?;
     Ok(())
+}
+
+/// The rows read, only of the instances `--instance` names when it does.
+fn read_kept(config: Config, args: &Args) -> anyhow::Result<Loaded> {
+    let mut loaded = read(config, &args.config)?;
+    if !args.instances.is_empty() {
+        loaded.keep_instances(&args.instances)?;
+    }
+    Ok(loaded)
 }
 
 /// The repository a render commits to, opened, and its instance memo.

@@ -468,10 +468,8 @@ pub async fn execute(
         let (held, free): (Vec<&Prune>, Vec<&Prune>) =
             plan.prune.iter().partition(|p| hold.holds(&p.entry));
         if !held.is_empty() {
-            let instances: std::collections::BTreeSet<String> = held
-                .iter()
-                .map(|p| format!("{}/{}", p.entry.owner.blueprint, p.entry.owner.instance))
-                .collect();
+            let instances: std::collections::BTreeSet<String> =
+                held.iter().map(|p| p.entry.owner.instance_path()).collect();
             report.postponed = Some(format!(
                 "{} objects that left the tree are kept until their instances apply cleanly ({})",
                 held.len(),

@@ -35,6 +35,14 @@ pub struct Owner {
     pub resource: CompactString,
 }
 
+impl Owner {
+    /// Its instance as `blueprint/instance`: what the deletion guard counts
+    /// and messages name.
+    pub fn instance_path(&self) -> String {
+        format!("{}/{}", self.blueprint, self.instance)
+    }
+}
+
 impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}/{}", self.blueprint, self.instance, self.resource)

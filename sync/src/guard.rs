@@ -23,7 +23,7 @@ pub fn check_apply(options: &Options, entries: &[Entry], desired: &[Desired]) ->
     }
     let before = entries
         .iter()
-        .map(|e| (format!("{}/{}", e.owner.blueprint, e.owner.instance), ()))
+        .map(|e| (e.owner.instance_path(), ()))
         .collect();
     check(
         &options.inventory,
@@ -63,7 +63,7 @@ pub fn check(
 ) -> Result<()> {
     let after: BTreeMap<String, ()> = desired
         .iter()
-        .map(|d| (format!("{}/{}", d.owner.blueprint, d.owner.instance), ()))
+        .map(|d| (d.owner.instance_path(), ()))
         .collect();
     let summary = Summary::of_instances(before, &after);
     kiln_render::git::publish::check_deletions(&summary, max_percent).map_err(|refusal| {

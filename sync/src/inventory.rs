@@ -106,6 +106,11 @@ impl Record for Entry {
 }
 
 impl Entry {
+    /// One line of a shard, or what is wrong with it.
+    fn read(line: &str) -> Result<Self, String> {
+        Self::parse(line).ok_or_else(|| format!("unreadable line {line:?}"))
+    }
+
     fn parse(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.split('\t').collect();
         // Ten fields: written before uids were recorded.
@@ -217,7 +222,7 @@ pub fn decode(texts: Vec<String>) -> Result<Vec<Entry>, String> {
     let mut entries = Vec::with_capacity(count);
     for text in texts {
         for line in text.lines().filter(|l| !l.is_empty()) {
-            entries.push(Entry::parse(line).ok_or_else(|| format!("unreadable line {line:?}"))?);
+            entries.push(Entry::read(line)?);
         }
     }
     // Unstable: a stable sort takes a copy of the entries' size.
@@ -302,13 +307,12 @@ impl Inventory {
             .config_maps(namespace, &format!("{LABEL}={name}"), |_, data| {
                 let text = data.get(KEY).map_or("", String::as_str);
                 for line in text.lines().filter(|l| !l.is_empty()) {
-                    match Entry::parse(line) {
-                        Some(e) => {
-                            let instance = format!("{}/{}", e.owner.blueprint, e.owner.instance);
-                            instances.insert(instance, ());
+                    match Entry::read(line) {
+                        Ok(e) => {
+                            instances.insert(e.owner.instance_path(), ());
                         }
-                        None => {
-                            unreadable.get_or_insert_with(|| format!("unreadable line {line:?}"));
+                        Err(message) => {
+                            unreadable.get_or_insert(message);
                         }
                     }
                 }

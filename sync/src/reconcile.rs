@@ -336,12 +336,11 @@ impl Reconciler {
                     None => {
                         self.metrics.rendered(elapsed);
                         let made = rendered_event(&rendered, elapsed);
+                        let desired = match taken {
+                            Some(taken) => taken.objects()?,
+                            None => desired::from_rendered(&rendered)?,
+                        };
                         drop(rendered);
-                        let desired = taken
-                            .ok_or_else(|| Error::InvalidPlan {
-                                message: "the render kept no objects to apply".into(),
-                            })?
-                            .objects()?;
                         // The guard compares with the inventory, not with
                         // the last render: it holds across restarts, and a
                         // refused render keeps the last desired state.
