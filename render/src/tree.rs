@@ -93,6 +93,30 @@ pub fn build(rendered: &Rendered) -> Result<Tree> {
     Ok(Tree { files, stored })
 }
 
+/// Builds the tree of a render as [`build`] does, moving each object's YAML
+/// into it instead of copying it: `rendered` keeps its instances and
+/// objects, without their YAML.
+pub fn build_taking(rendered: &mut Rendered) -> Result<Tree> {
+    let mut taken = Vec::with_capacity(rendered.instances.iter().map(|i| i.objects.len()).sum());
+    for instance in &mut rendered.instances {
+        if instance.stored().is_some() {
+            continue;
+        }
+        let dir = format!("{}/{}", instance.blueprint, instance.name);
+        for object in &mut instance.objects {
+            let yaml = std::mem::take(&mut object.yaml);
+            taken.push((format!("{dir}/{}.yaml", object.resource), yaml));
+        }
+    }
+    let mut tree = build(rendered)?;
+    for (path, yaml) in taken {
+        if let Some(file) = tree.files.get_mut(&path) {
+            *file = yaml.into_bytes();
+        }
+    }
+    Ok(tree)
+}
+
 fn kustomization<T: Serialize>(resources: &[T]) -> Result<Vec<u8>> {
     let value = json!({
         "apiVersion": "kustomize.config.k8s.io/v1beta1",

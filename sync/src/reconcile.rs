@@ -304,25 +304,25 @@ impl Reconciler {
         let read_any = std::mem::take(&mut self.read_any);
         // Whether this pass fetched the remote branch (committing does).
         let mut fetched = false;
+        // With Git, the tree this pass rendered, and its id.
+        let mut made_here = None;
         if read_any || self.inputs.is_none() {
             let rendered = self.render_rows().await?;
-            if let Some((inputs, rendered, taken, elapsed)) = rendered {
+            if let Some((inputs, mut rendered, taken, elapsed)) = rendered {
                 match self.git.clone() {
                     Some(git) => {
-                        let tree = blocking(move || tree::build(&rendered).map(|t| (t, rendered)))
-                            .await??;
-                        let (tree, rendered) = tree;
                         self.metrics.rendered(elapsed);
                         let made = rendered_event(&rendered, elapsed);
                         if !self.settings.allow_plaintext_secrets {
                             publish::check_secrets(&rendered)?;
                         }
-                        drop(rendered);
+                        let tree = blocking(move || tree::build_taking(&mut rendered)).await??;
                         let pinned_reported = self.pinned_reported;
                         let commit_inputs = inputs.clone();
-                        let outcome = blocking(move || {
+                        let (outcome, tree) = blocking(move || {
                             let target = git.lock().map_err(|_| poisoned())?;
                             commit_and_push(&target, &tree, &commit_inputs, pinned_reported)
+                                .map(|outcome| (outcome, tree))
                         })
                         .await??;
                         fetched = true;
@@ -332,6 +332,9 @@ impl Reconciler {
                         }
                         events.push(made);
                         events.extend(outcome.events);
+                        // When the branch holds this render, its files
+                        // need not be read back from the repository.
+                        made_here = outcome.tree.map(|id| (id, tree));
                     }
                     None => {
                         self.metrics.rendered(elapsed);
@@ -354,20 +357,22 @@ impl Reconciler {
                 self.inputs = Some(inputs);
             }
         }
-        self.settle_tip(fetched).await?;
+        self.settle_tip(fetched, made_here).await?;
         Ok(events)
     }
 
     /// With Git, takes the branch's tree as the desired state when the tip
-    /// moved; `fetched` when this pass fetched the remote already.
-    async fn settle_tip(&mut self, fetched: bool) -> Result<()> {
+    /// moved; `fetched` when this pass fetched the remote already. When the
+    /// tree there is the one this pass rendered, `made_here` holds its
+    /// files.
+    async fn settle_tip(&mut self, fetched: bool, made_here: Option<(String, Tree)>) -> Result<()> {
         let Some(git) = self.git.clone() else {
             return Ok(());
         };
         let known = (self.tip.clone(), self.desired.is_some());
         let read = blocking(move || {
             let target = git.lock().map_err(|_| poisoned())?;
-            read_tip(&target, known, !fetched)
+            read_tip(&target, known, !fetched, made_here)
         })
         .await??;
         if let Some((tip, desired)) = read {
@@ -394,7 +399,7 @@ impl Reconciler {
         let plain = Inputs::digest(&self.blueprints, &self.config, &self.rows);
         let settled = driver.last().is_some() && !driver.active();
         if settled && self.desired.is_some() && self.inputs.as_ref() == Some(&plain) {
-            self.settle_tip(false).await?;
+            self.settle_tip(false, None).await?;
             return Ok(Vec::new());
         }
         let started = Instant::now();
@@ -458,7 +463,7 @@ impl Reconciler {
         }
         events.extend(outcome.events);
         // Committing fetched the remote already.
-        self.settle_tip(true).await?;
+        self.settle_tip(true, None).await?;
         self.inputs = Some(plain);
         Ok(events)
     }
@@ -541,6 +546,9 @@ struct Committed {
     events: Vec<Event>,
     committed: Option<CommitId>,
     pinned: bool,
+    /// The rendered tree's id, when it was published (committed or
+    /// already there).
+    tree: Option<String>,
 }
 
 /// Commits the render, and with a remote pushes it: the branch is fetched
@@ -606,6 +614,7 @@ fn commit(
             events,
             committed: None,
             pinned: true,
+            tree: None,
         });
     }
     // As `kiln render --git` does: never commit over someone's uncommitted
@@ -620,6 +629,7 @@ fn commit(
     }
     let published = publish::publish(repo, tree, inputs, &target.options)?;
     let committed = published.commit.clone();
+    let tree = Some(published.tree.clone());
     if committed.is_some() {
         if work_tree.checked_out {
             repo.update_work_tree(&target.options.path)?;
@@ -630,6 +640,7 @@ fn commit(
         events,
         committed,
         pinned: false,
+        tree,
     })
 }
 
@@ -639,6 +650,7 @@ fn read_tip(
     target: &Target,
     (tip, have_desired): (Option<CommitId>, bool),
     fetch: bool,
+    made_here: Option<(String, Tree)>,
 ) -> Result<Option<(CommitId, Vec<Desired>)>> {
     // A rollback or a resume pushed by someone else is the branch's tip
     // too; a pass that just committed has fetched already.
@@ -646,10 +658,17 @@ fn read_tip(
         remote.fetch(&target.repo, &target.refname()?)?;
     }
     let known = tip.filter(|_| have_desired);
-    match target.tip_tree(known.as_ref())? {
-        Some((id, tree)) => Ok(Some((id, desired::from_tree(tree)?))),
-        None => Ok(None),
-    }
+    let Some((id, dir)) = target.tip_dir(known.as_ref())? else {
+        return Ok(None);
+    };
+    // The same tree id is the same files, byte for byte (a render that
+    // took instances from a memo holds their trees, not their files).
+    let tree = match made_here {
+        Some((rendered, tree)) if rendered == dir && tree.stored.is_empty() => tree,
+        _ => target.read_tree(&dir)?,
+    };
+    let desired = desired::from_tree(tree)?;
+    Ok(Some((id, desired)))
 }
 
 /// Runs `work` on the blocking pool: Git and rendering never hold an async

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Memory per managed object: peak RSS of a cold `kiln apply`, a no-op
-# `kiln apply` and a `kiln sync --once` pass (read the rows, render, list the
-# live objects, compare; nothing to write) for 10, 1,000 and 10,000 instances
+# `kiln apply`, a `kiln sync --once` pass (read the rows, render, list the
+# live objects, compare; nothing to write) and the same pass through a Git
+# repository (its first commit, then a pass with nothing to commit) for 10,
+# 1,000 and 10,000 instances
 # × 10 objects (tests/bench/fleet.sh: 100, 10,000 and 100,000 objects), all on
 # one test API server, and each figure's cost per object above the same
 # command for 100 objects. Side by side, `kubectl apply --server-side` of the
@@ -40,11 +42,19 @@ for n in $SIZES; do
   cold=$(rss "$kiln" apply --dir "$dir/out" --inventory "m$n")
   noop=$(rss "$kiln" apply --dir "$dir/out" --inventory "m$n")
   pass=$(cd "$dir" && rss "$kiln" sync --once -f kiln.yaml --inventory "m$n")
-  if [ "$objects" -le 100 ]; then base_cold=$cold; base_noop=$noop; base_pass=$pass; fi
+  git init -q --bare "$dir/repo.git"
+  git=(--git repo.git --branch main)
+  commit=$(cd "$dir" && rss "$kiln" sync --once -f kiln.yaml --inventory "m$n" "${git[@]}")
+  again=$(cd "$dir" && rss "$kiln" sync --once -f kiln.yaml --inventory "m$n" "${git[@]}")
+  if [ "$objects" -le 100 ]; then
+    base_cold=$cold; base_noop=$noop; base_pass=$pass; base_commit=$commit; base_again=$again
+  fi
   echo "$objects objects:"
   row "kiln apply (cold)" "$cold" "${base_cold:?the first size must be 10}" "$objects"
   row "kiln apply (no-op)" "$noop" "$base_noop" "$objects"
   row "kiln sync --once" "$pass" "$base_pass" "$objects"
+  row "  --git, first commit" "$commit" "$base_commit" "$objects"
+  row "  --git, nothing new" "$again" "$base_again" "$objects"
 done
 
 # The peer: kubectl holds every object it applies.

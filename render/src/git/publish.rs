@@ -145,10 +145,10 @@ impl Target {
         self.repo.read_tree(&dir)
     }
 
-    /// The branch's tip and the objects under the path there, when the tip
-    /// is not `known`; None when it is, or the branch or the directory does
-    /// not exist yet.
-    pub fn tip_tree(&self, known: Option<&CommitId>) -> Result<Option<(CommitId, Tree)>> {
+    /// The branch's tip and the id of the tree under the path there, when
+    /// the tip is not `known`; None when it is, or the branch or the
+    /// directory does not exist yet.
+    pub fn tip_dir(&self, known: Option<&CommitId>) -> Result<Option<(CommitId, String)>> {
         let Some(commit) = self.commit(None)? else {
             return Ok(None);
         };
@@ -156,10 +156,16 @@ impl Target {
         if known == Some(&id) {
             return Ok(None);
         }
-        let Some(dir) = self.repo.tree_at(Some(&commit), &self.options.path)? else {
-            return Ok(None);
-        };
-        Ok(Some((id, self.repo.read_tree(&dir)?)))
+        let dir = self.repo.tree_at(Some(&commit), &self.options.path)?;
+        Ok(dir.map(|dir| (id, dir.id().to_string())))
+    }
+
+    /// The files of a tree of the repository (see [`Target::tip_dir`]).
+    pub fn read_tree(&self, id: &str) -> Result<Tree> {
+        let tree = Oid::from_str(id)
+            .and_then(|id| self.repo.git.find_tree(id))
+            .map_err(git)?;
+        self.repo.read_tree(&tree)
     }
 
     /// The rollback that pins the branch for the path, if one does.
