@@ -194,16 +194,25 @@ impl Loaded {
         Ok(())
     }
 
-    /// Renders every active row.
+    /// Renders every active row into the tree, which takes the objects'
+    /// YAML (see [`tree::build_taking`]).
     pub fn render(self) -> anyhow::Result<Rendering> {
         self.render_remembering(None)
     }
 
     /// Renders every active row, taking from `memo` the instances whose
-    /// inputs it holds (see [`kiln_render::memo`]).
+    /// inputs it holds (see [`kiln_render::memo`]), into the tree.
     pub fn render_remembering(
         self,
         memo: Option<&kiln_render::memo::Memo>,
+    ) -> anyhow::Result<Rendering> {
+        self.render_into(memo, Files::Take)
+    }
+
+    fn render_into(
+        self,
+        memo: Option<&kiln_render::memo::Memo>,
+        files: Files,
     ) -> anyhow::Result<Rendering> {
         let started = std::time::Instant::now();
         let rendered =
@@ -213,7 +222,12 @@ impl Loaded {
             reused = rendered.instances.iter().filter(|i| i.stored().is_some()).count(),
             "rendered"
         );
-        let tree = tree::build(&rendered)?;
+        let mut rendered = rendered;
+        let tree = match files {
+            Files::Take => tree::build_taking(&mut rendered)?,
+            Files::Copy => tree::build(&rendered)?,
+            Files::None => Tree::default(),
+        };
         tracing::debug!(elapsed = ?started.elapsed(), "tree built");
         Ok(Rendering {
             config: self.config,
@@ -222,6 +236,17 @@ impl Loaded {
             inputs: self.inputs,
         })
     }
+}
+
+/// What the tree of a render holds.
+#[derive(Debug, Clone, Copy)]
+enum Files {
+    /// The objects' YAML, taken from them.
+    Take,
+    /// A copy of the objects' YAML, which they keep (to be printed).
+    Copy,
+    /// Nothing: the objects are printed and nothing is written.
+    None,
 }
 
 /// Whether `--instance NAME` names the instance `key` of `blueprint`.
@@ -270,7 +295,14 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         tracing::debug!("the directory holds this render already");
         return report_out(args, out, &summary);
     }
-    let mut rendering = loaded.render()?;
+    // Printed objects keep their YAML; the tree is needed only to be
+    // written (or for `--emit`'s checks).
+    let files = match (&args.out, args.emit.is_empty()) {
+        (Some(_), _) => Files::Take,
+        (None, false) => Files::Copy,
+        (None, true) => Files::None,
+    };
+    let mut rendering = loaded.render_into(None, files)?;
     if !args.emit.is_empty() {
         let spec = pipeline.and_then(|p| p.spec.git.as_ref());
         let branch = args
