@@ -15,9 +15,11 @@ use crate::{Error, Result};
 /// What counts as a large object (see [`entries`]).
 const LARGE: usize = 64 * 1024;
 
+/// How many objects are compressed (on every core) before being written.
+const BATCH: usize = 4096;
+
 /// Writes `objects` into the repository as one pack.
 pub(crate) fn write(odb: &git2::Odb<'_>, objects: &[(ObjectType, &[u8])]) -> Result<()> {
-    let parts = crate::parallel::chunks(objects, entries);
     let count = u32::try_from(objects.len()).map_err(|_| Error::Git {
         message: format!("{} objects do not fit in one pack", objects.len()),
     })?;
@@ -31,8 +33,12 @@ pub(crate) fn write(odb: &git2::Odb<'_>, objects: &[(ObjectType, &[u8])]) -> Res
     header.extend_from_slice(&2u32.to_be_bytes());
     header.extend_from_slice(&count.to_be_bytes());
     put(&header)?;
-    for part in &parts {
-        put(part)?;
+    // A batch at a time, so that no more than a batch's compressed entries
+    // wait to be written.
+    for batch in objects.chunks(BATCH) {
+        for part in crate::parallel::chunks(batch, entries) {
+            put(&part)?;
+        }
     }
     let trailer = hasher.finalize();
     writer.write_all(&trailer).map_err(|_| pack_error())?;
@@ -106,6 +112,33 @@ mod tests {
             let id = git2::Oid::hash_object(ObjectType::Blob, content)?;
             assert_eq!(repo.find_blob(id)?.content(), *content);
         }
+        let packs = std::fs::read_dir(dir.path().join("objects/pack"))?.count();
+        assert_eq!(packs, 2, "one .pack and its .idx");
+        Ok(())
+    }
+
+    #[test]
+    fn objects_of_several_batches_make_one_pack() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let repo = git2::Repository::init_bare(dir.path())?;
+        let contents: Vec<Vec<u8>> = (0..BATCH * 2 + 7)
+            .map(|i| format!("object {i}\n").into_bytes())
+            .collect();
+        let objects: Vec<(ObjectType, &[u8])> = contents
+            .iter()
+            .map(|c| (ObjectType::Blob, c.as_slice()))
+            .collect();
+        write(&repo.odb()?, &objects)?;
+        for content in [&contents[0], &contents[BATCH], &contents[BATCH * 2 + 6]] {
+            let id = git2::Oid::hash_object(ObjectType::Blob, content)?;
+            assert_eq!(repo.find_blob(id)?.content(), content.as_slice());
+        }
+        let mut count = 0;
+        repo.odb()?.foreach(|_| {
+            count += 1;
+            true
+        })?;
+        assert_eq!(count, objects.len());
         let packs = std::fs::read_dir(dir.path().join("objects/pack"))?.count();
         assert_eq!(packs, 2, "one .pack and its .idx");
         Ok(())
