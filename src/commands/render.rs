@@ -215,14 +215,13 @@ impl Loaded {
         files: Files,
     ) -> anyhow::Result<Rendering> {
         let started = std::time::Instant::now();
-        let rendered =
+        let mut rendered =
             render::render_remembering(&self.blueprints, &self.config, &self.rows, true, memo)?;
         tracing::debug!(
             elapsed = ?started.elapsed(),
             reused = rendered.instances.iter().filter(|i| i.stored().is_some()).count(),
             "rendered"
         );
-        let mut rendered = rendered;
         let tree = match files {
             Files::Take => tree::build_taking(&mut rendered)?,
             Files::Copy => tree::build(&rendered)?,
