@@ -10,7 +10,7 @@
 # 10,000 objects, cold and again.
 #   tests/bench/memory.sh                 (stops a running `tests/env up` environment)
 #   SIZES="10 1000" tests/bench/memory.sh (leaves out the 100,000: its cold apply
-#                                          takes about six minutes here)
+#                                          took 6 to 14 minutes here)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 SIZES=${SIZES:-10 1000 10000}
