@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::render::Rendered;
+use crate::render::{Object, Rendered};
 use crate::{Error, Result, yaml};
 
 /// The name of every kustomization file.
@@ -54,6 +54,28 @@ impl Tree {
 
 /// Builds the tree of a render.
 pub fn build(rendered: &Rendered) -> Result<Tree> {
+    assemble(rendered, |object| object.yaml.clone().into_bytes())
+}
+
+/// Builds the tree of a render as [`build`] does, moving each object's YAML
+/// into it instead of copying it: `rendered` keeps its instances and
+/// objects, without their YAML.
+pub fn build_taking(rendered: &mut Rendered) -> Result<Tree> {
+    // In the order `assemble` asks for them: instances not taken from a
+    // memo, each one's objects in order.
+    let mut taken = rendered
+        .instances
+        .iter_mut()
+        .filter(|i| i.stored().is_none())
+        .flat_map(|i| i.objects.iter_mut())
+        .map(|o| std::mem::take(&mut o.yaml).into_bytes())
+        .collect::<Vec<_>>()
+        .into_iter();
+    assemble(rendered, |_| taken.next().unwrap_or_default())
+}
+
+/// The tree of a render, each object's file made by `content`.
+fn assemble(rendered: &Rendered, mut content: impl FnMut(&Object) -> Vec<u8>) -> Result<Tree> {
     let mut files = BTreeMap::new();
     let mut by_blueprint: BTreeMap<&str, Vec<&str>> = rendered
         .blueprints
@@ -75,7 +97,7 @@ pub fn build(rendered: &Rendered) -> Result<Tree> {
         let mut listed = Vec::with_capacity(instance.objects.len());
         for object in &instance.objects {
             let file = format!("{}.yaml", object.resource);
-            files.insert(format!("{dir}/{file}"), object.yaml.clone().into_bytes());
+            files.insert(format!("{dir}/{file}"), content(object));
             listed.push(file);
         }
         files.insert(format!("{dir}/{KUSTOMIZATION}"), kustomization(&listed)?);
@@ -91,30 +113,6 @@ pub fn build(rendered: &Rendered) -> Result<Tree> {
     let blueprints: Vec<&str> = by_blueprint.keys().copied().collect();
     files.insert(KUSTOMIZATION.to_string(), kustomization(&blueprints)?);
     Ok(Tree { files, stored })
-}
-
-/// Builds the tree of a render as [`build`] does, moving each object's YAML
-/// into it instead of copying it: `rendered` keeps its instances and
-/// objects, without their YAML.
-pub fn build_taking(rendered: &mut Rendered) -> Result<Tree> {
-    let mut taken = Vec::with_capacity(rendered.instances.iter().map(|i| i.objects.len()).sum());
-    for instance in &mut rendered.instances {
-        if instance.stored().is_some() {
-            continue;
-        }
-        let dir = format!("{}/{}", instance.blueprint, instance.name);
-        for object in &mut instance.objects {
-            let yaml = std::mem::take(&mut object.yaml);
-            taken.push((format!("{dir}/{}.yaml", object.resource), yaml));
-        }
-    }
-    let mut tree = build(rendered)?;
-    for (path, yaml) in taken {
-        if let Some(file) = tree.files.get_mut(&path) {
-            *file = yaml.into_bytes();
-        }
-    }
-    Ok(tree)
 }
 
 fn kustomization<T: Serialize>(resources: &[T]) -> Result<Vec<u8>> {
